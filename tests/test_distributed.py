@@ -820,6 +820,21 @@ def test_a_sharded_close_waits_no_longer_than_its_wait_s(tmp_path, monkeypatch):
     assert closed == [False]  # it left the hung call under way
 
 
+@pytest.mark.parametrize("wait_s", [float("nan"), "5", True])
+def test_a_sharded_close_refuses_a_wait_that_is_no_number_of_seconds_before_closing(
+    tmp_path, monkeypatch, wait_s
+):
+    """close(wait_s=nan) raised torch's or Python's error (ValueError, TypeError) after marking
+    the store closed: its shard, threads, heartbeat and group stayed open, and the next close()
+    returned True doing nothing. Refused first, naming the value; the store is left as it was."""
+    store = ShardedStore.open(_one_rank_sharded_config(tmp_path, monkeypatch, timeout_s=5))
+    with pytest.raises(ConfigError, match=re.escape(f"close: wait_s {wait_s!r}; expected")):
+        store.close(wait_s=wait_s)
+    assert store.lookup([1]).shape == (1, store.dim)  # still open
+    assert store.close(wait_s=-1.0) is True  # below 0: no wait
+    assert store.local.closed
+
+
 def test_without_a_process_group_or_torchrun_environment_opening_says_so(tables, monkeypatch):
     for key in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE"):
         monkeypatch.delenv(key, raising=False)

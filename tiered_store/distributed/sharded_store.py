@@ -30,6 +30,7 @@ import contextlib
 import errno
 import hashlib
 import logging
+import math
 import numbers
 import os
 import threading
@@ -545,10 +546,18 @@ class ShardedStore:
         """Finish queued exchanges (up to the timeout) and a commit whose second phase failed
         here, close the shard; idempotent. Not a collective; a process group opened from the
         environment is destroyed. ``wait_s``: wait at most this long in all (a server's stop
-        passes what is left of its own deadline), never longer than ``sharding.timeout_s``.
-        Returns False when the shard's close left calls under way (a read hung on a dying disk,
-        past that wait: ``TieredStore.close``), now or at an earlier close: the interpreter's
-        exit would wait for them."""
+        passes what is left of its own deadline), never longer than ``sharding.timeout_s`` (0 or
+        less: no wait; not a number: ``ConfigError``, the store left open). Returns False when
+        the shard's close left calls under way (a read hung on a dying disk, past that wait:
+        ``TieredStore.close``), now or at an earlier close: the interpreter's exit would wait
+        for them."""
+        if wait_s is not None and (
+            isinstance(wait_s, bool) or not isinstance(wait_s, numbers.Real) or math.isnan(wait_s)
+        ):  # refused before the store is marked closed: else it is never shut down
+            raise ConfigError(
+                f"close: wait_s {wait_s!r}; expected a number of seconds (or None: "
+                "sharding.timeout_s)"
+            )
         if self._closed:
             return self._closed_in_time
         self._closed = True
