@@ -57,11 +57,11 @@ import torch
 from tiered_store.atomic_file import json_text, write_json
 from tiered_store.cli_args import (
     at_least,
-    cache_folder,
     capacity,
     doc_parser,
     make_folder,
     output_file,
+    output_folder,
     policy,
     public_command,
     run_script,
@@ -85,7 +85,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = doc_parser(__doc__)
     p.add_argument(
         "--dir",
-        type=cache_folder,
+        type=output_folder,
         default="/var/tmp",
         help="where the table files go, in engram-bench-DTYPE/ (a real disk: O_DIRECT needs one); "
         "they stay, reused by the next run with the same sizes",

@@ -77,11 +77,11 @@ import torch
 from tiered_store.atomic_file import json_text, write_json
 from tiered_store.cli_args import (
     at_least,
-    cache_folder,
     capacity,
     doc_parser,
     make_folder,
     output_file,
+    output_folder,
     policy,
     public_command,
     run_script,
@@ -114,7 +114,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = doc_parser(__doc__)
     p.add_argument(
         "--dir",
-        type=cache_folder,
+        type=output_folder,
         default="/var/tmp",
         help="where table files go (O_DIRECT needs a disk)",
     )

@@ -41,11 +41,11 @@ from tiered_store import StoreConfig, TieredStore
 from tiered_store.atomic_file import write_json
 from tiered_store.cli_args import (
     at_least,
-    cache_folder,
     doc_parser,
     existing_file,
     make_folder,
     output_file,
+    output_folder,
     run_script,
     wrote,
 )
@@ -76,7 +76,7 @@ def index_list(text: str) -> str:
 def parse_args(argv=None) -> argparse.Namespace:
     p = doc_parser(__doc__)
     p.add_argument(
-        "--dir", type=cache_folder, default=".", help="where the table is created (default .)"
+        "--dir", type=output_folder, default=".", help="where the table is created (default .)"
     )
     p.add_argument(
         "--table", type=existing_file, help="reuse this table (it must exist) instead of making one"

@@ -422,7 +422,9 @@ def test_replay_refuses_a_profile_hashed_otherwise_than_its_trace_or_table(
     )
     argv = ["replay", str(config), str(trace9), "--table", "layer1", "--quiet", "--no-bounds"]
     assert main([*argv, "--sweep", "", "--out", str(tmp_path / "r")]) == 0
-    assert "warning" not in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "warning" not in err
+    assert f"--out: created '{tmp_path / 'r'}'" in err  # a new folder is said
 
 
 def test_a_row_list_analyze_wrote_is_refused_over_a_table_its_profile_says_is_another(
@@ -942,9 +944,10 @@ def test_unwritable_output_dir_is_a_clear_error(run, tmp_path, capsys):
             config=EngramConfig.from_dict(TINY["engram"]),
             options=AnalyzeOptions(progress=False),
         )
-    code = main(["analyze", str(run["corpus"] / "en.txt"), "--out", str(blocker), "--quiet"])
-    assert code == 2
-    assert "tiered-store analyze: error: --out" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exited:  # refused with the options, before any work
+        main(["analyze", str(run["corpus"] / "en.txt"), "--out", str(blocker), "--quiet"])
+    assert exited.value.code == 2
+    assert f"argument --out: '{blocker}' is a file; expected a folder" in capsys.readouterr().err
 
 
 def test_analyze_called_from_python_names_its_folder_by_its_argument(run, tmp_path):
@@ -1243,6 +1246,7 @@ def test_cli_without_quiet_says_the_tokenizer_once(run, tmp_path, capsys):
     assert len(said_tokenizer) == 1 and said_tokenizer[0].endswith("(23.35% reduction)")
     assert said.out.startswith("tokenizer: ")  # in the summary, as with --quiet
     assert "corpus: " in said.err  # the stage messages are still there
+    assert f"--out: created '{tmp_path / 'out'}'" in said.err  # a new folder is said
 
 
 def test_with_a_token_cap_the_progress_bar_counts_tokens_up_to_it(run, tmp_path, capsys):

@@ -269,6 +269,28 @@ def test_bad_arguments_give_clear_errors(tmp_path, monkeypatch, capsys, argv, me
     assert "[Errno" not in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["convert-hf", "ckpt", "{out}"],
+        ["analyze", "a.txt", "--out", "{out}"],
+        ["train", "--out", "{out}", "--corpus", "none.txt"],
+        ["replay", "s.yaml", "t.trace", "--out", "{out}"],
+    ],
+)
+def test_an_output_folder_in_a_missing_folder_is_refused_naming_it(tmp_path, capsys, argv):
+    """convert-hf's OUT_DIR and analyze's, train's and replay's --out made every missing folder
+    on their way without a word (a typo's whole chain); as --workdir and a script's --dir, a new
+    folder is made only in one that is there (and said), a missing parent refused by name."""
+    out = tmp_path / "typo" / "run"
+    with pytest.raises(SystemExit) as exited:
+        main([a.format(out=out) for a in argv])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert f"'{out}': '{tmp_path / 'typo'}' does not exist; expected an existing folder" in err
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("target", ["d", "d/", "..", "d.npy"])
 def test_init_refuses_a_directory_and_writes_nothing_beside_it(
     tmp_path, monkeypatch, capsys, target

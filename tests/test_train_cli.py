@@ -255,7 +255,9 @@ def test_resume_keeps_the_runs_step_count_and_a_compacted_run_is_still_a_run(tmp
 
     common, small, out = _cli_args(tmp_path)
     assert main([*common, *small, "--steps", "2"]) == 0
+    assert f"--out: created '{out}'" in capsys.readouterr().err  # a new folder is said
     assert main([*common, "--resume"]) == 0
+    assert "created" not in capsys.readouterr().err
     assert json.loads((out / "train.json").read_text())["steps"] == 2
     compact_table(out / "tables.npy", progress=False)
     assert not (out / "tables.npy").exists()
@@ -281,8 +283,11 @@ def test_an_out_that_cannot_be_a_directory_is_named(tmp_path, capsys, where):
     (tmp_path / "taken").write_text("not a directory")
     bad = tmp_path / "taken" if where == "a file" else tmp_path / "taken" / "run"
     common[common.index(str(out))] = str(bad)
-    assert main([*common, *small, "--steps", "1"]) == 2
-    assert f"--out {bad}: cannot make it" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exited:  # refused with the options, before any work
+        main([*common, *small, "--steps", "1"])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument --out: '{bad}'" in err and "is a file; expected a folder" in err, err
 
 
 def test_a_run_is_never_made_anew_when_its_table_cannot_be_read(tmp_path, capsys, monkeypatch):

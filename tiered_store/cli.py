@@ -24,7 +24,9 @@ from .cli_args import (
     command_help,
     device_name,
     given_path,
+    output_folder,
     run_script,
+    saying_made,
 )
 from .errors import ConfigError, TieredStoreError
 
@@ -583,9 +585,10 @@ def _add_convert_hf(sub) -> None:
     )
     p.add_argument(
         "out_dir",
-        type=given_path,
+        type=output_folder,
         metavar="OUT_DIR",
-        help="where the tables, dense.safetensors and layer{L}.yaml go (made if missing)",
+        help="where the tables, dense.safetensors and layer{L}.yaml go (made if missing, in a "
+        "folder that is there)",
     )
     p.add_argument(
         "--hot",
@@ -636,9 +639,10 @@ def _run_convert_hf(args) -> int:
             file=sys.stderr,
         )
     try:
-        result = convert_hf_checkpoint(
-            args.checkpoint, args.out_dir, store=store, progress=not args.quiet
-        )
+        with saying_made(args.out_dir, "OUT_DIR"):
+            result = convert_hf_checkpoint(
+                args.checkpoint, args.out_dir, store=store, progress=not args.quiet
+            )
     except KeyboardInterrupt:
         print(
             "convert-hf: stopped; finished layers are kept and open now (layerL.yaml): run the "

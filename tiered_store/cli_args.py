@@ -255,18 +255,19 @@ def folder(text: str) -> Path:
     return path
 
 
-def cache_folder(text: str) -> Path:
-    """An argparse ``type``: a folder that is there, or a new one in a folder that is there (a
-    script keeping GBs of tables in it makes it, and says so: :func:`make_folder`); a missing
-    parent is refused, as a typo's would be, and whatever :func:`folder` refuses. A leading ``~``
-    is the home folder, as in the store configs that name the tables made there (a folder named
-    ``~`` made here was read as the home folder by them).
+def output_folder(text: str) -> Path:
+    """An argparse ``type``: a folder a command writes in (``--out``, ``--workdir``, a script's
+    ``--dir``), there or new in a folder that is there (the command makes it, and says so:
+    :func:`saying_made`); a missing parent is refused, as a typo's would be (not made, with every
+    missing folder above it), and whatever :func:`folder` refuses. A leading ``~`` is the home
+    folder, as in the store configs that name the tables made there (a folder named ``~`` made
+    here was read as the home folder by them).
 
-    >>> cache_folder("/") == Path("/")
+    >>> output_folder("/") == Path("/")
     True
-    >>> cache_folder("~") == Path.home()
+    >>> output_folder("~") == Path.home()
     True
-    >>> cache_folder("/nonexistent/tables")
+    >>> output_folder("/nonexistent/tables")
     Traceback (most recent call last):
     argparse.ArgumentTypeError: '/nonexistent/tables': '/nonexistent' does not exist; expected an existing folder, or a new one in an existing folder
     """
@@ -280,14 +281,27 @@ def cache_folder(text: str) -> Path:
     return path
 
 
+@contextlib.contextmanager
+def saying_made(path: Path, option: str) -> Iterator[None]:
+    """Within the block a command may make the folder ``path`` given as ``option`` (an
+    :func:`output_folder`); when it is there after the block and was not before, say so on
+    stderr: ``OPTION: created 'PATH'``."""
+    new = not path.is_dir()
+    try:
+        yield
+    finally:
+        if new and path.is_dir():
+            print(f"{option}: created {str(path)!r}", file=sys.stderr)
+
+
 def make_folder(path: Path, option: str) -> None:
-    """Make the folder ``path`` given as ``option`` (a :func:`cache_folder`) when it is not there,
-    saying so on stderr; one it cannot make (no permission) is a ``ConfigError`` naming it."""
+    """Make the folder ``path`` given as ``option`` (an :func:`output_folder`) when it is not
+    there, saying so on stderr; one it cannot make (no permission) is a ``ConfigError`` naming
+    it."""
     from .atomic_file import make_named_dir  # (not at import: --help stays light)
 
-    if not path.is_dir():
+    with saying_made(path, option):
         make_named_dir(path, option, "a folder it can make and write")
-        print(f"{option}: created {str(path)!r}", file=sys.stderr)
 
 
 def positive_number(text: str) -> float:

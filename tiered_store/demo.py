@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from .atomic_file import scratch_directory
 from .capacity import format_bytes, resolve_capacity
-from .cli_args import cache_folder, capacity, command_help, device_name, given_path, make_folder
+from .cli_args import capacity, command_help, device_name, given_path, make_folder, output_folder
 from .cold_table import IO_MODES
 from .config import (
     ConfigModel,
@@ -255,7 +255,7 @@ def register(sub) -> None:
     )
     p.add_argument(
         "--workdir",
-        type=cache_folder,
+        type=output_folder,
         help="where the run's temporary folder (the checkpoint's tables, removed at exit) goes, "
         "e.g. on the NVMe disk to measure: a folder that is there, or a new one (made, and said) "
         "in one that is there (default: the system's temporary directory)",

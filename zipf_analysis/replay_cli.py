@@ -16,7 +16,13 @@ from policies.registry import PolicySpec, is_offline, offline_names
 from tiered_store.atomic_file import atomic_files, make_named_dir, write_step
 from tiered_store.cache_plan import PinnedRowsWarning
 from tiered_store.capacity import format_bytes, resolve_capacity
-from tiered_store.cli_args import DefaultsHelpFormatter, command_help, given_path
+from tiered_store.cli_args import (
+    DefaultsHelpFormatter,
+    command_help,
+    given_path,
+    output_folder,
+    saying_made,
+)
 from tiered_store.config import StoreConfig, naming_file
 from tiered_store.errors import ConfigError
 from tiered_store.trace import TraceReader
@@ -96,9 +102,9 @@ def register(sub) -> None:
     )
     p.add_argument(
         "--out",
-        type=given_path,
+        type=output_folder,
         default=Path("replay-out"),
-        help="directory for replay.json and PNG",
+        help="directory for replay.json and PNG (made if missing, in a folder that is there)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument(
@@ -214,14 +220,15 @@ def _replay_and_report(
         rows, row_bytes = table_geometry(config, layout, reader.header)
     require_lookups(reader, index)
     caps = _sweep_capacities(args.sweep, rows, row_bytes) if args.sweep else []
-    created = _out_dir(args.out)
-    try:
-        return _replay_into(args, config, reader, table, policies, caps, (rows, row_bytes))
-    except BaseException:
-        if created:  # leave no empty folder behind
-            with contextlib.suppress(OSError):
-                args.out.rmdir()
-        raise
+    with saying_made(args.out, "--out"):
+        created = _out_dir(args.out)
+        try:
+            return _replay_into(args, config, reader, table, policies, caps, (rows, row_bytes))
+        except BaseException:
+            if created:  # leave no empty folder behind
+                with contextlib.suppress(OSError):
+                    args.out.rmdir()
+            raise
 
 
 def _replay_into(args, config, reader, table, policies, caps, geometry) -> int:

@@ -57,7 +57,9 @@ from ..cli_args import (
     command_help,
     device_name,
     given_path,
+    output_folder,
     positive_number,
+    saying_made,
 )
 from ..cold_table import IO_MODES
 from ..config import check_device, load_yaml
@@ -776,7 +778,10 @@ def register(sub) -> None:
         formatter_class=DocHelpFormatter,
     )
     p.add_argument(
-        "--out", type=given_path, required=True, help="run directory (tables, checkpoints)"
+        "--out",
+        type=output_folder,
+        required=True,
+        help="run directory (tables, checkpoints; made if missing, in a folder that is there)",
     )
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument(
@@ -847,14 +852,15 @@ def _run_train(args) -> int:
     )
     if args.model is not None:
         settings.model = load_yaml(args.model, what="--model")
-    summary = train(
-        args.out,
-        settings,
-        resume=args.resume,
-        progress=not args.quiet,
-        given=getattr(args, "given", set()),
-        out_name="--out",
-        device=args.device,
-    )
+    with saying_made(args.out, "--out"):
+        summary = train(
+            args.out,
+            settings,
+            resume=args.resume,
+            progress=not args.quiet,
+            given=getattr(args, "given", set()),
+            out_name="--out",
+            device=args.device,
+        )
     print(json.dumps(summary, indent=1))
     return 0

@@ -9,7 +9,14 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from tiered_store.cli_args import as_option_error, at_least, command_help, given_path
+from tiered_store.cli_args import (
+    as_option_error,
+    at_least,
+    command_help,
+    given_path,
+    output_folder,
+    saying_made,
+)
 from tiered_store.errors import ConfigError
 from tiered_store.profile import DEFAULT_EPISODE_WINDOW
 
@@ -88,10 +95,10 @@ def register(sub: Any) -> None:
     )
     p.add_argument(
         "--out",
-        type=given_path,
+        type=output_folder,
         default=Path("analyze-out"),
         metavar="DIR",
-        help="output folder (default: analyze-out)",
+        help="output folder, made if missing in a folder that is there (default: analyze-out)",
     )
     p.add_argument(
         "--seq-len",
@@ -214,14 +221,17 @@ def run_analyze(args: argparse.Namespace) -> int:
                 previous(message, category, *rest, **kw)
 
         warnings.showwarning = show
-        result = analyze(
-            args.paths or None,
-            args.out,
-            config=args.config,
-            options=options,
-            log=(lambda msg: print(msg, file=sys.stderr, flush=True)) if not args.quiet else None,
-            out_name="--out",
-        )
+        with saying_made(args.out, "--out"):
+            result = analyze(
+                args.paths or None,
+                args.out,
+                config=args.config,
+                options=options,
+                log=(lambda msg: print(msg, file=sys.stderr, flush=True))
+                if not args.quiet
+                else None,
+                out_name="--out",
+            )
     for line in summary_lines(result.report):
         print(line)
     print(f"report: {result.files['markdown']} (and {result.files['report'].name})")
