@@ -560,3 +560,28 @@ def test_recover_trace_help_says_what_it_keeps_and_writes():
         assert part in text, part
     listing = run_python(["-m", "tiered_store.cli", "--help"])
     assert "recover-trace" in listing.stdout
+
+
+def test_a_tilde_in_any_path_argument_or_config_path_is_the_home_folder(
+    tmp_path, monkeypatch, capsys
+):
+    """``~`` was read as the home folder only by the --workdir and --dir types: ``info '~/t.npy'``
+    (quoted, or from a variable: the shell left it) looked for a folder named ``~``, a bench
+    script's --table and --out took one, and a store config named as ``~/s.yaml`` was not found.
+    Every path argument and config path reads it as the home folder, as the configs' own paths do."""
+    from tiered_store.cli_args import existing_file, output_file
+    from tiered_store.config import StoreConfig
+
+    home, cwd = tmp_path / "home", tmp_path / "cwd"
+    home.mkdir()
+    cwd.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(cwd)
+    assert main(["init", "~/t.npy", "--random", "10x4", "--quiet"]) == 0
+    assert main(["info", "~/t.npy"]) == 0 and main(["verify", "~/t.npy", "--quiet"]) == 0
+    capsys.readouterr()
+    assert existing_file("~/t.npy") == home / "t.npy"
+    assert output_file("~/r.json") == home / "r.json"
+    (home / "s.yaml").write_text("table: {path: t.npy}\n")
+    assert StoreConfig.from_yaml("~/s.yaml").table.path == str(home / "t.npy")
+    assert list(cwd.iterdir()) == []

@@ -96,15 +96,19 @@ def interrupt_on_sigterm() -> Iterator[None]:
 
 def given_path(text: str) -> Path:
     """An argparse ``type``: a path, any; an empty one (an unset shell variable) is refused
-    rather than taken as the current folder, as ``Path("")`` is.
+    rather than taken as the current folder, as ``Path("")`` is. A leading ``~`` is the home
+    folder, as in a shell and in the store configs (quoted, or from a variable, the shell leaves
+    it); every path type here reads its path with this.
 
+    >>> given_path("~/t.npy") == Path.home() / "t.npy"
+    True
     >>> given_path("")
     Traceback (most recent call last):
     argparse.ArgumentTypeError: got ''; expected a path
     """
     if not text:
         raise argparse.ArgumentTypeError("got ''; expected a path")
-    return Path(text)
+    return Path(os.path.expanduser(text))
 
 
 def existing_file(text: str) -> Path:
@@ -209,7 +213,7 @@ def output_file(text: str) -> Path:
                 raise argparse.ArgumentTypeError(
                     f"{text!r}: {str(parent)!r} is a file; expected a folder on the way"
                 )
-            _check_can_make(text, first)
+            _check_can_make(str(path), first)  # (~ read as the home folder)
             break
     return path
 
@@ -261,7 +265,7 @@ def output_folder(text: str) -> Path:
     :func:`saying_made`); a missing parent is refused, as a typo's would be (not made, with every
     missing folder above it), and whatever :func:`folder` refuses. A leading ``~`` is the home
     folder, as in the store configs that name the tables made there (a folder named ``~`` made
-    here was read as the home folder by them).
+    here was read as the home folder by them): :func:`given_path`.
 
     >>> output_folder("/") == Path("/")
     True
@@ -271,7 +275,6 @@ def output_folder(text: str) -> Path:
     Traceback (most recent call last):
     argparse.ArgumentTypeError: '/nonexistent/tables': '/nonexistent' does not exist; expected an existing folder, or a new one in an existing folder
     """
-    text = os.path.expanduser(text)  # (given_path still refuses '')
     path = folder(text)
     if not path.is_dir() and not path.absolute().parent.is_dir():
         raise argparse.ArgumentTypeError(

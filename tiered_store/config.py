@@ -164,9 +164,9 @@ def load_yaml(path: str | Path, *, what: str = "config file") -> dict[str, Any]:
     ...
     tiered_store.errors.ConfigError: store config examples/nope.yaml: cannot read (No such file or directory); expected a readable YAML file
     """
-    path = Path(path)
     if (problem := path_text_problem(str(path))) is not None:  # pathlib's bare errors otherwise
         raise ConfigError(f"{what} {shown(str(path))}: {problem}")
+    path = Path(os.path.expanduser(path))  # ~ is the home folder, as in the paths it holds
     kind = "JSON" if path.suffix.lower() == ".json" else "YAML"
     try:
         text = path.read_text(encoding="utf-8")
@@ -1034,8 +1034,9 @@ class StoreConfig(ConfigModel):
     @classmethod
     def from_yaml(cls, path: str | Path) -> StoreConfig:
         """Load and validate a YAML file; errors name the file and the key path."""
+        path = Path(os.path.expanduser(path))  # its paths are under its folder, ~ read
         data = load_yaml(path, what="config file")
-        return cls.from_dict(data, base_dir=Path(path).parent, source=str(path))
+        return cls.from_dict(data, base_dir=path.parent, source=str(path))
 
     def _resolve_paths(self, base_dir: Path) -> StoreConfig:
         """A copy with the table and the tiers' row/profile files resolved against ``base_dir``."""
