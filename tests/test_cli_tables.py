@@ -404,3 +404,28 @@ def test_info_into_a_closed_pipe_prints_no_traceback(table):
     proc.stdout.close()  # before the command prints
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 141 and err == ""
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["-m", "tiered_store.cli", "info", "/nonexistent/t.npy"],
+        ["bench/bench_online_profile.py", "/nonexistent/analysis"],
+    ],
+)
+def test_a_command_whose_stderr_reader_left_exits_quietly_as_into_a_closed_stdout(command):
+    """``... 2>&1 | head -1``: a bench script's error line into the closed pipe escaped as a
+    BrokenPipeError traceback (exit 1); each command, as on a closed stdout, stops without a
+    word: 141, as a process SIGPIPE kills."""
+    read, write = os.pipe()
+    os.close(read)  # the reader left before the command wrote
+    proc = subprocess.run(
+        [sys.executable, *command],
+        stdout=subprocess.PIPE,
+        stderr=write,
+        env=subprocess_env(),
+        cwd=Path(__file__).resolve().parents[1],
+        timeout=120,
+    )
+    os.close(write)
+    assert proc.returncode == 141 and proc.stdout == b""

@@ -56,21 +56,32 @@ def run_script(main: Callable[[], Any], name: str | None = None) -> int:
     (an int; None: 0; anything else: 0 when true, 1 when false); 2 with one line, ``NAME: error:
     ...``, when the library refuses something (a missing analysis, a bad setting) instead of a
     traceback; 130 when interrupted (Ctrl-C, or SIGTERM, which unwinds the same way so cleanup
-    runs). ``name``: the script's file name unless given. With no stderr (closed: ``2>&-``),
-    what would go there is dropped: ``print(file=sys.stderr)`` would print it on stdout, into the
-    report a script prints there."""
+    runs); 141, as a process SIGPIPE kills, without a word, when the reader of its stdout or
+    stderr stopped reading (``| head -1``, ``2>&1 | head -1``). ``name``: the script's file
+    name unless given. With no stderr (closed: ``2>&-``), what would go there is dropped:
+    ``print(file=sys.stderr)`` would print it on stdout, into the report a script prints there."""
     script = name or os.path.basename(sys.argv[0]) or "bench"
     if sys.stderr is None:  # Python's stderr when its file descriptor 2 is closed
         sys.stderr = open(os.devnull, "w")  # noqa: SIM115 (for the rest of the process)
     try:
-        with interrupt_on_sigterm():  # so cleanup runs: no work folder or half a file left
-            code = main()
-    except TieredStoreError as exc:
-        print(f"{script}: error: {error_text(exc)}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+        try:
+            with interrupt_on_sigterm():  # so cleanup runs: no work folder or half a file left
+                code = main()
+            sys.stdout.flush()  # a closed pipe shows here, not as an error at exit
+        except TieredStoreError as exc:
+            print(f"{script}: error: {error_text(exc)}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            return 130
+    except BrokenPipeError:  # the reader stopped reading: no error to report, nor any more output
+        for stream in (sys.stdout, sys.stderr):  # the one whose reader left: to nowhere, not
+            try:  # an error at exit (the other, a file or a terminal, keeps what it holds)
+                stream.flush()
+            except OSError:
+                with contextlib.suppress(OSError, ValueError):  # (one without a descriptor)
+                    os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
+        return 141
     if isinstance(code, int) and not isinstance(code, bool):
         return code
     return 0 if code is None or code else 1
