@@ -181,11 +181,10 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         except ConfigError as exc:
             shard = f"the smallest measured has {smallest:,} rows"
             p.error(f"{exc} (a tier's capacity is of each shard: {shard})")
-    if args.corpus:  # not once the tokens are read
-        try:
-            resolve_corpus(args.corpus)
-        except CorpusError as exc:
-            p.error(f"--corpus {' '.join(args.corpus)}: {exc}")
+    try:  # not once the tokens are read; resolved once: what was checked is read
+        args.texts = resolve_corpus(args.corpus)
+    except CorpusError as exc:
+        p.error(f"--corpus {' '.join(args.corpus or ['(default)'])}: {exc}")
     if args.dir is not None:  # the user's folder, made here: last, once every value is good
         try:
             Path(args.dir).mkdir(parents=True, exist_ok=True)
@@ -469,7 +468,7 @@ def run(args: argparse.Namespace, work: Path) -> dict:
     )
     need = -(-need // SEQ_LEN) * SEQ_LEN
     print(f"tokenising {need:,} tokens of real text ...", file=sys.stderr)
-    corpus = resolve_corpus(args.corpus).shuffled(args.seed)
+    corpus = args.texts.shuffled(args.seed)
     tokens = read_tokens(corpus, hasher.tokenizer, max_tokens=need)
     ids = row_ids(hasher, tokens)
     check_tokens(len(ids), len(tokens), corpus, args)  # before the table and the ranks

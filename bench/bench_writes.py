@@ -159,11 +159,12 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error(f"--baseline-root {args.baseline_root}: expected a checkout holding tiered_store/")
     if args.only.strip() == "readpath" and args.baseline_root is None:
         p.error("--only readpath: needs --baseline-root (a checkout of main to compare with)")
-    if args.corpus and "training" in args.only.split(","):  # not once its table is made
+    args.texts = None  # the training section's corpus, resolved once: what was checked is read
+    if "training" in args.only.split(","):  # not once its table is made
         try:
-            resolve_corpus(args.corpus)
+            args.texts = resolve_corpus(args.corpus)
         except CorpusError as exc:
-            p.error(f"--corpus {' '.join(args.corpus)}: {exc}")
+            p.error(f"--corpus {' '.join(args.corpus or ['(default)'])}: {exc}")
 
 
 class DenseRows:
@@ -242,7 +243,7 @@ def bench_training(args, work: Path) -> dict:
         variants[name] = (model, table, torch.optim.Adam(model.parameters(), lr=1e-3))
     per_batch = args.batch_size * args.seq_len
     tokens = read_tokens(
-        resolve_corpus(args.corpus).shuffled(0),
+        args.texts.shuffled(0),
         base.hasher.tokenizer,
         max_tokens=per_batch * args.steps * args.rounds,
     )
@@ -478,7 +479,9 @@ def main(argv: list[str] | None = None) -> int:
         results = {
             "machine": machine_info(),
             "args": {
-                k: str(v) for k, v in vars(args).items() if k not in ("out", "dir", "baseline_root")
+                k: str(v)
+                for k, v in vars(args).items()
+                if k not in ("out", "dir", "baseline_root", "texts")
             },
         }
         for name in args.only.split(","):

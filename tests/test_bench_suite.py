@@ -245,3 +245,14 @@ while True:
     for name in names:
         os.unlink(name)
 """
+
+
+@pytest.mark.parametrize("script", ["bench_writes", "bench_distributed"])
+def test_a_scripts_corpus_is_resolved_once_and_read_as_checked(script, tmp_path):
+    """--corpus was resolved twice, once to check it and again for the run: walked twice, and a
+    glob's files read as they were then, not as checked. The check's corpus is the one read."""
+    module = importlib.import_module(f"bench.{script}")
+    (tmp_path / "a.txt").write_text("some text\n")
+    args = module.parse_args(["--corpus", str(tmp_path / "*.txt")])
+    (tmp_path / "b.txt").write_text("more text\n")  # after the check
+    assert [Path(f).name for f in args.texts.files] == ["a.txt"]
