@@ -1136,6 +1136,36 @@ def test_a_ctrl_c_as_a_read_enters_or_leaves_its_count_never_hangs_close(tmp_pat
     assert int(proc.stdout.split()[1]) >= 6, proc.stdout
 
 
+_COUNTED_PROFILER = """
+import sys, threading, time
+
+def counted(k, hits):
+    '''A profiler raising KeyboardInterrupt at the k-th point where CPython handles a signal (a
+    Python function's entry, the return of a call) in the files FILES name.'''
+    def profile(frame, event, arg):
+        if event not in ("call", "return", "c_return"):
+            return
+        code = (frame.f_back if event == "call" else frame).f_code.co_filename
+        if not code.endswith(FILES):
+            return
+        hits[0] += 1
+        if hits[0] == k:
+            raise KeyboardInterrupt
+    return profile
+"""
+
+
+def _interrupted_at_each_point(script: str, files: tuple[str, ...]) -> list[str]:
+    """Run ``script`` in a child process after the profiler ``counted(k, hits)`` of the points
+    in ``files`` (sys, threading and time imported): the words it printed, once it exited 0."""
+    profiler = _COUNTED_PROFILER.replace("FILES", repr(files))
+    proc = subprocess.run(
+        [sys.executable, "-c", profiler + script], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.split()
+
+
 def test_a_ctrl_c_as_close_waits_for_a_read_never_leaves_the_count_locked():
     """``close()`` waited through a ``Condition``, whose enter, exit and wait are Python code
     around the count's lock: a Ctrl-C handled there left the lock held (the read under way then
@@ -1145,23 +1175,7 @@ def test_a_ctrl_c_as_close_waits_for_a_read_never_leaves_the_count_locked():
     comes out, the read ends, and the next close returns."""
     script = textwrap.dedent(
         """
-        import sys, threading
         from tiered_store.store_lock import InFlight
-
-        def counted(k, hits):
-            '''A profiler raising KeyboardInterrupt at the k-th point where CPython handles a
-            signal (a Python function's entry, the return of a call) in store_lock.py and in
-            the threading code it runs.'''
-            def profile(frame, event, arg):
-                if event not in ("call", "return", "c_return"):
-                    return
-                code = (frame.f_back if event == "call" else frame).f_code.co_filename
-                if not code.endswith(("store_lock.py", "threading.py")):
-                    return
-                hits[0] += 1
-                if hits[0] == k:
-                    raise KeyboardInterrupt
-            return profile
 
         k = 0
         while True:
@@ -1192,11 +1206,8 @@ def test_a_ctrl_c_as_close_waits_for_a_read_never_leaves_the_count_locked():
         print("points", k - 1)
         """
     )
-    proc = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
-    )
-    assert proc.returncode == 0, proc.stderr
-    assert int(proc.stdout.split()[1]) >= 4, proc.stdout
+    said = _interrupted_at_each_point(script, ("store_lock.py", "threading.py"))
+    assert int(said[1]) >= 4, said
 
 
 def in_close(thread: threading.Thread) -> bool:
@@ -1264,22 +1275,7 @@ def test_a_ctrl_c_as_the_last_call_ends_never_loses_the_close_waiting_for_it():
     was not yet down, the thread stays counted: the known leak, which a close waits for)."""
     script = textwrap.dedent(
         """
-        import sys, threading, time
         from tiered_store.store_lock import InFlight
-
-        def counted(k, hits):
-            '''A profiler raising KeyboardInterrupt at the k-th point where CPython handles a
-            signal (a Python function's entry, the return of a call) in store_lock.py.'''
-            def profile(frame, event, arg):
-                if event not in ("call", "return", "c_return"):
-                    return
-                code = (frame.f_back if event == "call" else frame).f_code.co_filename
-                if not code.endswith("store_lock.py"):
-                    return
-                hits[0] += 1
-                if hits[0] == k:
-                    raise KeyboardInterrupt
-            return profile
 
         k = leaked = 0
         while True:
@@ -1307,12 +1303,9 @@ def test_a_ctrl_c_as_the_last_call_ends_never_loses_the_close_waiting_for_it():
         print("points", k - 1, leaked)
         """
     )
-    proc = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
-    )
-    assert proc.returncode == 0, proc.stderr
-    points, leaked = map(int, proc.stdout.split()[1:])
-    assert points >= 4 and leaked < points, proc.stdout
+    said = _interrupted_at_each_point(script, ("store_lock.py",))
+    points, leaked = map(int, said[1:])
+    assert points >= 4 and leaked < points, said
 
 
 def test_a_close_without_timeout_waits_through_its_rechecks_for_a_long_call():
