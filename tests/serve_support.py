@@ -8,6 +8,7 @@ from typing import Any
 
 import yaml
 
+from tiered_store.errors import TierIOError
 from tiered_store.serve import ServeConfig, create_checkpoint
 
 # Small enough to create in about a second: 2 Engram layers of 5,000-6,000 rows x 16.
@@ -56,3 +57,13 @@ def make_checkpoint(directory: Path, **sections: Any) -> Path:
     path = write_config(directory, **sections)
     create_checkpoint(ServeConfig.from_yaml(path))
     return path
+
+
+def break_lookups(store: Any, table: str = "table") -> None:
+    """Make ``store``'s lookups (this store's only) raise what ColdTable raises when the disk
+    fails, naming the table as ``table``."""
+
+    def broken(*args: Any, **kwargs: Any) -> None:
+        raise TierIOError(f"{table}: read of 4096 bytes at 8192 failed twice: EIO")
+
+    store.lookup = broken

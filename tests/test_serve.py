@@ -23,7 +23,7 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.testclient import TestClient
 
-from tests.serve_support import CONFIG, TABLES, make_checkpoint, write_config
+from tests.serve_support import CONFIG, TABLES, break_lookups, make_checkpoint, write_config
 from tiered_store import IgnoredSettingWarning
 from tiered_store.engram.checkpoint import load_table_in_memory
 from tiered_store.errors import ConfigError, TierIOError
@@ -397,11 +397,7 @@ def test_a_failing_table_gives_503_without_paths_counts_and_turns_healthz(config
     try:
         store = server.model.stores["engram_layer3"]
         secret = str(store.cold.path)
-
-        def broken(*args, **kwargs):
-            raise TierIOError(f"table {secret}: read of 4096 bytes at 8192 failed twice: EIO")
-
-        store.lookup = broken  # what ColdTable raises when the disk fails, on this store only
+        break_lookups(store, f"table {secret}")
         status, answer = post_json(server.url + "/v1/engram", {"input_ids": [[1, 2, 3]]})
         assert status == 503, answer
         assert answer == {

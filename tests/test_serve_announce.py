@@ -9,9 +9,8 @@ import urllib.request
 import pytest
 import torch
 
-from tests.serve_support import make_checkpoint, write_config
+from tests.serve_support import break_lookups, make_checkpoint, write_config
 from tests.test_serve import start_server
-from tiered_store.errors import TierIOError
 from tiered_store.serve import ServeConfig, ServedModel, parse_request
 from tiered_store.serve.client import post_json, run_load, zipf_requests
 from tiered_store.serve.guarded_table import TableUnavailableError
@@ -101,11 +100,7 @@ def test_announcing_server_answers_alike_and_releases_every_request(tmp_path):
         status, _ = post_json(announcing.url + "/v1/engram", {"input_ids": [[1, -4]]})
         assert status == 400  # refused while parsing: nothing announced
         assert queued_requests(announcing) == [0, 0]
-
-        def broken(*args, **kwargs):
-            raise TierIOError("table: read of 4096 bytes at 8192 failed twice: EIO")
-
-        announcing.model.stores["engram_layer3"].lookup = broken  # fails after announcing
+        break_lookups(announcing.model.stores["engram_layer3"])  # fails after announcing
         status, _ = post_json(announcing.url + "/v1/engram", {"input_ids": [[1, 2, 3]]})
         assert status == 503
         assert queued_requests(announcing) == [0, 0]
