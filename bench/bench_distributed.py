@@ -51,7 +51,9 @@ from tiered_store.cli_args import (
     at_least,
     capacity,
     doc_parser,
+    make_folder,
     output_file,
+    output_folder,
     public_command,
     run_script,
     wrote,
@@ -78,6 +80,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = doc_parser(__doc__)
     p.add_argument(
         "--dir",
+        type=output_folder,
         help="where the table, its shards and the id batches go, and stay (default: a temporary "
         "folder, removed at the end)",
     )
@@ -186,14 +189,7 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     except CorpusError as exc:
         p.error(f"--corpus {' '.join(args.corpus or ['(default)'])}: {exc}")
     if args.dir is not None:  # the user's folder, made here: last, once every value is good
-        try:
-            Path(args.dir).mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            why = "a file is there" if Path(args.dir).exists() else exc.strerror or exc
-            p.error(
-                f"--dir {args.dir}: cannot make the folder ({why}); expected a folder, or a "
-                "place where one can be made"
-            )
+        make_folder(args.dir, "--dir")
 
 
 def layout_manifest(hasher: NgramHasher) -> TableManifest:

@@ -124,12 +124,13 @@ def test_model_rows_agree_with_the_network_given(bench_run):
 
 
 def test_with_dir_it_keeps_the_files_and_records_no_path(tmp_path):
-    work = tmp_path / "work" / "here"  # made by the script
+    work = tmp_path / "here"  # made by the script, and said
     out = tmp_path / "r.json"
     args = ("--engram-vocab", str(VOCAB), "--tokens", "128", "--rounds", "1", "--ranks", "1")
     args += ("--model-ranks", "8", "--model-tokens", "64", "--seed", "5")
     done = bench("--dir", str(work), *args, f"--out={out}", tmp_path=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert f"--dir: created '{work}'" in done.stderr
     report = json.loads(out.read_text())
     command = f"python bench/bench_distributed.py --dir here {' '.join(args)} --out=r.json"
     assert report["command"] == command and str(tmp_path) not in json.dumps(report)
@@ -197,15 +198,19 @@ def test_a_bad_value_is_refused_before_any_work(args, message, tmp_path):
 
 def test_a_dir_where_no_folder_can_be_made_is_refused_by_name(tmp_path):
     """--dir naming a file, or a folder that cannot be made, ended in a FileExistsError or
-    FileNotFoundError traceback from its mkdir."""
+    FileNotFoundError traceback from its mkdir; one in a missing folder made the whole chain (a
+    typo's) without a word: as every script's --dir, it is refused, naming the missing folder."""
     blocker = tmp_path / "a-file"
     blocker.write_text("")
-    for where, why in ((blocker, "a file is there"), ("/proc/no-such-folder", "No such file")):
+    for where, why in (
+        (blocker, f"'{blocker}' is a file; expected a folder"),
+        ("/proc/no-such-folder", "cannot write in '/proc' (No such file"),
+        (tmp_path / "typo" / "d", f"'{tmp_path / 'typo'}' does not exist; expected an existing"),
+    ):
         done = bench("--dir", str(where), "--ranks", "1", tmp_path=tmp_path)
         assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
-        assert f"--dir {where}: cannot make the folder ({why}" in done.stderr
-        assert "expected a folder, or a place where one can be made" in done.stderr
-    assert blocker.read_text() == ""
+        assert "argument --dir: " in done.stderr and why in done.stderr, done.stderr[-3000:]
+    assert blocker.read_text() == "" and not (tmp_path / "typo").exists()
 
 
 def test_sigterm_stops_its_ranks_and_removes_its_scratch(tmp_path):
