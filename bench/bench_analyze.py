@@ -30,7 +30,16 @@ from pathlib import Path
 from typing import Any
 
 from tiered_store.atomic_file import json_text, write_json
-from tiered_store.cli_args import at_least, doc_parser, given_path, output_file, run_script, wrote
+from tiered_store.cli_args import (
+    at_least,
+    doc_parser,
+    given_path,
+    output_file,
+    output_folder,
+    run_script,
+    saying_made,
+    wrote,
+)
 from tiered_store.errors import ConfigError
 from tiered_store.versions import machine_info
 from zipf_analysis.analyze import AnalyzeOptions, analyze, parse_targets
@@ -50,7 +59,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-curves", action="store_true", help="skip LRU, SHARDS and Belady")
     p.add_argument("--no-belady", action="store_true", help="skip Belady")
     p.add_argument(
-        "--work-dir", type=given_path, help="analysis output folder (default: a temp dir)"
+        "--work-dir",
+        type=output_folder,
+        help="analysis output folder, made if missing in a folder that is there (default: a temp "
+        "dir)",
     )
     p.add_argument("--keep", action="store_true", help="keep the analysis output folder")
     p.add_argument("--out", type=output_file, help="also write the JSON here")
@@ -135,7 +147,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     start = time.perf_counter()
     try:
         named = "--work-dir" if args.work_dir is not None else "the temporary work folder"
-        result = analyze(None, work, config=args.config, options=options, out_name=named)
+        with saying_made(work, named):
+            result = analyze(None, work, config=args.config, options=options, out_name=named)
         wall = time.perf_counter() - start
         report = result.report
         t = report["timings"]

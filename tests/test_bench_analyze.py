@@ -120,14 +120,20 @@ def test_help_and_refusals(tmp_path):
 
 def test_a_work_dir_that_cannot_be_a_folder_is_named_as_work_dir(tmp_path):
     """analyze's error named the folder as its command's option, --out: a user who gave no --out
-    was told that --out FILE was not a writable directory."""
+    was told that --out FILE was not a writable directory. One in a missing folder made the whole
+    chain (a typo's) without a word: as every --out folder, it is refused, naming the missing one."""
     blocker = tmp_path / "a-file"
     blocker.write_text("")
-    done = bench("--work-dir", str(blocker), "--max-tokens", "100", tmp_path=tmp_path)
-    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
-    assert f"error: --work-dir {blocker}: cannot create or write the output folder" in (done.stderr)
-    assert "--out" not in done.stderr
-    assert blocker.read_text() == ""
+    for where, why in (
+        (blocker, f"'{blocker}' is a file; expected a folder"),
+        (tmp_path / "typo" / "w", f"'{tmp_path / 'typo'}' does not exist; expected an existing"),
+    ):
+        done = bench("--work-dir", str(where), "--max-tokens", "100", tmp_path=tmp_path)
+        assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
+        error = done.stderr.splitlines()[-1]  # (after the usage, which lists --out)
+        assert error.startswith("bench_analyze.py: error: argument --work-dir: '"), error
+        assert why in error and "--out" not in error, error
+    assert blocker.read_text() == "" and not (tmp_path / "typo").exists()
 
 
 def test_a_failing_write_in_the_temporary_work_folder_names_no_work_dir(tmp_path):
