@@ -4,6 +4,7 @@ checkpoint conversion and the errors raised before any compute."""
 from __future__ import annotations
 
 import json
+import re
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -552,6 +553,30 @@ def test_a_checkpoint_of_other_engram_layers_is_refused_before_anything_loads(mo
     missing = twin.load_state_dict(state, strict=False).missing_keys  # as torch does
     assert "layers.3.engram.value_proj.weight" in missing
     assert torch.equal(twin.embed.weight, other.embed.weight)
+
+
+def test_a_checkpoint_value_that_is_no_tensor_is_named_before_anything_loads(model):
+    """A checkpoint value without a shape (a list, an int) under an Engram layer's key raised
+    AttributeError ('list' object has no attribute 'shape'), an unknown one too with
+    strict=False, which ignores unknown keys; a NumPy array for a dense key raised torch's
+    RuntimeError after the keys before it were copied. A ConfigError names the key, what it
+    holds and the tensor expected, before any copy; strict=False ignores an unknown one."""
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    changed = {k: v + 1 if v.is_floating_point() else v for k, v in state.items()}
+    bias = "layers.1.engram.value_proj.bias"
+    for key, value, holds in (
+        (bias, state[bias].tolist(), "list"),
+        ("final_norm.weight", state["final_norm.weight"].numpy(), "ndarray"),
+    ):
+        with pytest.raises(
+            ConfigError,
+            match=rf"^{re.escape(key)}: the checkpoint holds a {holds}; expected a torch\.Tensor "
+            rf"of shape \[{len(value)}\]",
+        ):
+            model.load_state_dict({**changed, key: value})
+        after = model.state_dict()
+        assert all(torch.equal(after[k], v) for k, v in state.items())  # nothing was copied
+    model.load_state_dict({**state, "layers.1.engram.note": 3}, strict=False)
 
 
 def test_config_errors(config, hasher, converted):

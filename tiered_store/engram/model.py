@@ -61,7 +61,7 @@ from .backend import PackedInMemoryTable, TableBackend
 from .config import ModelConfig, TransformerConfig
 from .hashing import HashState, NgramHasher, hasher_for, rewound_on_failure
 from .layout import check_backend_layout
-from .module import Engram
+from .module import Engram, check_checkpoint_tensor
 from .tokenizer import check_token_ids
 from .v41_module import V41Engram
 
@@ -815,9 +815,10 @@ def expected_shapes(model: EngramLM) -> dict[str, tuple[int, ...]]:
 def check_state_dict(
     model: EngramLM, state_dict: Mapping[str, Any], *, strict: bool = True
 ) -> None:
-    """Raise ConfigError naming the first key whose shape disagrees with ``model``'s config (and
-    run each Engram layer's own checks: offsets, a table key for an external table); ``strict``:
-    the first key missing or unknown too (torch would copy the others before raising)."""
+    """Raise ConfigError naming the first key whose shape disagrees with ``model``'s config, or
+    that holds no tensor (and run each Engram layer's own checks: offsets, a table key for an
+    external table); ``strict``: the first key missing or unknown too (torch would copy the
+    others before raising)."""
     for layer_id, engram in model.engram_layers.items():
         if isinstance(engram, V41Engram):
             continue  # its parameters' shapes are checked with every other key below
@@ -843,8 +844,9 @@ def check_state_dict(
             )
     for key, value in state_dict.items():
         want = expected.get(key)
-        if want is None or not hasattr(value, "shape"):
+        if want is None:
             continue  # unknown keys are load_state_dict's (strict) business
+        check_checkpoint_tensor(key, value, want)
         if tuple(value.shape) != want:
             raise ConfigError(
                 f"{key}: checkpoint shape {list(value.shape)} does not match {list(want)} "

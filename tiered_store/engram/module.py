@@ -472,10 +472,10 @@ class Engram(nn.Module):
     def check_checkpoint(
         self, state_dict: Mapping[str, Any], *, strict: bool = True, prefix: str = ""
     ) -> None:
-        """Raise ConfigError if a tensor's shape, or the offsets, disagree with the config."""
+        """Raise ConfigError if a tensor's shape, or the offsets, disagree with the config, or a
+        key of this module holds no tensor."""
         expected = {k: tuple(v.shape) for k, v in self.state_dict(keep_vars=True).items()}
         for key, value in state_dict.items():
-            shape = tuple(value.shape)
             if key == EMBEDDING_KEY and key not in expected:
                 if strict:
                     raise ConfigError(
@@ -488,6 +488,8 @@ class Engram(nn.Module):
                 continue  # torch reports unexpected keys
             else:
                 want = expected[key]
+            check_checkpoint_tensor(f"{prefix}{key}", value, want)
+            shape = tuple(value.shape)
             if shape != want:
                 raise ConfigError(
                     f"{prefix}{key}: checkpoint shape {list(shape)} does not match {list(want)} "
@@ -608,6 +610,16 @@ def split_checkpoint(
         )
     weight = tensors.pop(EMBEDDING_KEY)
     return weight, tensors
+
+
+def check_checkpoint_tensor(key: str, value: Any, shape: tuple[int, ...]) -> None:
+    """Raise ConfigError unless a checkpoint's ``value`` of ``key`` is a tensor (torch copies no
+    other: it raised after copying the keys before it)."""
+    if not torch.overrides.is_tensor_like(value):
+        raise ConfigError(
+            f"{key}: the checkpoint holds a {type(value).__name__}; expected a torch.Tensor of "
+            f"shape {list(shape)} (torch.as_tensor for an array or a list)"
+        )
 
 
 def is_engram_module_key(key: str) -> bool:
