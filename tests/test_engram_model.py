@@ -602,6 +602,13 @@ def test_config_errors(config, hasher, converted):
             said = r"^tables: layer '1' has no Engram \(engram.layer_ids = \[1, 3\]\)"
             with pytest.raises(ConfigError, match=said):
                 EngramLM(config, hasher=hasher, tables=tables)
+        # a tensor key equals 1 (== layer_ids' 1) but is no key 1: its table was dropped, the
+        # layer built with a new table of its own; refused, as set_tables refuses it
+        said = r"^tables: layer tensor\(1\) has no Engram \(engram.layer_ids = \[1, 3\]\)"
+        with pytest.raises(ConfigError, match=said):
+            EngramLM(config, hasher=hasher, tables={torch.tensor(1): stores[1]})
+        with pytest.raises(ConfigError, match=said):
+            EngramLM(config, hasher=hasher).set_tables({torch.tensor(1): stores[1]})
         with pytest.raises(ConfigError, match=r"^tables\[1\]: expected a table of \d+ rows x 16"):
             EngramLM(config, hasher=hasher, tables={1: stores[3]})
         with pytest.raises(ConfigError, match=r"^tables\[3\]: str is not a TableBackend"):

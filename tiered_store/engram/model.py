@@ -325,8 +325,11 @@ class EngramLM(nn.Module):
                 f"{self.hasher.tokenizer.vocab_size} ids, got {backbone.vocab_size}"
             )
         tables = dict(tables or {})
-        extra = [layer for layer in tables if layer not in config.engram.layer_ids]
-        if extra:  # (in the order given: a key read from text, '1', sorts with no int)
+        # a set: keys as tables.get(layer) finds them (a tensor 1 == 1 is no key 1); in the
+        # order given (a key read from text, '1', sorts with no int)
+        engram_ids = set(config.engram.layer_ids)
+        extra = [layer for layer in tables if layer not in engram_ids]
+        if extra:
             raise ConfigError(
                 f"tables: layer {extra[0]!r} has no Engram (engram.layer_ids = "
                 f"{list(config.engram.layer_ids)})"
