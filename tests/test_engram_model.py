@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch import nn
 
 from tests.conftest import golden_dir
 from tiered_store.engram import EMBEDDING_KEY, InMemoryTable, NgramHasher, TableBackend
@@ -724,11 +725,44 @@ def test_save_tiered_of_a_model_on_tiered_stores_names_the_table_not_a_checkpoin
         _on_stores(model, converted),
         pytest.raises(
             ConfigError,
-            match=r"^model\.tables\[1\]: a TieredStore, outside the model's state_dict; "
+            match=r"^model\.tables\[1\]: a TieredStore, whose rows the model's state_dict "
+            r"holds under no layers\.1\.engram\.multi_head_embedding\.embedding\.weight; "
             r"expected an InMemoryTable",
         ),
     ):
         save_tiered(model, out)
+    assert not out.exists()
+
+
+def test_save_tiered_of_a_module_table_of_another_key_does_not_say_it_is_outside(model, tmp_path):
+    """A table that is a module whose rows are a parameter of another name is in the model's
+    state_dict (under that name), yet save_tiered said it was "outside the model's state_dict";
+    the message names the key it looks for, which such a table lacks, before any file."""
+    memory = model.tables
+
+    class Renamed(nn.Module, TableBackend):
+        def __init__(self, weight: torch.Tensor) -> None:
+            super().__init__()
+            self.rows_, self.rows, self.dim = nn.Parameter(weight), *weight.shape
+
+        def lookup(self, row_ids, handle=None):
+            return self.rows_[row_ids]
+
+        def prefetch(self, row_ids):
+            return None
+
+    out = tmp_path / "again"
+    model.set_tables({3: Renamed(memory[3].weight.detach().clone())})
+    try:
+        assert "layers.3.engram.multi_head_embedding.embedding.rows_" in model.state_dict()
+        with pytest.raises(
+            ConfigError,
+            match=r"^model\.tables\[3\]: a Renamed, whose rows the model's state_dict holds "
+            r"under no layers\.3\.engram\.multi_head_embedding\.embedding\.weight; expected",
+        ):
+            save_tiered(model, out)
+    finally:
+        model.set_tables(memory)
     assert not out.exists()
 
 

@@ -361,17 +361,17 @@ def save_tiered(
     progress: bool = False,
 ) -> ConvertedCheckpoint:
     """Convert a live ``EngramLM`` (in-memory tables) into a checkpoint directory; ConfigError
-    for a table kept outside the model's state_dict (a tiered store: already a file)."""
+    for a table whose rows are not the state_dict's table key (a tiered store, outside it:
+    already a file)."""
     state = model.state_dict()
     for layer_id, table in model.tables.items():
-        if (
-            not model.config.engram.is_v41
-            and f"layers.{layer_id}.engram.{EMBEDDING_KEY}" not in state
-        ):
+        key = f"layers.{layer_id}.engram.{EMBEDDING_KEY}"
+        if not model.config.engram.is_v41 and key not in state:
             raise ConfigError(
-                f"model.tables[{layer_id}]: a {type(table).__name__}, outside the model's "
-                "state_dict; expected an InMemoryTable, whose rows save_tiered writes to a table "
-                "file (a tiered store's table is one already: load_table_in_memory reads it in)"
+                f"model.tables[{layer_id}]: a {type(table).__name__}, whose rows the model's "
+                f"state_dict holds under no {key}; expected an InMemoryTable, whose rows "
+                "save_tiered writes to a table file (a tiered store's table is one already: "
+                "load_table_in_memory reads it in)"
             )
     return convert_checkpoint(
         state,
