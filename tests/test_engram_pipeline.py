@@ -643,6 +643,25 @@ def test_decode_of_one_token_sequences_names_the_tokens_not_an_empty_range(model
         pipeline.decode(batches[0], prompt=32)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_decode_of_tokens_on_the_gpu_keeps_its_hash_state_there(batches, monkeypatch):
+    """decode made its HashState on the CPU for tokens on the GPU, where they are hashed: each
+    step copied the look-back to the GPU and back (a wait for the device); it is made on the
+    tokens' device, and the outputs are those of tokens on the CPU."""
+    model = cuda_model()
+    made, new_state = [], model.hasher.new_state
+    monkeypatch.setattr(
+        model.hasher, "new_state", lambda *a, **kw: made.append(new_state(*a, **kw)) or made[-1]
+    )
+    pipeline = PrefetchPipeline(model)
+    outs, _ = pipeline.decode(batches[0].cuda(), prompt=24)
+    assert [state.tail.device.type for state in made] == ["cuda"]
+    want, _ = pipeline.decode(batches[0], prompt=24)
+    for got, expected in zip(outs, want, strict=True):
+        torch.testing.assert_close(got, expected)
+
+
 def test_decode_names_its_tokens_argument_in_errors_about_them(model, batches):
     """decode refused tokens that are no [B, T] of token ids as "input_ids: ...", an argument it
     does not have; the errors name tokens."""

@@ -254,7 +254,8 @@ class PrefetchPipeline:
             )
         model, tables = self.model, self.model.tables
         cuda = model.embed.weight.device.type == "cuda"
-        state, cache = model.hasher.new_state(ids.shape[0]), model.new_cache()
+        # on the device the tokens are hashed on: no step copies the look-back there and back
+        state, cache = model.hasher.new_state(ids.shape[0], device=ids.device), model.new_cache()
         steps = ids.shape[1] - prompt
         times = np.zeros((4, steps))  # step, prepare, lookup, stall
         outputs = []
