@@ -647,6 +647,22 @@ def test_tiered_on_cuda_is_bit_identical(model, converted, batches):
         model.close()
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_ids_on_the_gpu_for_a_model_on_the_cpu_are_read_once_copied(config, hasher, batches):
+    """A model on the CPU given ids hashed on the GPU copied them (and a V4.1 layer its token
+    mask) to the CPU with non_blocking=True, which torch returns before the GPU has written
+    them: the embedding read whatever the buffer held while the GPU was busy. The copy to the
+    host is waited for; the outputs are those of the ids on the CPU."""
+    torch.manual_seed(0)
+    model = EngramLM(config, hasher=hasher).eval()
+    with torch.no_grad():
+        for ids in batches[:2]:
+            batch = model.hash(ids.cuda())
+            torch.cuda._sleep(1 << 30)  # the GPU busy: an asynchronous copy is not done yet
+            torch.testing.assert_close(model(batch.input_ids, prefetched=batch), model(ids))
+
+
 def test_checkpoint_loading_follows_a_compacted_table(model, converted, hasher, batches):
     from tiered_store.delta.compaction import compact_table
 

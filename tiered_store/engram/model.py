@@ -234,7 +234,7 @@ class DecoderLayer(nn.Module):
         if handle is not None:  # this forward consumes it: a rerun of the batch looks rows up
             batch.handles[self.index] = None
         if isinstance(self.engram, V41Engram):
-            mask = batch.token_mask.to(h.device, non_blocking=True)  # (pinned: asynchronous)
+            mask = _to_device(batch.token_mask, h.device)  # (pinned: asynchronous)
             h = self.engram(h, row_ids, mask, handle)
         elif self.engram is not None:
             conv = cache.conv.setdefault(self.index, {}) if cache is not None else None
@@ -544,7 +544,7 @@ class EngramLM(nn.Module):
                 f"prefetched: a batch of {batch} sequences but the cache holds {held}; expected "
                 "the next tokens of the cache's sequences, one row each"
             )
-        ids = prefetched.input_ids.to(self.embed.weight.device, non_blocking=True)
+        ids = _to_device(prefetched.input_ids, self.embed.weight.device)
         hc = self.config.backbone.hc_mult
         h = self.embed(ids).unsqueeze(2).expand(-1, -1, hc, -1)
         rope = self._rope_tables(start, ids.shape[1], h.device, h.dtype)
@@ -793,6 +793,12 @@ def _token_mask(token_mask: Any, ids: torch.Tensor) -> torch.Tensor:
             ids.shape, dtype=torch.bool, device=ids.device, pin_memory=ids.is_pinned()
         )
     return NgramHasher._mask(token_mask, ids)  # the hasher's checks (one set of messages)
+
+
+def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``tensor`` on ``device``: copied there asynchronously (from pinned host memory the copy
+    overlaps), but to the host, where one read before the GPU wrote it is garbage."""
+    return tensor.to(device, non_blocking=torch.device(device).type != "cpu")
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
