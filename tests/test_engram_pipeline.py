@@ -451,12 +451,29 @@ def test_a_none_among_the_batches_is_refused_not_the_end_of_the_run(model, batch
     """A source that yielded None (a reader's failure, say) ended the run there, silently: the
     batches after it were never computed and nothing said so."""
     outs = []
-    with pytest.raises(RowIdError, match="input_ids: None"):
+    with pytest.raises(RowIdError, match=r"^batches\[1\]: None"):
         for _, out in PrefetchPipeline(model, lookahead=lookahead).run(
             [batches[0], None, *batches[1:3]]
         ):
             outs.append(out)
     assert len(outs) == 1
+
+
+@pytest.mark.parametrize("lookahead", [0, 1])
+def test_a_bad_batch_is_named_by_its_index_among_the_batches(model, batches, lookahead):
+    """A batch of ids that are no [B, T] of token ids was refused as "input_ids: ...", an
+    argument run does not have, naming no batch of the stream; the errors name batches[i]."""
+    pipeline = PrefetchPipeline(model, lookahead=lookahead)
+    for bad, error, said in (
+        (batches[2][:, :0], ConfigError, r"expected shape \[B, T\] .* got \[2, 0\]"),
+        (batches[2].float(), RowIdError, "expected integer token ids, got dtype"),
+        (batches[2].tolist()[0], ConfigError, r"expected shape \[B, T\] .* got \[32\]"),
+    ):
+        outs = []
+        with pytest.raises(error, match=r"^batches\[2\]: " + said):
+            for _, out in pipeline.run([batches[0], batches[1], bad, batches[3]]):
+                outs.append(out)
+        assert len(outs) == 2
 
 
 @pytest.mark.parametrize("lookahead", [0, 1, 2])

@@ -422,10 +422,12 @@ class EngramLM(nn.Module):
         state: HashState | None = None,
         *,
         owned: bool = False,
+        name: str = "input_ids",
     ) -> EngramBatch:
         """``hash``; ``owned``: ``input_ids`` is a copy made for this batch alone (no caller
-        refills it: the pipeline's pinned copy), kept without a copy of its own."""
-        checked = self._check_input(input_ids)
+        refills it: the pipeline's pinned copy), kept without a copy of its own; ``name``: the
+        ids in errors about them."""
+        checked = self._check_input(input_ids, name)
         ids = checked if owned else _snapshot(checked, input_ids)
         mask = _snapshot(_token_mask(token_mask, ids), token_mask)
         position = state.position if state is not None else 0

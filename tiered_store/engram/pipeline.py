@@ -179,15 +179,16 @@ class PrefetchPipeline:
     def run(self, batches: Iterable[Any]) -> Iterator[tuple[EngramBatch, torch.Tensor]]:
         """Yield ``(EngramBatch, output)`` for each batch of token ids [B, T], in order.
 
-        A batch that cannot be prepared (bad ids, a source that raises) raises its error after
-        the batches before it are yielded, with any ``lookahead`` (it is read ahead of them).
+        A batch that cannot be prepared (bad ids, named ``batches[i]`` from 0; a source that
+        raises) raises its error after the batches before it are yielded, with any
+        ``lookahead`` (it is read ahead of them).
         ``self.stats`` describes this run (reset at its start, complete when it ends).
         """
         self.stats = stats = PipelineStats()
         tables = self.model.tables
         before = {layer: _snapshot(table) for layer, table in tables.items()}
         cuda = self.model.embed.weight.device.type == "cuda"
-        source = iter(batches)
+        source, read = iter(batches), 0  # batches read from it
         queue: deque[EngramBatch] = deque()
         failed: Exception | None = None  # a batch ahead's: raised once those before it are out
         try:
@@ -203,7 +204,8 @@ class PrefetchPipeline:
                             waited += time.perf_counter() - t1
                         if ids is _END:  # (a None among the batches is refused as ids)
                             break
-                        queue.append(self._prepare(ids, cuda))
+                        queue.append(self._prepare(ids, cuda, f"batches[{read}]"))
+                        read += 1
                     except Exception as exc:  # bad ids, a source that raised: as without
                         failed = exc  # lookahead, the batches before it are yielded first
                 stats.source_seconds += waited
@@ -296,25 +298,29 @@ class PrefetchPipeline:
             torch.cuda.synchronize(out.device)
         return out, prepared
 
-    def _prepare(self, input_ids: Any, cuda: bool) -> EngramBatch:
-        """Hash one batch for every Engram layer and (unless disabled) start its fetches; the
-        batch holds one copy of ids the source may refill before it runs (hash's, or the
-        pinned one made here: on CUDA host ids of any kind are pinned)."""
+    def _prepare(self, input_ids: Any, cuda: bool, name: str) -> EngramBatch:
+        """Hash one batch (``name`` in errors about its ids) for every Engram layer and (unless
+        disabled) start its fetches; the batch holds one copy of ids the source may refill
+        before it runs (hash's, or the pinned one made here: on CUDA host ids of any kind are
+        pinned)."""
         owned = False
-        if cuda and (ids := _host_ids_to_pin(self.model, input_ids)) is not None:
+        if cuda and (ids := _host_ids_to_pin(self.model, input_ids, name)) is not None:
             # int64 first (int32 ids: a copy), then pinned: the copy hash keeps is the pinned one
             input_ids, owned = ids.pin_memory(), True  # the copy to the GPU: async
-        batch = self.model._hash(input_ids, owned=owned)
+        batch = self.model._hash(input_ids, owned=owned, name=name)
         return self.model.fetch(batch) if self.prefetch else batch
 
 
-def _host_ids_to_pin(model: EngramLM, input_ids: Any) -> torch.Tensor | None:
-    """The checked int64 ids [B, T] that the pipeline pins for a model on the GPU (so that its
-    copy there is asynchronous): host ids not pinned yet, given as a tensor, an array or a list;
-    None for ids pinned already (hash's snapshot of them is pinned) or on a device."""
+def _host_ids_to_pin(
+    model: EngramLM, input_ids: Any, name: str = "input_ids"
+) -> torch.Tensor | None:
+    """The checked int64 ids [B, T] (``name`` in errors) that the pipeline pins for a model on
+    the GPU (so that its copy there is asynchronous): host ids not pinned yet, given as a
+    tensor, an array or a list; None for ids pinned already (hash's snapshot of them is pinned)
+    or on a device."""
     if isinstance(input_ids, torch.Tensor) and input_ids.device.type != "cpu":
         return None  # checked by hash alone: a check here would wait for the device too
-    ids = model._check_input(input_ids)
+    ids = model._check_input(input_ids, name)
     return ids if ids.device.type == "cpu" and not ids.is_pinned() else None
 
 
