@@ -610,6 +610,12 @@ def test_config_errors(config, hasher, converted):
             EngramLM(config, hasher=hasher, tables={torch.tensor(1): stores[1]})
         with pytest.raises(ConfigError, match=said):
             EngramLM(config, hasher=hasher).set_tables({torch.tensor(1): stores[1]})
+        # a list of tables: TypeError from dict(), and set_tables named a table as a layer id
+        said = r"^tables: got a list; expected a mapping \{layer_id: TableBackend\}"
+        with pytest.raises(ConfigError, match=said):
+            EngramLM(config, hasher=hasher, tables=list(stores.values()))
+        with pytest.raises(ConfigError, match=said):
+            EngramLM(config, hasher=hasher).set_tables(list(stores.values()))
         with pytest.raises(ConfigError, match=r"^tables\[1\]: expected a table of \d+ rows x 16"):
             EngramLM(config, hasher=hasher, tables={1: stores[3]})
         with pytest.raises(ConfigError, match=r"^tables\[3\]: str is not a TableBackend"):

@@ -270,8 +270,9 @@ class EngramLM(nn.Module):
     ------
     ConfigError
         A table's rows/dim do not match its layer, or the Engram layout it tells
-        (``engram_layout``: a table file's) is another's; a table is given for a layer without
-        Engram; or ``backbone.vocab_size`` is smaller than the tokenizer vocabulary.
+        (``engram_layout``: a table file's) is another's; ``tables`` is no mapping, or gives a
+        table for a layer without Engram; or ``backbone.vocab_size`` is smaller than the
+        tokenizer vocabulary.
 
     Examples
     --------
@@ -324,7 +325,7 @@ class EngramLM(nn.Module):
                 f"backbone.vocab_size: expected at least the tokenizer's "
                 f"{self.hasher.tokenizer.vocab_size} ids, got {backbone.vocab_size}"
             )
-        tables = dict(tables or {})
+        tables = _table_mapping(tables) if tables is not None else {}
         # a set: keys as tables.get(layer) finds them (a tensor 1 == 1 is no key 1); in the
         # order given (a key read from text, '1', sorts with no int)
         engram_ids = set(config.engram.layer_ids)
@@ -372,7 +373,7 @@ class EngramLM(nn.Module):
     def set_tables(self, tables: Mapping[int, TableBackend]) -> None:
         """Serve the given Engram layers' rows from other backends (rows and dim are checked, and
         the Engram layout a backend tells, ``engram_layout``; none swapped when one fails)."""
-        engrams = self.engram_layers
+        engrams, tables = self.engram_layers, _table_mapping(tables)
         for layer_id in tables:
             if layer_id not in engrams:
                 raise ConfigError(
@@ -795,6 +796,16 @@ def _token_mask(token_mask: Any, ids: torch.Tensor) -> torch.Tensor:
             ids.shape, dtype=torch.bool, device=ids.device, pin_memory=ids.is_pinned()
         )
     return NgramHasher._mask(token_mask, ids)  # the hasher's checks (one set of messages)
+
+
+def _table_mapping(tables: Any) -> dict[Any, Any]:
+    """``tables`` as a dict ``{layer_id: table}``; ConfigError for anything else (a list)."""
+    if not isinstance(tables, Mapping):
+        raise ConfigError(
+            f"tables: got a {type(tables).__name__}; expected a mapping {{layer_id: "
+            "TableBackend}, e.g. {1: table} (open_tables returns one)"
+        )
+    return dict(tables)
 
 
 def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
