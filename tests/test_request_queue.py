@@ -1533,3 +1533,29 @@ def test_a_release_of_something_else_names_it_cut_short(tmp_path):
     assert len(message) < 300, len(message)
     assert "got list [0, 1, 2" in message and "(688,890 characters)" in message
     assert "expected the QueuedRequest that announce() returned" in message
+
+
+class _InterruptedAdd(set):
+    """Requests whose ``add`` is interrupted: a Ctrl-C just after the pairs were replaced."""
+
+    def add(self, token):
+        raise KeyboardInterrupt
+
+
+def test_an_announce_interrupted_after_replacing_the_pairs_leaves_no_stale_pair_places():
+    """``served`` keeps the place of each of a request's pairs until the pairs are replaced
+    (``pairs_version``); a Ctrl-C just after a replacement left the version as it was, and the
+    next batch served negated whatever pairs then stood at the old places (another request's,
+    or one finished already, made unfinished again; after a release, which shortens the pairs,
+    a write past them, unchecked once compiled). The version counts a replacement before it is
+    made."""
+    queue = QueuedRequests()
+    served = queue.add(t(5, 6, 7))
+    other = queue.add(t(1, 2, 3, 4, 5, 6, 7))
+    queue.served(served, t(5))  # finds its pairs' places
+    requests, queue._requests = queue._requests, _InterruptedAdd(queue._requests)
+    with pytest.raises(KeyboardInterrupt):
+        queue.add(t(0, 1, 2, 3))  # the pairs replaced, then interrupted
+    queue._requests = set(requests)
+    queue.served(served, t(6, 7))  # its last lookups: rows 5-7 wait for ``other``
+    assert queue.next_use(t(3, 5, 6, 7)).tolist() == [other.token] * 4

@@ -61,7 +61,7 @@ class QueuedRequests:
         # ascending within each row by magnitude; negated: finished (its request has no lookup
         # of the row left), a pair every reading passes over
         self._pair_tokens = np.empty(0, dtype=np.int64)
-        self._version = 0  # of the pairs: counts their replacements
+        self._version = 0  # of the pairs: counts their replacements (each counted before it)
         self._changing = threading.Lock()  # held by ``add``, ``remove``, ``served`` throughout
         self._lock = threading.Lock()  # the arrays and requests, replaced together (held briefly)
 
@@ -120,10 +120,10 @@ class QueuedRequests:
                 self._pair_rows, self._pair_tokens, rows.numpy(), token
             )
             request = QueuedRequest(token, rows, self, rows[torch.from_numpy(first)], left, where)
+            self._version += 1  # before the pairs change: a Ctrl-C leaves no stale ``pair_at``
             with self._lock:
                 self._pair_rows, self._pair_tokens = pair_rows, pair_tokens
                 self._requests.add(token)
-            self._version += 1
         return request
 
     def remove(self, request: QueuedRequest) -> tuple[torch.Tensor, torch.Tensor]:
@@ -143,10 +143,10 @@ class QueuedRequests:
             pair_rows, pair_tokens, rows, next_use = kernels.drop_request(
                 self._pair_rows, self._pair_tokens, request.token, NOT_QUEUED, request.rows.numel()
             )
+            self._version += 1  # before the pairs change (as ``add``)
             with self._lock:
                 self._pair_rows, self._pair_tokens = pair_rows, pair_tokens
                 self._requests.discard(request.token)
-            self._version += 1
         return torch.from_numpy(rows), torch.from_numpy(next_use)
 
     def served(
