@@ -1559,3 +1559,26 @@ def test_an_announce_interrupted_after_replacing_the_pairs_leaves_no_stale_pair_
     queue._requests = set(requests)
     queue.served(served, t(6, 7))  # its last lookups: rows 5-7 wait for ``other``
     assert queue.next_use(t(3, 5, 6, 7)).tolist() == [other.token] * 4
+
+
+def test_a_batch_served_after_its_release_or_to_another_store_says_what_served_expects(tmp_path):
+    """``served`` refused a released request, or another store's, with the advice for
+    ``release`` ("release each request once"), which the caller had followed: it says when and
+    where a request's batches are told served."""
+    path, _ = make_table(tmp_path, rows=ROWS, dim=8)
+    config = store_config(path, warm={"capacity": 100})
+    with TieredStore(config) as store, TieredStore(config) as other:
+        request = store.announce([1, 2])
+        with pytest.raises(
+            QueuedRequestError,
+            match=r"served: queued request \d+ is another store's; expected a request announced "
+            r"to this store and not released yet",
+        ):
+            other.served(request, [1])
+        store.release(request)
+        with pytest.raises(
+            QueuedRequestError,
+            match=r"served: queued request \d+ was already released; expected a request "
+            r"announced to this store and not released yet \(served\(\) each batch before",
+        ):
+            store.served(request, [1])

@@ -95,10 +95,13 @@ class QueuedRequests:
             )
         if request.owner is not self or request.token not in self._requests:
             where = "was already released" if request.owner is self else "is another store's"
-            raise QueuedRequestError(
-                f"{call}: queued request {request.token} {where}; release each request "
-                "once, to the store that announced it"
+            expected = (
+                "release each request once, to the store that announced it"
+                if call == "release"
+                else "expected a request announced to this store and not released yet "
+                "(served() each batch before its lookup, release() after the last)"
             )
+            raise QueuedRequestError(f"{call}: queued request {request.token} {where}; {expected}")
 
     def add(self, ids: torch.Tensor) -> QueuedRequest:
         """Queue a request that will look up ``ids`` (any shape); its ``first_rows`` are those no
