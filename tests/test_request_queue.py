@@ -1582,3 +1582,41 @@ def test_a_batch_served_after_its_release_or_to_another_store_says_what_served_e
             r"announced to this store and not released yet \(served\(\) each batch before",
         ):
             store.served(request, [1])
+
+
+@pytest.mark.parametrize("release_posted", ["after the drop", "before the drop"])
+def test_a_batch_a_tier_missed_is_made_up_for_by_the_requests_release(tmp_path, release_posted):
+    """A batch served moves the request's finished rows on in the tiers; its release then
+    moves only the rows it still had lookups of. News of a batch that a tier missed (dropped
+    after ``NEWS_TRIES`` failures) left that tier's finished rows waiting for the request for
+    good, released or not: ranked as needed soonest, after every row no request looks up. The
+    release of a request whose batch a tier missed tells every row of it."""
+    from tiered_store.store_lock import NEWS_TRIES
+
+    path, data = make_table(tmp_path, rows=400)
+    with TieredStore(store_config(path, hot={"capacity": 20}, warm={"capacity": 60})) as store:
+        store.lookup(torch.arange(60))
+        request = store.announce(torch.arange(40))
+        warm_unqueued = store.warm.unqueued
+
+        def out_of_memory(*args, **kwargs):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+        store.warm.unqueued = out_of_memory
+        with pytest.warns(RuntimeWarning, match=r"the warm tier of a request's batch failed 3"):
+            store.served(request, torch.arange(40))  # every lookup of it: its rows finished
+            if release_posted == "before the drop":
+                _release_posted_while_the_lock_is_held(store, request)
+            while store.queue_news["dropped"] == 0:
+                assert torch.equal(store.lookup(torch.arange(40, 45)), data[40:45])  # hits
+        assert store.queue_news == {"failures": NEWS_TRIES, "dropped": 1}
+        store.warm.unqueued = warm_unqueued
+        if release_posted == "after the drop":
+            store.release(request)
+        assert torch.equal(store.lookup(torch.arange(40, 45)), data[40:45])  # tells the rest
+        assert len(store.caches.queue) == 0
+        for cache in (store.hot, store.warm):
+            held = torch.nonzero(cache.row_of_slot >= 0).squeeze(1)
+            assert held.numel() > 0
+            assert bool((cache._next_use[held] == NOT_QUEUED).all()), cache.name
+            check_cache_invariants(cache)

@@ -14,7 +14,8 @@ faster than the tiers take it in) waits for the lock, and tells the tiers itself
 Telling can fail (out of memory probing a tier). News that failed is kept, first in line, with
 the tiers it reached noted, and told again by the next holder, after ``NEWS_TRIES`` failures it
 is dropped with a warning (a tier that missed an announce or a release only ranks victims less
-well: no lookup reads a wrong row). Neither is raised into the holder's own work (a lookup is
+well: no lookup reads a wrong row; one that missed a batch served is told its request's every
+row at the release). Neither is raised into the holder's own work (a lookup is
 not failed by another request's news), except to an announce whose own news failed, which
 withdraws its request. ``news_failures`` and ``news_dropped`` count them (metrics).
 
@@ -69,7 +70,13 @@ class _News:
         self.gone = gone
 
     def tell(self) -> None:
-        """Tell each tier not told yet, noting each one told (a failure leaves the rest)."""
+        """Tell each tier not told yet, noting each one told (a failure leaves the rest). A
+        release of a request whose batch a tier missed tells every row of it, each waiting for
+        the request that looks it up first now (a tier that has it elsewhere changes nothing)."""
+        if self.moved is not None and self.gone and self.request.missed_batch:
+            rows = self.request.rows
+            self.moved = (rows, self.request.owner.next_use(rows))
+            self.request.missed_batch = False  # (this news is told again with them if it fails)
         while self.untold:
             if self.moved is None:
                 self.untold[0].queued(self.request)
@@ -199,6 +206,8 @@ class StoreLock:
                     return False
                 self._news.popleft()
                 self.news_dropped += 1
+                if not news.gone:  # the request's release makes up for the batch
+                    news.request.missed_batch = True
                 what = "announce" if news.moved is None else "release" if news.gone else "batch"
                 warn_at_caller(
                     f"request queue: telling the {news.untold[0].name} tier of a request's "
