@@ -38,7 +38,7 @@ tiered_store_lookup_duration_seconds           histogram  table               on
 tiered_store_prefetch_stall_seconds            histogram  table               wait for a prefetch handle
 tiered_store_prefetches_total                  counter    table               prefetches started
 tiered_store_queued_requests                   gauge      table               announced, not released
-tiered_store_queued_rows                       gauge      table               their distinct rows
+tiered_store_queued_rows                       gauge      table               their rows with a lookup left
 tiered_store_queue_news_failures_total         counter    table               failed tellings of the queue
 tiered_store_queue_news_dropped_total          counter    table               queue news dropped
 tiered_store_verifications_total               counter    table               checksum passes run
@@ -276,19 +276,20 @@ METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
     "tiered_store_queued_rows": (
         "gauge",
         ("table",),
-        "Distinct rows the announced requests look up (evicted last).",
+        "Distinct rows the announced requests still look up (a batch served finishes its rows; "
+        "evicted last).",
     ),
     "tiered_store_queue_news_failures_total": (
         "counter",
         ("table",),
-        "Tellings of an announced or released request to the cache tiers that failed (out of "
-        "memory, say); each is told again by the store lock's next holder, but an announce's "
+        "Tellings of an announced, served or released request to the cache tiers that failed "
+        "(out of memory, say); each is told again by the store lock's next holder, but an announce's "
         "own, which raises and withdraws its request.",
     ),
     "tiered_store_queue_news_dropped_total": (
         "counter",
         ("table",),
-        "Announced or released requests a cache tier was never told of, dropped after repeated "
+        "Announced, served or released requests a cache tier was never told of, dropped after repeated "
         "failures (the tier ranks its victims without them).",
     ),
     "tiered_store_verifications_total": (

@@ -319,7 +319,7 @@ class TieredStore:
 
     @property
     def queue_news(self) -> dict[str, int]:
-        """Tellings of an announce or release to the tiers that failed (``failures``: out of
+        """Tellings of an announce, batch served or release to the tiers that failed (``failures``: out of
         memory, say; each is told again by the lock's next holder, but an announce's own, which
         raises and withdraws its request) and news ``dropped`` after ``store_lock.NEWS_TRIES``
         failures (a tier then ranks its victims without it)."""
