@@ -4,6 +4,7 @@ do not change, and every announcement is released, whatever became of the reques
 from __future__ import annotations
 
 import json
+import logging
 import urllib.request
 
 import pytest
@@ -73,6 +74,37 @@ def test_a_request_answered_gives_up_its_rows_before_it_is_released(tmp_path):
                 held = torch.isin(cache.row_of_slot, queued.rows)
                 assert held.any(), cache.name
                 assert not (cache._next_use[held] == queued.token).any(), cache.name
+        served.release(announced)
+    finally:
+        served.close()
+
+
+def test_a_table_that_fails_to_be_told_a_request_is_served_leaves_the_others_told(tmp_path, caplog):
+    """Telling the tables a request is served is advice: the first table's failure (out of
+    memory, say) was logged and left every table after it untold, their rows ranked as needed
+    soonest until the release. Each table is told on its own; the failure is logged by name."""
+    config = ServeConfig.from_yaml(make_checkpoint(tmp_path))
+    served = ServedModel(config)
+    try:
+        body = json.dumps({"input_ids": [[5, 17, 900, 17], [1, 2, 3, 4]]}).encode()
+        request = parse_request(body, config.server, served)
+        announced = served.announce(request)
+        (first, _), *others = announced.queued
+
+        def out_of_memory(*args):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+        first.served = out_of_memory
+        with caplog.at_level(logging.ERROR):
+            served.answer(request, announced)
+        assert others
+        for store, queued in others:
+            for cache in (store.hot, store.warm):
+                held = torch.isin(cache.row_of_slot, queued.rows)
+                assert held.any(), cache.name
+                assert not (cache._next_use[held] == queued.token).any(), cache.name
+        name = next(n for n, s in served.stores.items() if s is first)
+        assert f"telling table {name} a request is served failed" in caplog.text
         served.release(announced)
     finally:
         served.close()

@@ -791,18 +791,21 @@ class ServedModel:
         (``TieredStore.served``, inside the gate: no reload swaps the tables meanwhile): its
         admissions then evict the request's rows as the next request that looks each up, not
         before the rows of those behind it. Not under ``_waiting_lock``, which an announcement
-        holds through its merge: the compute turn does not wait for one. Advice: a failure is
-        logged (one released meanwhile has nothing to tell), the request is served all the same."""
+        holds through its merge: the compute turn does not wait for one. Advice: a table's
+        failure is logged (one released meanwhile has nothing to tell), the other tables are told
+        and the request is served all the same."""
         told = dict(list(announced.queued))  # a copy: a release may empty it meanwhile
-        try:
-            for layer, ids in announced.batch.row_ids.items():
-                store = self.stores.get(self.config.table_name(layer))
-                if store in told:
-                    store.served(told[store], ids)
-        except QueuedRequestError:  # released meanwhile (cancelled): nothing left to tell
-            pass
-        except Exception:  # noqa: BLE001 (advice: the request is served all the same)
-            log.exception("telling the tables a request is served failed")
+        for layer, ids in announced.batch.row_ids.items():
+            name = self.config.table_name(layer)
+            store = self.stores.get(name)
+            if store not in told:
+                continue
+            try:
+                store.served(told[store], ids)
+            except QueuedRequestError:  # released meanwhile (cancelled): nothing left to tell
+                return
+            except Exception:  # noqa: BLE001 (advice: the request is served all the same)
+                log.exception("telling table %s a request is served failed", name)
 
     def _record(self, batch: EngramBatch) -> None:
         """Write one batch's row ids of every layer to the trace, whole, unless ``_close`` (which
