@@ -939,6 +939,30 @@ def nonfinite_gradient_worker(
     _report(out, rank, result)
 
 
+def stored_nan_step_worker(rank: int, world: int, port: int, trainable: str, out: Path) -> None:
+    """Every rank: a training step over one row of each shard, finite gradients, whose row on
+    rank 1's shard holds a NaN as stored (the test put it there); the error and the rows after."""
+    _join_group(rank, world, port)
+    result: dict[str, Any] = {}
+    try:
+        table = _adam_over_row_shards(trainable, world)
+        ids = torch.tensor([1, TRAIN_ROWS - 2])  # one row on each rank's shard
+        with torch.no_grad():
+            before = table.lookup(ids)
+        table.lookup(ids).sum().backward()
+        try:
+            table.step(2)  # the shards' commit is step 1
+        except Exception as exc:  # noqa: BLE001 (recorded for the test)
+            result["nan"] = f"{type(exc).__name__}: {exc}"
+        with torch.no_grad():
+            result["unchanged"] = torch.equal(table.lookup(ids).nan_to_num(), before.nan_to_num())
+        table.close()
+        dist_destroy()
+    except BaseException:
+        result["crash"] = traceback.format_exc()
+    _report(out, rank, result)
+
+
 def overflowed_step_worker(rank: int, world: int, port: int, trainable: str, out: Path) -> None:
     """Every rank: a step under a GradScaler whose gradients overflowed on rank 0 only, then one
     finite on both; rows, steps and scales after each."""

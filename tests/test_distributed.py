@@ -1897,6 +1897,35 @@ def test_an_optimizer_update_overflowing_on_one_shard_is_refused_on_all_before_a
     assert [r["retried"] for r in results] == [1, 1]  # rank 1's row, on rank 1's gradient
 
 
+def test_a_step_over_a_stored_row_that_is_not_finite_on_a_shard_names_the_row(tmp_path):
+    """A row on rank 1's shard holding a NaN as stored (a delta an older, unchecked writer left):
+    a step with finite gradients blamed them ("its weights or optimizer state overflow float32:
+    a gradient too large"). It names the row as stored, where its NaN is, on every rank, and no
+    shard changes (as the unsharded step does)."""
+    from tests.distributed_support import make_trainable, stored_nan_step_worker
+    from tiered_store.delta.row_delta import RowDelta, delta_path
+
+    trainable = make_trainable(tmp_path / "trainable.npy")
+    template = shards_template(trainable, "rows")
+    shards = write_shards(trainable, 2, "rows", template=template, progress=False)
+    width = shards[1].manifest.row_bytes // 4
+    stored = np.ones((1, width), np.float32)
+    for shard in shards:  # both at step 1 (as a sharded commit leaves them), rank 1's row a NaN
+        stored[0, 2] = np.nan if shard.rank == 1 else 1.0  # a weight
+        delta = RowDelta(delta_path(shard.path), 4 * width, create=True)
+        local = 95 - shard.shard_map.bounds[1] if shard.rank == 1 else 1
+        delta.commit(np.array([local]), stored.view(np.uint8), 1)  # as an unchecked writer left
+        delta.close()
+    out = tmp_path / "out"
+    out.mkdir()
+    codes = run_ranks(stored_nan_step_worker, 2, (str(trainable), out), 60)
+    results = _results(out, 2)
+    assert codes == [0, 0] and not any("crash" in r for r in results), results
+    for rank, result in enumerate(results):
+        assert result["nan"].startswith(f"RowDataError: rank {rank}: update_rows: rank 1: RowDataError: row 95 as stored holds a non-finite value (nan) in its weights; expected finite stored rows"), result  # fmt: skip
+        assert result["unchanged"], result
+
+
 def test_a_shard_that_cannot_read_its_rows_for_a_step_leaves_every_rank_its_gradients(
     tmp_path,
 ):

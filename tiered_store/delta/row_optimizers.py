@@ -22,7 +22,13 @@ import torch
 from ..errors import ConfigError
 from ..integers import bool_among
 
-__all__ = ["RowOptimizer", "first_non_finite_row", "make_row_optimizer", "OPTIMIZERS"]
+__all__ = [
+    "RowOptimizer",
+    "first_non_finite_row",
+    "stored_row_fault",
+    "make_row_optimizer",
+    "OPTIMIZERS",
+]
 
 
 @dataclass(frozen=True)
@@ -139,3 +145,21 @@ def first_non_finite_row(rows: torch.Tensor) -> int | None:
         return None
     bad = ~torch.isfinite(rows).all(1)
     return int(torch.nonzero(bad)[0]) if bool(bad.any()) else None
+
+
+def stored_row_fault(row: int, stored: torch.Tensor, dim: int) -> str | None:
+    """What is wrong with row ``row`` as stored (``[weights | optimizer state]``, ``dim``
+    weights) when it holds a NaN or an inf (where, and the value); None where it is finite.
+
+    >>> stored_row_fault(7, torch.tensor([1.0, 2.0, float("inf")]), 2)
+    'row 7 as stored holds a non-finite value (inf) in its optimizer state; expected finite stored rows'
+    """
+    bad = ~torch.isfinite(stored)
+    if not bool(bad.any()):
+        return None
+    where = int(torch.nonzero(bad)[0])
+    part = "weights" if where < dim else "optimizer state"
+    return (
+        f"row {row} as stored holds a non-finite value ({stored[where].item()}) in its {part}; "
+        "expected finite stored rows"
+    )

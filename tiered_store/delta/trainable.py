@@ -32,7 +32,7 @@ from ..integers import as_integer
 from ..store import as_id_tensor
 from ..table_format import TableManifest, create_table
 from ..table_sources import check_tensor_holds_rows, describe_tensor
-from .row_optimizers import RowOptimizer, first_non_finite_row
+from .row_optimizers import RowOptimizer, first_non_finite_row, stored_row_fault
 
 __all__ = ["TableSlice", "TrainableTable", "create_trainable_table"]
 
@@ -396,13 +396,10 @@ class TrainableTable:
                 f"step {step}: the gradient of row {row} holds a non-finite value ({value}); "
                 f"expected finite gradients ({kept})"
             )
-        if not bool(torch.isfinite(stored).all()):  # written past the store's checks, or damaged
-            where = int(torch.nonzero(~torch.isfinite(stored))[0])
-            part = "weights" if where < self.dim else "optimizer state"
+        fault = stored_row_fault(row, stored, self.dim)  # written past the store's checks
+        if fault is not None:
             raise RowDataError(
-                f"step {step}: row {row} as stored holds a non-finite value "
-                f"({stored[where].item()}) in its {part}; expected finite stored rows (restore "
-                f"the table, or write the row anew; {kept})"
+                f"step {step}: {fault} (restore the table, or write the row anew; {kept})"
             )
         weights = not bool(torch.isfinite(new_rows[first, : self.dim]).all())
         part = "weights overflow" if weights else "state overflows"

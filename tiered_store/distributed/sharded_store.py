@@ -49,7 +49,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import ShardingConfig, StoreConfig, naming_file
-from ..delta.row_optimizers import first_non_finite_row
+from ..delta.row_optimizers import first_non_finite_row, stored_row_fault
 from ..delta.table_versions import pointer_path, release, take_writer_lock
 from ..delta.write_back import merge_last_wins
 from ..errors import (
@@ -1094,7 +1094,8 @@ class ShardedStore:
         def compute() -> None:
             if unique.numel():
                 current = self.local.lookup(unique)
-                new_rows.append(self._finite_update(unique, update(current, summed.to(current))))
+                rows = update(current, summed.to(current))
+                new_rows.append(self._finite_update(unique, current, rows, summed.shape[1]))
                 new_rows.append(current)
 
         # every shard's new rows are made and checked before any is written: applied on the
@@ -1193,12 +1194,18 @@ class ShardedStore:
             "without committing and reopen it (each shard reopens at its last commit)",
         )
 
-    def _finite_update(self, local_ids: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """``rows`` (the optimizer's update of this shard's ``local_ids``), or ``RowDataError``
-        naming the first row id whose update is not finite."""
+    def _finite_update(
+        self, local_ids: torch.Tensor, current: torch.Tensor, rows: torch.Tensor, dim: int
+    ) -> torch.Tensor:
+        """``rows`` (the optimizer's update of this shard's ``local_ids``, stored as ``current``
+        with ``dim`` weights each), or ``RowDataError`` naming the first row id whose update is
+        not finite, and why: its row as stored, or the update itself."""
         first = first_non_finite_row(rows)
         if first is not None:
             row = int(local_ids[first]) + int(self._starts[self.rank])
+            fault = stored_row_fault(row, current[first], dim)
+            if fault is not None:  # written past the store's checks, or damaged
+                raise RowDataError(f"{fault} (restore the shard, or write the row anew)")
             raise RowDataError(
                 f"the update of row {row} is not finite (its weights or optimizer state overflow "
                 f"{str(rows.dtype).removeprefix('torch.')}: a gradient too large); expected "
