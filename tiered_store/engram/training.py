@@ -565,8 +565,8 @@ def _take_run_lock(out: Path, out_name: str) -> int:
         out / TABLE_FILE,
         refused=lambda holder: TierIOError(
             errno.EBUSY,
-            f"{out_name}: {out} is being trained (or compacted) by another process: {lock} is "
-            f"held by {holder}; expected one trainer per run: wait for it to end, or choose "
+            f"{out_name}: {out} is being trained (or compacted) by another trainer or store: {lock} "
+            f"is held by {holder}; expected one trainer per run: wait for it to end, or choose "
             f"another {out_name}",
         ),
     )
