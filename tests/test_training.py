@@ -536,6 +536,34 @@ def test_a_step_over_a_stored_row_that_is_not_finite_names_the_row_not_the_gradi
     table.close()
 
 
+@pytest.mark.parametrize("name", ["sgd", "adam"])
+def test_a_stored_row_that_is_not_finite_is_named_though_it_made_every_gradient_nan(tmp_path, name):
+    """A stored row's NaN weight, looked up, makes a model's loss NaN and with it every row's
+    gradient, as in a training run: the step blamed the NaN gradient of the step's first row
+    (row 3, whose stored values are finite), never the stored row behind it. It names row 7 as
+    stored."""
+    from tiered_store.delta.row_delta import RowDelta, delta_path
+
+    opt = make_row_optimizer(name, lr=0.1)
+    path = tmp_path / "t.npy"
+    create_trainable_table(path, np.ones((10, 2)), opt)
+    width = 2 + opt.state_width(2)
+    stored = np.ones((1, width), np.float32)
+    stored[0, 1] = np.nan  # a weight
+    delta = RowDelta(delta_path(path), 4 * width, create=True)
+    delta.commit(np.array([7]), stored.view(np.uint8), 1)  # as an unchecked writer left it
+    delta.close()
+    table = TrainableTable(TieredStore(store_config(path)), opt)
+    (table.lookup(torch.tensor([3, 7])).sum() ** 2).backward()  # every gradient NaN
+    with pytest.raises(RowDataError) as refused:
+        table.step(2)
+    assert str(refused.value).startswith(
+        "step 2: row 7 as stored holds a non-finite value (nan) in its weights; expected finite "
+        "stored rows"
+    ), refused.value
+    table.close()
+
+
 def test_ids_changed_in_place_before_backward_are_an_error_as_in_torch(tmp_path):
     """A reused id buffer refilled between lookup and backward: nn.Embedding's backward raises;
     the table's took the ids the buffer held then and updated those rows (7, never looked up)."""

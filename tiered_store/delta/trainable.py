@@ -383,23 +383,25 @@ class TrainableTable:
         new_rows: torch.Tensor,
         step: int,
     ) -> None:
-        """``RowDataError`` naming the first row id whose updated row is not finite, and why:
-        its gradient, its row as stored (``current``), or the update itself."""
+        """``RowDataError`` when an updated row is not finite, naming why: a row as stored
+        (``current``; looked up, its NaN makes a model's every gradient NaN), else the first
+        such row's gradient, or the update itself."""
         first = first_non_finite_row(new_rows)
         if first is None:
             return
-        row, grad, stored = int(ids[first]), summed[first], current[first]
         kept = "no row changed; the gradients are kept, zero_grad() drops them"
+        bad = first_non_finite_row(current)  # written past the store's checks, or damaged
+        if bad is not None:
+            fault = stored_row_fault(int(ids[bad]), current[bad], self.dim)
+            raise RowDataError(
+                f"step {step}: {fault} (restore the table, or write the row anew; {kept})"
+            )
+        row, grad = int(ids[first]), summed[first]
         if not bool(torch.isfinite(grad).all()):
             value = grad[~torch.isfinite(grad)][0].item()
             raise RowDataError(
                 f"step {step}: the gradient of row {row} holds a non-finite value ({value}); "
                 f"expected finite gradients ({kept})"
-            )
-        fault = stored_row_fault(row, stored, self.dim)  # written past the store's checks
-        if fault is not None:
-            raise RowDataError(
-                f"step {step}: {fault} (restore the table, or write the row anew; {kept})"
             )
         weights = not bool(torch.isfinite(new_rows[first, : self.dim]).all())
         part = "weights overflow" if weights else "state overflows"
