@@ -35,13 +35,18 @@ def queued_requests(server) -> list[int]:
     ]
 
 
-def test_announce_tells_every_table_the_request_rows(tmp_path):
+def _a_request_announced(tmp_path):
+    """A served model of the demo checkpoint, a request of two sequences and its announcement."""
     config = ServeConfig.from_yaml(make_checkpoint(tmp_path))
     served = ServedModel(config)
+    body = json.dumps({"input_ids": [[5, 17, 900, 17], [1, 2, 3, 4]]}).encode()
+    request = parse_request(body, config.server, served)
+    return served, request, served.announce(request)
+
+
+def test_announce_tells_every_table_the_request_rows(tmp_path):
+    served, request, announced = _a_request_announced(tmp_path)
     try:
-        body = json.dumps({"input_ids": [[5, 17, 900, 17], [1, 2, 3, 4]]}).encode()
-        request = parse_request(body, config.server, served)
-        announced = served.announce(request)
         rows = served.model.hash(torch.from_numpy(request.input_ids)).row_ids
         assert [store for store, _ in announced.queued] == list(served.stores.values())
         for (store, queued), ids in zip(announced.queued, rows.values(), strict=True):
@@ -61,12 +66,8 @@ def test_a_request_answered_gives_up_its_rows_before_it_is_released(tmp_path):
     """The answer's lookup is all of a request's lookups: its rows are told served first, so
     its admissions rank them by the requests behind it (here none: no row waits for it), not
     as needed soonest until the release, which comes after the answer is sent."""
-    config = ServeConfig.from_yaml(make_checkpoint(tmp_path))
-    served = ServedModel(config)
+    served, request, announced = _a_request_announced(tmp_path)
     try:
-        body = json.dumps({"input_ids": [[5, 17, 900, 17], [1, 2, 3, 4]]}).encode()
-        request = parse_request(body, config.server, served)
-        announced = served.announce(request)
         served.answer(request, announced)
         for store, queued in announced.queued:
             assert len(store.caches.queue) == 1  # still announced: released after the answer
@@ -83,12 +84,8 @@ def test_a_table_that_fails_to_be_told_a_request_is_served_leaves_the_others_tol
     """Telling the tables a request is served is advice: the first table's failure (out of
     memory, say) was logged and left every table after it untold, their rows ranked as needed
     soonest until the release. Each table is told on its own; the failure is logged by name."""
-    config = ServeConfig.from_yaml(make_checkpoint(tmp_path))
-    served = ServedModel(config)
+    served, request, announced = _a_request_announced(tmp_path)
     try:
-        body = json.dumps({"input_ids": [[5, 17, 900, 17], [1, 2, 3, 4]]}).encode()
-        request = parse_request(body, config.server, served)
-        announced = served.announce(request)
         (first, _), *others = announced.queued
 
         def out_of_memory(*args):
