@@ -1479,6 +1479,60 @@ def test_a_stale_table_whose_old_store_hangs_in_a_read_holds_no_request_back(tmp
         served.close()
 
 
+def test_a_table_left_closed_under_a_hung_read_opens_at_the_first_check_once_it_ends(
+    tmp_path, monkeypatch, caplog
+):
+    """A table whose map grew elsewhere, its old store left to close under a hung read, could
+    not open its new store beside it (ESTALE): that failure set its retry's wait, so once the
+    read ended it stayed closed (503) until the wait passed (up to CLOSED_RETRY_MOST_S), though
+    the README says it opens once the read ends. Its first check after the read opens it (the
+    log says it waits for that read)."""
+    from tests import forkserver
+    from tiered_store.delta import row_delta
+    from tiered_store.delta.row_delta import delta_path
+    from tiered_store.serve import served_model
+
+    config = ServeConfig.from_yaml(make_checkpoint(tmp_path, server={"request_timeout_s": 0.5}))
+    monkeypatch.setattr(row_delta, "MIN_MAP_BYTES", 1 << 16)  # a map the other process outgrows
+    monkeypatch.setattr(served_model, "CLOSED_RETRY_FIRST_S", 3600.0)  # a wait no check outlasts
+    served = ServedModel(config)
+    release = threading.Event()
+    try:
+        served.reload_check_seconds = 3600.0  # checks only when the test asks
+        _commit_a_new_version(config.table_path(1))  # layer 1 gets a delta
+        assert served.reload_if_stale(force_check=True) == ["engram_layer1"]
+        old = served.stores["engram_layer1"]
+        with forkserver.context().Pool(1) as pool:  # its map grown in another process
+            path = str(delta_path(old.cold.path))
+            assert pool.apply(_grow_delta_map, (path, old.rows, old.row_bytes)) > 0
+        entered, read_rows = threading.Event(), old.cold.read_rows
+
+        def hung_read(ids):  # a prefetch's cold read hangs until the test releases it
+            entered.set()
+            release.wait(60)
+            return read_rows(ids)
+
+        monkeypatch.setattr(old.cold, "read_rows", hung_read)
+        handle = old.prefetch([1, 2, 3])
+        assert entered.wait(10)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # "still under way after 0.5 s"
+            assert served.reload_if_stale(force_check=True) == []
+        assert served.left_closing == ["engram_layer1"]
+        assert "engram_layer1 once the calls hung in its old store end" in caplog.text
+        served.reload_check_seconds = 0.0  # every call checks, as the version watch does
+        assert served.reload_if_stale() == []  # the read still hangs: not opened beside it
+        assert "engram_layer1" in served.reload_refused
+        release.set()
+        assert handle.future.result(10) is not None
+        assert served.reload_if_stale() == ["engram_layer1"]
+        assert not served.stores["engram_layer1"].closed
+        assert served.reload_refused is None
+    finally:
+        release.set()
+        served.close()
+
+
 @contextlib.contextmanager
 def _an_answer_in_flight_over_a_commit(tmp_path, request_timeout_s, hold):
     """A ServedModel (checked only when asked) whose layer 3 table a writer committed to, and an

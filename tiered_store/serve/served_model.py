@@ -18,6 +18,7 @@ import errno
 import functools
 import itertools
 import logging
+import math
 import threading
 import time
 import zlib
@@ -78,7 +79,8 @@ SETTLED_NS = 2_000_000_000
 # chunk, a re-pin's read) does not leave it to close under it, without its warm-restart save
 CLOSE_GRACE_S = 1.0
 # a table a reload left closed whose reopen failed is tried again after this long, the wait
-# doubling at each failure up to the most (at once when its files change)
+# doubling at each failure up to the most (at once when its files change, or when the calls hung
+# in its old store end: until then its new store cannot open beside it)
 CLOSED_RETRY_FIRST_S = 2.0
 CLOSED_RETRY_MOST_S = 60.0
 
@@ -389,9 +391,14 @@ class ServedModel:
                 self.health[name].reload_failures += 1
             self._refused([*unreadable, f"{', '.join(stale)} ({'; '.join(held)})"])
             return []
-        repaired = False  # a table left closed whose files changed (a repair): tried at once,
-        for name in stale:  # though another still waits
-            if name in self._closed_retry and self._closed_retry[name][0] != files[name][0]:
+        # a table left closed whose files changed (a repair), or whose old store's hung calls
+        repaired = False  # ended (``left_closing``): tried at once, though another still waits
+        for name in stale:
+            retry = self._closed_retry.get(name)
+            if retry is not None and (
+                retry[0] != files[name][0]
+                or (retry[1] == math.inf and not self.stores[name].calls_left)
+            ):
                 del self._closed_retry[name]
                 repaired = True
         now = time.monotonic()
@@ -551,14 +558,16 @@ class ServedModel:
     def _retry_closed_later(self, stale: list[str], files: dict[str, Any], why: str) -> None:
         """After a refused reload of ``stale`` (``why``): each of them it left closed is tried
         again ``CLOSED_RETRY_FIRST_S`` later, the wait doubling at each failure in a row up to
-        ``CLOSED_RETRY_MOST_S``, unless its ``files`` change first."""
+        ``CLOSED_RETRY_MOST_S``, unless its ``files`` change first; one whose old store calls
+        hung in still hold open (``left_closing``: no new store opens beside it) once they end."""
         for name in stale:
             if not self.stores[name].closed:
                 self._closed_retry.pop(name, None)
                 continue
             last = self._closed_retry.get(name)
             wait = CLOSED_RETRY_FIRST_S if last is None else min(2 * last[2], CLOSED_RETRY_MOST_S)
-            self._closed_retry[name] = (files[name][0], time.monotonic() + wait, wait, why)
+            at = math.inf if self.stores[name].calls_left else time.monotonic() + wait
+            self._closed_retry[name] = (files[name][0], at, wait, why)
 
     def _refused(self, reasons: list[str]) -> None:
         """Note why tables keep the version open now (``reasons``; none: every table is on its
@@ -573,6 +582,10 @@ class ServedModel:
                     f"trying again {CLOSED_RETRY_FIRST_S:g} s later, then less often while it "
                     f"fails (at most every {CLOSED_RETRY_MOST_S:g} s), or once its files change"
                 )
+                hung = [name for name, r in self._closed_retry.items() if r[1] == math.inf]
+                if hung:  # its new store cannot open beside its old one
+                    its = "its" if len(hung) == 1 else "their"
+                    again += f"; {', '.join(hung)} once the calls hung in {its} old store end"
             log.error("could not reopen %s on its new version; %s, %s", refused, serving, again)
         self._refused_logged = None if refused is None else (refused, serving)
         self.reload_refused = refused
