@@ -3608,6 +3608,45 @@ def test_a_refused_reload_of_a_closed_table_says_it_answers_503(tmp_path, monkey
         served.close()
 
 
+def test_a_refused_reload_returns_and_logs_a_closed_table_it_reopened_alone(
+    tmp_path, monkeypatch, caplog
+):
+    """A refused reload reopens a table it left closed on its new version alone: reload_if_stale
+    returned [] though it did (its docstring: the tables reopened), the log and /healthz named
+    that table among those refused, and neither 'reopened' nor the trace's warning (its counters
+    started anew) was logged. It is returned, logged as reopened and named with the refused no
+    more."""
+    import errno
+
+    config = ServeConfig.from_yaml(make_checkpoint(tmp_path))
+    served = ServedModel(config, trace=tmp_path / "served.trace")
+    try:
+        served.reload_check_seconds = 3600.0  # checks only when the test asks
+        served.stores["engram_layer1"].close()  # what a refused reload may leave
+        _commit_a_new_version(config.table_path(3))  # layer 3 stale, its new version refused
+        real = served._open_checked
+
+        def refused_open(name, old):  # layer 3's new version does not open (a read error)
+            if name == "engram_layer3":
+                raise TierIOError(errno.EIO, f"{name}: injected open failure")
+            return real(name, old)
+
+        monkeypatch.setattr(served, "_open_checked", refused_open)
+        with caplog.at_level(logging.INFO, logger="tiered_store.serve"):
+            assert served.reload_if_stale(force_check=True) == ["engram_layer1"]
+        assert not served.stores["engram_layer1"].closed
+        assert served.model.tables[1].table is served.stores["engram_layer1"]
+        assert "engram_layer3" in served.reload_refused
+        assert "engram_layer1" not in served.reload_refused, served.reload_refused
+        logged = [r.getMessage() for r in caplog.records]
+        assert any(m.startswith("reopened") and "engram_layer1" in m for m in logged), logged
+        assert any("no longer replays" in m and "engram_layer1" in m for m in logged), logged
+        [refusal] = [m for m in logged if m.startswith("could not reopen")]
+        assert "engram_layer1" not in refusal, refusal
+    finally:
+        served.close()
+
+
 def test_a_refused_reload_with_every_table_closed_names_no_other_table(tmp_path, monkeypatch):
     """Every table's store left closed, the reopens refused: /healthz's warning (and the log)
     said the other tables were on the version open now, though there were none, and "its

@@ -341,9 +341,10 @@ class ServedModel:
 
     def reload_if_stale(self, *, force_check: bool = False) -> list[str]:
         """Reopen the stores whose table moved on (a compaction's new version, a writer's new
-        commit), at most once per ``reload_check_seconds``; returns the tables reopened. The swap
-        waits for requests in flight and holds new ones back, so every request runs on one
-        version of every table from its prefetch to its answer; for at most
+        commit), at most once per ``reload_check_seconds``; returns the tables reopened (of a
+        refused swap, those it left closed and reopened alone). The swap waits for requests in
+        flight and holds new ones back, so every request runs on one version of every table
+        from its prefetch to its answer; for at most
         ``server.request_timeout_s``: answers still running then (a worker hung on a read) are
         logged, requests go on over the version open now, and the swap is tried again once those
         answers end. ``reload_check_seconds`` sets the interval (``force_check`` checks now). A
@@ -458,13 +459,14 @@ class ServedModel:
                 for name in stale:  # counted at every check that refuses it, as it is retried
                     self.health[name].reload_failures += 1
                 # the refused one's open was just tried (its old store closed): not again now
-                self._reopen_closed([name for name in stale if name != refused])
+                reopened = self._reopen_closed([name for name in stale if name != refused])
+                self._log_reopened(reopened)
                 if self.converted_anew is not None:  # logged once: no check follows
                     log.error(
                         "%s; until then, lookups that read a replaced table file answer 503",
                         self.converted_anew,
                     )
-                    return []
+                    return reopened
                 # refused for what its files hold (not an I/O error, nor an old store left closed,
                 # nor files just written: they may change again unseen by their identities)
                 if (
@@ -474,10 +476,11 @@ class ServedModel:
                     and not any(self.stores[name].closed for name in stale)
                 ):
                     self._refusals[refused] = (files[refused][0], error_text(exc))
-                why = f"{', '.join(stale)} ({error_text(exc)})"
+                kept = [name for name in stale if name not in reopened]  # not on the new version
+                why = f"{', '.join(kept)} ({error_text(exc)})"
                 self._retry_closed_later(stale, files, why)
-                self._refused([*unreadable, why])
-                return []
+                self._refused([*unreadable, why] if kept else unreadable)
+                return reopened
             except BaseException:  # Ctrl-C: it goes on, no store it opened left open
                 self._undo_swap(opened)
                 raise
@@ -485,14 +488,21 @@ class ServedModel:
             for name in stale:
                 self._closed_retry.pop(name, None)
             self._refused(unreadable)  # (interrupted, the old stores close all the same)
-        log.info("reopened tables on a new version: %s", ", ".join(stale))
+        self._log_reopened(stale)
+        return stale
+
+    def _log_reopened(self, names: list[str]) -> None:
+        """Log that tables ``names`` were reopened on a new version (none: nothing), and that a
+        trace being recorded no longer replays to their counters."""
+        if not names:
+            return
+        log.info("reopened tables on a new version: %s", ", ".join(names))
         if self._trace is not None:  # the new stores start cold, with their counters at 0
             log.warning(
                 "the trace being recorded no longer replays to the live counters of %s: "
                 "reopened, their tiers and counters started anew",
-                ", ".join(stale),
+                ", ".join(names),
             )
-        return stale
 
     def _open_ahead(
         self, stale: list[str]
@@ -609,11 +619,12 @@ class ServedModel:
             out += ", the other tables on the version open now"
         return out
 
-    def _reopen_closed(self, names: list[str]) -> None:
+    def _reopen_closed(self, names: list[str]) -> list[str]:
         """After a refused swap: each table whose old store it closed (a map grown elsewhere)
         on its new version alone, so that another table's failure does not take it down; one
         that does not open answers 503 until a check opens it. Interrupted (Ctrl-C), the store
-        it opened is served once the model took it, else closed."""
+        it opened is served once the model took it, else closed. Returns the tables reopened."""
+        reopened = []
         for name in names:
             old = self.stores[name]
             if not old.closed:
@@ -627,6 +638,9 @@ class ServedModel:
             finally:
                 if new is not None:
                     self._serve_or_close({name: new})
+            if new is not None and self.stores[name] is new:
+                reopened.append(name)
+        return reopened
 
     def _guarded(self, stores: dict[str, TieredStore]) -> dict[int, GuardedTable]:
         """The model's tables for ``stores`` (table name -> store), by Engram layer."""
