@@ -1533,6 +1533,58 @@ def test_a_table_left_closed_under_a_hung_read_opens_at_the_first_check_once_it_
         served.close()
 
 
+def test_a_store_left_closing_is_let_go_once_its_hung_calls_end(tmp_path, monkeypatch):
+    """A store a close left to close under a hung call (left_closing) was kept in a list for
+    good, even after the call ended and the table reopened (listed twice then: the reopen's
+    close of it was left too), its tiers' memory held for the life of the server. Once its
+    calls end it is let go: freed, and no longer listed."""
+    import gc
+    import weakref
+
+    from tests import forkserver
+    from tiered_store.delta import row_delta
+    from tiered_store.delta.row_delta import delta_path
+
+    config = ServeConfig.from_yaml(make_checkpoint(tmp_path, server={"request_timeout_s": 0.5}))
+    monkeypatch.setattr(row_delta, "MIN_MAP_BYTES", 1 << 16)  # a map the other process outgrows
+    served = ServedModel(config)
+    release = threading.Event()
+    try:
+        served.reload_check_seconds = 3600.0  # checks only when the test asks
+        _commit_a_new_version(config.table_path(1))  # layer 1 gets a delta
+        assert served.reload_if_stale(force_check=True) == ["engram_layer1"]
+        old = served.stores["engram_layer1"]
+        with forkserver.context().Pool(1) as pool:  # its map grown in another process
+            path = str(delta_path(old.cold.path))
+            assert pool.apply(_grow_delta_map, (path, old.rows, old.row_bytes)) > 0
+        entered, read_rows = threading.Event(), old.cold.read_rows
+
+        def hung_read(ids):  # a prefetch's cold read hangs until the test releases it
+            entered.set()
+            release.wait(60)
+            return read_rows(ids)
+
+        monkeypatch.setattr(old.cold, "read_rows", hung_read)
+        handle = old.prefetch([1, 2, 3])
+        assert entered.wait(10)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # "still under way after 0.5 s"
+            assert served.reload_if_stale(force_check=True) == []
+        assert served.left_closing == ["engram_layer1"]
+        release.set()
+        assert handle.future.result(10) is not None
+        assert served.reload_if_stale(force_check=True) == ["engram_layer1"]
+        assert served.left_closing == []
+        left = weakref.ref(old)
+        del old, handle
+        monkeypatch.undo()  # the patched read_rows holds the old store's file
+        gc.collect()
+        assert left() is None, "the store left closing is held after its calls ended"
+    finally:
+        release.set()
+        served.close()
+
+
 @contextlib.contextmanager
 def _an_answer_in_flight_over_a_commit(tmp_path, request_timeout_s, hold):
     """A ServedModel (checked only when asked) whose layer 3 table a writer committed to, and an

@@ -21,6 +21,7 @@ import logging
 import math
 import threading
 import time
+import weakref
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -249,8 +250,8 @@ class ServedModel:
             self._outlasted: frozenset[int] = frozenset()  # answers a reload gave up waiting for
             self.converted_anew: str | None = None  # set once the dense file changed (restart)
             # (table, store) that close(wait_s=) left to close under a call hung in it (at the
-            # close, or a reload's of the store it swapped out): left_closing
-            self._left: list[tuple[str, TieredStore]] = []
+            # close, or a reload's of the store it swapped out): left_closing (``_leave``)
+            self._left: list[tuple[str, weakref.ref[TieredStore]]] = []
             self.reloads = 0
             if trace is not None:
                 self._trace = self._open_trace(Path(trace))
@@ -280,7 +281,19 @@ class ServedModel:
         """The tables whose store a close left to close under calls still hung in it (at the
         close, or a reload's of the store it swapped out), each once: the serve command exits
         past them."""
-        return list(dict.fromkeys(name for name, store in self._left if store.calls_left))
+        return list(dict.fromkeys(name for name, _ in self._left_calls()))
+
+    def _leave(self, name: str, store: TieredStore) -> None:
+        """Note ``store`` of table ``name``, which a close left to close under calls hung in it,
+        for ``left_closing``: by weak reference (those calls hold it; a sharded table's, never
+        reopened, the model holds), so that once they end it is freed (its tiers' memory)."""
+        if store.calls_left:
+            self._left = [(n, weakref.ref(s)) for n, s in self._left_calls()]
+            self._left.append((name, weakref.ref(store)))
+
+    def _left_calls(self) -> list[tuple[str, TieredStore]]:
+        """The (table, store) of ``_left`` whose hung calls still run."""
+        return [(n, s) for n, ref in self._left if (s := ref()) is not None and s.calls_left]
 
     def tokenize(self, text: str) -> list[int]:
         """Token ids of ``text`` (the model's DeepSeek tokenizer)."""
@@ -700,7 +713,7 @@ class ServedModel:
             try:
                 try:
                     if not store.close(wait_s=_close_wait(deadline)):
-                        self._left.append((name, store))
+                        self._leave(name, store)
                 except Exception as exc:  # noqa: BLE001 (swapped out: the new version is served)
                     log.error(
                         "closing %s's store of the version swapped out failed: %s",
@@ -751,7 +764,7 @@ class ServedModel:
         close under them (in ``left_closing``), and the new store opens once they end."""
         old = self.stores[name]
         if not old.close(wait_s=self.config.server.request_timeout_s):
-            self._left.append((name, old))
+            self._leave(name, old)
         return self._open_checked(name, old)
 
     def _open_checked(self, name: str, old: TieredStore) -> TieredStore:
@@ -1306,7 +1319,7 @@ class ServedModel:
         try:
             for name, store in self.stores.items():
                 if not store.close(wait_s=_close_wait(deadline)):
-                    self._left.append((name, store))
+                    self._leave(name, store)
         finally:
             self.model.close()  # the others; those closed above return at once
 
