@@ -3660,6 +3660,34 @@ def test_a_refused_reload_of_a_closed_table_says_it_answers_503(tmp_path, monkey
         served.close()
 
 
+def test_a_refused_reload_of_two_closed_tables_logs_them_as_several(tmp_path, monkeypatch, caplog):
+    """Two tables a reload left closed, their reopens refused: the log said "could not reopen
+    engram_layer1, engram_layer3 (...) on its new version", "less often while it fails" and
+    "once its files change", of two tables. It says a new version, and "they", "their"."""
+    import errno
+
+    config = ServeConfig.from_yaml(make_checkpoint(tmp_path))
+    served = ServedModel(config)
+    try:
+        served.reload_check_seconds = 3600.0  # checks only when the test asks
+        for name in TABLES:  # what a refused reload may leave
+            served.stores[name].close()
+
+        def refused_open(name, old):  # no new version opens (a read error)
+            raise TierIOError(errno.EIO, f"{name}: injected open failure")
+
+        monkeypatch.setattr(served, "_open_checked", refused_open)
+        with caplog.at_level(logging.ERROR, logger="tiered_store.serve"):
+            assert served.reload_if_stale(force_check=True) == []
+        [logged] = [r.getMessage() for r in caplog.records if "trying again" in r.getMessage()]
+        assert logged.startswith("could not reopen engram_layer1, engram_layer3"), logged
+        for singular in ("its new version", "while it fails", "its files"):
+            assert singular not in logged, logged
+        assert "while they fail" in logged and "their files change" in logged, logged
+    finally:
+        served.close()
+
+
 def test_a_refused_reload_returns_and_logs_a_closed_table_it_reopened_alone(
     tmp_path, monkeypatch, caplog
 ):

@@ -443,7 +443,7 @@ class ServedModel:
                 _close_all(opened)
                 self._outlasted = self._gate.in_flight()
                 log.warning(
-                    "postponed reopening %s on its new version: %d answer(s) still running %g s "
+                    "postponed reopening %s on a new version: %d answer(s) still running %g s "
                     "after the reload began waiting for them (server.request_timeout_s); serving "
                     "the version open now, trying again once they end",
                     ", ".join(stale),
@@ -601,15 +601,18 @@ class ServedModel:
         if refused is not None and (refused, serving) != self._refused_logged:
             again = f"trying again every {self.reload_check_seconds:.0f} s"
             if self._closed_retry:
+                it, its = (
+                    ("it fails", "its") if len(self._closed_retry) == 1 else ("they fail", "their")
+                )
                 again = (
-                    f"trying again {CLOSED_RETRY_FIRST_S:g} s later, then less often while it "
-                    f"fails (at most every {CLOSED_RETRY_MOST_S:g} s), or once its files change"
+                    f"trying again {CLOSED_RETRY_FIRST_S:g} s later, then less often while {it} "
+                    f"(at most every {CLOSED_RETRY_MOST_S:g} s), or once {its} files change"
                 )
                 hung = [name for name, r in self._closed_retry.items() if r[1] == math.inf]
                 if hung:  # its new store cannot open beside its old one
-                    its = "its" if len(hung) == 1 else "their"
-                    again += f"; {', '.join(hung)} once the calls hung in {its} old store end"
-            log.error("could not reopen %s on its new version; %s, %s", refused, serving, again)
+                    its = "its old store" if len(hung) == 1 else "their old stores"
+                    again += f"; {', '.join(hung)} once the calls hung in {its} end"
+            log.error("could not reopen %s on a new version; %s, %s", refused, serving, again)
         self._refused_logged = None if refused is None else (refused, serving)
         self.reload_refused = refused
 
