@@ -429,3 +429,30 @@ def test_a_command_whose_stderr_reader_left_exits_quietly_as_into_a_closed_stdou
     )
     os.close(write)
     assert proc.returncode == 141 and proc.stdout == b""
+
+
+def test_a_broken_pipe_of_the_commands_own_is_an_error_not_a_closed_stdout(tmp_path):
+    """run_script took every BrokenPipeError for its reader leaving: one of the command's own
+    pipes (a worker's, a server's connection) gone ended it with 141 without a word, its stdout
+    and stderr healthy; only a stdout or stderr whose reader left ends it so."""
+    script = tmp_path / "worker_gone.py"
+    script.write_text(
+        "import os, sys\n"
+        "from tiered_store.cli_args import run_script\n"
+        "def main():\n"
+        "    read, write = os.pipe()\n"
+        "    os.close(read)  # the worker is gone\n"
+        "    print('sending', flush=True)\n"
+        "    os.write(write, b'job')\n"
+        "sys.exit(run_script(main))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        cwd=Path(__file__).resolve().parents[1],
+        timeout=120,
+    )
+    assert proc.returncode == 1 and proc.stdout == "sending\n", proc.stderr
+    assert "BrokenPipeError" in proc.stderr and "os.write(write, b'job')" in proc.stderr

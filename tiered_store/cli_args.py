@@ -8,6 +8,7 @@ import contextlib
 import math
 import os
 import re
+import select
 import signal
 import stat
 import sys
@@ -57,7 +58,8 @@ def run_script(main: Callable[[], Any], name: str | None = None) -> int:
     ...``, when the library refuses something (a missing analysis, a bad setting) instead of a
     traceback; 130 when interrupted (Ctrl-C, or SIGTERM, which unwinds the same way so cleanup
     runs); 141, as a process SIGPIPE kills, without a word, when the reader of its stdout or
-    stderr stopped reading (``| head -1``, ``2>&1 | head -1``). ``name``: the script's file
+    stderr stopped reading (``| head -1``, ``2>&1 | head -1``; another pipe of its own broken,
+    a worker's, is an error as any other). ``name``: the script's file
     name unless given. With no stderr (closed: ``2>&-``), what would go there is dropped:
     ``print(file=sys.stderr)`` would print it on stdout, into the report a script prints there."""
     script = name or os.path.basename(sys.argv[0]) or "bench"
@@ -75,16 +77,31 @@ def run_script(main: Callable[[], Any], name: str | None = None) -> int:
             print("interrupted", file=sys.stderr)
             return 130
     except BrokenPipeError:  # the reader stopped reading: no error to report, nor any more output
-        for stream in (sys.stdout, sys.stderr):  # the one whose reader left: to nowhere, not
-            try:  # an error at exit (the other, a file or a terminal, keeps what it holds)
-                stream.flush()
-            except OSError:
-                with contextlib.suppress(OSError, ValueError):  # (one without a descriptor)
-                    os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
+        left = [s for s in (sys.stdout, sys.stderr) if _reader_left(s)]
+        if not left:  # one of its own pipes (a worker's, a connection): an error, as any other
+            raise
+        for stream in left:  # to nowhere, not an error at exit (the other, a file or a
+            with contextlib.suppress(OSError, ValueError):  # terminal, keeps what it holds)
+                os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
         return 141
     if isinstance(code, int) and not isinstance(code, bool):
         return code
     return 0 if code is None or code else 1
+
+
+def _reader_left(stream: Any) -> bool:
+    """Whether the reader of ``stream`` (stdout, stderr) stopped reading: what it holds cannot be
+    flushed, or its pipe or socket has no reader left (poll's POLLERR or POLLHUP; one written
+    to by print may hold nothing to flush)."""
+    try:
+        stream.flush()
+        poll = select.poll()
+        poll.register(stream.fileno(), select.POLLOUT)
+        return any(events & (select.POLLERR | select.POLLHUP) for _, events in poll.poll(0))
+    except BrokenPipeError:
+        return True
+    except (OSError, ValueError, AttributeError):  # closed, or without a descriptor (captured)
+        return False
 
 
 @contextlib.contextmanager
