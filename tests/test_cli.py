@@ -585,3 +585,27 @@ def test_a_tilde_in_any_path_argument_or_config_path_is_the_home_folder(
     (home / "s.yaml").write_text("table: {path: t.npy}\n")
     assert StoreConfig.from_yaml("~/s.yaml").table.path == str(home / "t.npy")
     assert list(cwd.iterdir()) == []
+
+
+def test_a_folder_named_tilde_given_as_dot_slash_is_that_folder_not_the_home_one(
+    tmp_path, monkeypatch
+):
+    """given_path read './~/s.yaml' (in a folder named ``~`` here) as Path('~/s.yaml'), pathlib
+    dropping the './', which the config loaders (StoreConfig.from_yaml, load_yaml) then read as
+    the home folder's s.yaml; such a path is the folder here (absolute), '~/s.yaml' the home's."""
+    from tiered_store.cli_args import existing_file, given_path, output_folder
+    from tiered_store.config import StoreConfig, load_yaml
+
+    home, cwd = tmp_path / "home", tmp_path / "cwd"
+    home.mkdir()
+    (cwd / "~").mkdir(parents=True)
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(cwd)
+    (cwd / "~" / "s.yaml").write_text("table: {path: t.npy}\n")
+    (home / "s.yaml").write_text("table: {path: home.npy}\n")
+    for kind in (given_path, existing_file):
+        config = StoreConfig.from_yaml(kind("./~/s.yaml"))
+        assert config.table.path == str(cwd / "~" / "t.npy")
+        assert load_yaml(kind(".//~/s.yaml")) == {"table": {"path": "t.npy"}}
+    assert output_folder("./~") == cwd / "~" and output_folder("~") == home
+    assert StoreConfig.from_yaml(given_path("~/s.yaml")).table.path == str(home / "home.npy")

@@ -126,9 +126,13 @@ def given_path(text: str) -> Path:
     """An argparse ``type``: a path, any; an empty one (an unset shell variable) is refused
     rather than taken as the current folder, as ``Path("")`` is. A leading ``~`` is the home
     folder, as in a shell and in the store configs (quoted, or from a variable, the shell leaves
-    it); every path type here reads its path with this.
+    it); every path type here reads its path with this. A folder named ``~`` here, ``./~``, is
+    that folder, absolute (as ``Path("~")``, without the ``./``, the config loaders read it as
+    the home folder).
 
     >>> given_path("~/t.npy") == Path.home() / "t.npy"
+    True
+    >>> given_path("./~/t.npy") == Path.cwd() / "~" / "t.npy"
     True
     >>> given_path("")
     Traceback (most recent call last):
@@ -136,7 +140,10 @@ def given_path(text: str) -> Path:
     """
     if not text:
         raise argparse.ArgumentTypeError("got ''; expected a path")
-    return Path(os.path.expanduser(text))
+    path = Path(os.path.expanduser(text))
+    if str(path).startswith("~") and not text.startswith("~"):  # './~': pathlib drops the './'
+        return path.absolute()
+    return path
 
 
 def existing_file(text: str) -> Path:
