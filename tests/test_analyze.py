@@ -603,6 +603,23 @@ def test_an_empty_corpus_path_is_refused_not_read_as_the_current_folder(paths):
         resolve_corpus(paths)
 
 
+def test_a_corpus_path_in_a_folder_named_tilde_here_is_not_read_as_the_home_folder(
+    tmp_path, monkeypatch
+):
+    """analyze './~/a.txt' (a folder named ``~`` here) read the home folder's a.txt, or said no
+    such file: Path('./~/a.txt').expanduser() drops the './' first; it is the folder here, and
+    '~/a.txt' still the home folder's."""
+    home, cwd = tmp_path / "home", tmp_path / "cwd"
+    (cwd / "~").mkdir(parents=True)
+    home.mkdir()
+    (cwd / "~" / "a.txt").write_text("here")
+    (home / "b.txt").write_text("home")
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(cwd)
+    assert [f.resolve() for f in resolve_corpus("./~/a.txt").files] == [cwd / "~" / "a.txt"]
+    assert [f.resolve() for f in resolve_corpus("~/b.txt").files] == [home / "b.txt"]
+
+
 def test_the_output_folder_inside_the_corpus_is_not_read_as_text(tmp_path):
     """`analyze DIR --out DIR/out` run twice: the first run's reports are not documents."""
     (tmp_path / "doc.txt").write_text("a document\n")

@@ -202,7 +202,7 @@ def _file_key(path: Path) -> object:
 def _expand(path: str | os.PathLike[str]) -> list[Path]:
     """The files one corpus argument names (a file, a directory, or a glob pattern)."""
     text = os.fspath(path)
-    p = Path(text).expanduser()
+    p = Path(os.path.expanduser(text))  # (Path("./~").expanduser() is the home folder)
     if p.is_dir():
         return list(_walk(p))
     if p.is_file():
