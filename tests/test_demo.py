@@ -255,6 +255,31 @@ def test_paths_in_the_config_file_are_relative_to_it(tmp_path, capsys, monkeypat
     assert "do not fill one batch of 2 x 64" in capsys.readouterr().err  # it was read
 
 
+def test_a_config_path_in_a_folder_named_tilde_beside_it_is_not_the_home_folder(
+    tmp_path, monkeypatch
+):
+    """A --config in the working directory whose run.corpus or row list is './~/x' (a folder
+    named ``~`` beside the YAML) was joined as Path('.') / './~/x', the text '~/x', which the
+    corpus reader and the store config read in the home folder; it is the folder beside it."""
+    home, cwd = tmp_path / "home", tmp_path / "cwd"
+    (cwd / "~").mkdir(parents=True)
+    home.mkdir()
+    (cwd / "~" / "small.txt").write_text("the hot rows repeat. " * 10)
+    (cwd / "demo.yaml").write_text(
+        "run: {corpus: [./~/small.txt]}\ntiers: {hot: {preload_rows: ./~/hot.npy}}\n"
+    )
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(cwd)
+    args = [a for a in TINY_ARGS if "json" not in a and a != "--corpus"]
+    settings = demo_settings(_parse([*args, "--config", "demo.yaml"]))
+    files = resolve_corpus(settings["run"]["corpus"]).files
+    assert [f.resolve() for f in files] == [cwd / "~" / "small.txt"]
+    config = StoreConfig.from_dict(
+        {"table": {"path": "t.npy"}, "tiers": settings["tiers"]}, base_dir=cwd
+    )
+    assert config.tiers.hot.preload_rows == str(cwd / "~" / "hot.npy")
+
+
 def test_files_the_demo_cannot_read_as_text_are_named(tmp_path, capsys):
     # a binary and a latin-1 file in --corpus were dropped without a word
     corpus = tmp_path / "corpus"

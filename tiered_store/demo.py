@@ -435,7 +435,7 @@ def _relative_to(folder: Path, data: dict[str, Any]) -> dict[str, Any]:
         if not isinstance(text, str):
             return text  # DemoConfig names what is wrong with it
         text = os.path.expanduser(text)
-        return text if os.path.isabs(text) else str(folder / text)
+        return text if os.path.isabs(text) else os.path.join(folder, text)  # ('./~' kept)
 
     run = data.get("run") or {}
     if isinstance(run.get("corpus"), list):
