@@ -190,10 +190,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     finally:
         if not args.keep and args.work_dir is None:
             shutil.rmtree(work, ignore_errors=True)
-    text = json_text(out, indent=2)
-    print(text)
-    if args.out:
+    if args.out:  # first: a reader of stdout that left (| head) ends the run where it prints
         wrote(write_json(args.out, out))
+    print(json_text(out, indent=2))
     if args.keep or args.work_dir:
         print(f"analysis output: {work}", file=sys.stderr)
     return out

@@ -431,10 +431,9 @@ def main(argv=None) -> int:
     report["command"] = public_command(
         "bench/bench_distributed.py", sys.argv[1:] if argv is None else argv
     )
-    text = json_text(report, indent=1)
-    print(text)
-    if args.out:
+    if args.out:  # first: a reader of stdout that left (| head) ends the run where it prints
         wrote(write_json(args.out, report, indent=1))
+    print(json_text(report, indent=1))
     print_table(report)
     return 0
 

@@ -442,10 +442,9 @@ def main(argv=None) -> int:
         },
         "rounds": rounds,
     }
-    text = json_text(report, indent=2)
-    print(text)
-    if args.out:
+    if args.out:  # first: a reader of stdout that left (| head) ends the run where it prints
         wrote(write_json(args.out, report))
+    print(json_text(report, indent=2))
     print_table(report, file=sys.stderr)
     say_kept(paths.values())
     return 0

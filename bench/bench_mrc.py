@@ -234,10 +234,9 @@ def main(argv: list[str] | None = None) -> dict:
     rss.stop()
     memory["process_peak_mib"] = _mib(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     result["memory"] = memory
-    text = json_text(result, indent=1)
-    print(text)
-    if args.out:
+    if args.out:  # first: a reader of stdout that left (| head) ends the run where it prints
         wrote(write_json(args.out, result, indent=1))
+    print(json_text(result, indent=1))
     return result
 
 

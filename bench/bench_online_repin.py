@@ -627,9 +627,9 @@ def main(argv=None) -> int:
                 ),
                 flush=True,
             )
-    print(json_text(result, indent=2))
-    if args.out:
+    if args.out:  # first: a reader of stdout that left (| head) ends the run where it prints
         wrote(write_json(args.out, result))
+    print(json_text(result, indent=2))
     return 0
 
 

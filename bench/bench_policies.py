@@ -230,10 +230,10 @@ def main(argv=None) -> int:
             if args.keep:
                 print(f"work directory kept: {work}", flush=True)
     result = summarise(args, **measured)
-    print(json_text(result, indent=2))
-    if args.out:
+    if args.out:  # first: a reader of stdout that left (| head) ends the run where it prints
         wrote(write_json(args.out, result))
         wrote(plot_results(result, Path(args.out).with_suffix(".png")))
+    print(json_text(result, indent=2))
     return 0
 
 

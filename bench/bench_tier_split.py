@@ -97,10 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     doc["command"] = public_command(
         "bench/bench_tier_split.py", sys.argv[1:] if argv is None else argv
     )
-    text = json_text(doc, indent=2)
-    print(text)
-    if args.out:
+    if args.out:  # first: a reader of stdout that left (| head) ends the run where it prints
         wrote(write_json(args.out, doc))
+    print(json_text(doc, indent=2))
     return 0
 
 

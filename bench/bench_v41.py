@@ -834,9 +834,9 @@ def main(argv=None) -> int:
             for store in group.values():
                 store.close()
     report["targets"] = targets(report)
-    print(json_text(report, indent=2))  # NaN as null, NumPy scalars as numbers
-    if args.out:
+    if args.out:  # first: a reader of stdout that left (| head) ends the run where it prints
         wrote(write_json(args.out, report))
+    print(json_text(report, indent=2))  # NaN as null, NumPy scalars as numbers
     print_summary(report)
     say_kept(path for group in paths.values() for path in group.values())
     return 0

@@ -4,6 +4,7 @@ its per-table figures add up, and it deletes or keeps its analysis folder as --h
 from __future__ import annotations
 
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -134,6 +135,30 @@ def test_a_work_dir_that_cannot_be_a_folder_is_named_as_work_dir(tmp_path):
         assert error.startswith("bench_analyze.py: error: argument --work-dir: '"), error
         assert why in error and "--out" not in error, error
     assert blocker.read_text() == "" and not (tmp_path / "typo").exists()
+
+
+def test_the_out_report_is_written_when_the_reader_of_stdout_left(tmp_path):
+    """``bench_analyze.py --out r.json | head -1``: the report printed first, into the pipe whose
+    reader had left, and the script ended there (141, as SIGPIPE's), the --out file the run was
+    for never written; it is written first, and the run still ends as into a closed pipe."""
+    out = tmp_path / "analyze.json"
+    (tmp_path / "tmp").mkdir()
+    read, write = os.pipe()
+    os.close(read)  # the reader left before the report was printed
+    args = ["--max-tokens", "40000", "--no-belady", "--workers", "1", "--out", str(out)]
+    done = subprocess.run(
+        [sys.executable, ROOT / "bench" / "bench_analyze.py", *args],
+        stdout=write,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=subprocess_env({"TMPDIR": str(tmp_path / "tmp")}),
+        cwd=ROOT,
+        timeout=600,
+    )
+    os.close(write)
+    assert done.returncode == 141, done.stderr[-3000:]
+    assert json.loads(out.read_text())["benchmark"] == "analyze"
+    assert f"wrote {out}" in done.stderr and "Traceback" not in done.stderr
 
 
 def test_a_failing_write_in_the_temporary_work_folder_names_no_work_dir(tmp_path):
