@@ -60,7 +60,8 @@ def run_script(main: Callable[[], Any], name: str | None = None) -> int:
     runs); 141, as a process SIGPIPE kills, without a word, when the reader of its stdout or
     stderr stopped reading (``| head -1``, ``2>&1 | head -1``; another pipe of its own broken,
     a worker's, is an error as any other). ``name``: the script's file
-    name unless given. With no stderr (closed: ``2>&-``), what would go there is dropped:
+    name unless given. With no stdout (``>&-``), what would go there is dropped, as print
+    drops it. With no stderr (closed: ``2>&-``), what would go there is dropped:
     ``print(file=sys.stderr)`` would print it on stdout, into the report a script prints there."""
     script = name or os.path.basename(sys.argv[0]) or "bench"
     if sys.stderr is None:  # Python's stderr when its file descriptor 2 is closed
@@ -69,7 +70,8 @@ def run_script(main: Callable[[], Any], name: str | None = None) -> int:
         try:
             with interrupt_on_sigterm():  # so cleanup runs: no work folder or half a file left
                 code = main()
-            sys.stdout.flush()  # a closed pipe shows here, not as an error at exit
+            if sys.stdout is not None:  # (None: its descriptor 1 closed, what print drops)
+                sys.stdout.flush()  # a closed pipe shows here, not as an error at exit
         except TieredStoreError as exc:
             print(f"{script}: error: {error_text(exc)}", file=sys.stderr)
             return 2
