@@ -872,7 +872,8 @@ def unchanged_shard_update_worker(
     """Every rank: training steps in which the row on rank 0's shard gets a zero gradient (fresh
     Adam state: the step leaves it as it was) and rank 1's shard write fails before it applies
     (the test's OSError): rank 0's write going through (step 1), then failing too (step 1
-    again); then the step with no failure; after each, what a lookup does."""
+    again); then the step with no failure; then step 2, rank 0's write failing, rank 1's going
+    through (and its warnings); after each, what a lookup does."""
     _join_group(rank, world, port)
     result: dict[str, Any] = {}
     try:
@@ -899,6 +900,15 @@ def unchanged_shard_update_worker(
                     result[f"{name} lookup"] = table.lookup(ids).tolist()
             except Exception as exc:  # noqa: BLE001 (recorded for the test)
                 result[f"{name} lookup"] = f"{type(exc).__name__}: {exc}"
+        table.lookup(ids).mul(unchanged).sum().backward()
+        if rank == 0:  # its row the step leaves as it was; rank 1's is written
+            shard.write = failing
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result["rank 0 failed"] = table.step(2)
+        result["rank 0 failed warned"] = [str(w.message) for w in caught]
+        with torch.no_grad():
+            result["rank 0 failed lookup"] = table.lookup(ids).tolist()
         table.close()
         dist_destroy()
     except BaseException:

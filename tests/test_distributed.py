@@ -1820,7 +1820,9 @@ def test_a_shard_the_step_leaves_as_it_was_is_not_read_as_one_that_took_it(tmp_p
     took the step (written, or its failed write looked up), so rank 1's lost write left the
     store refusing every call, "the shards a step apart", the gradients dropped, when no shard
     differed from before. Such a shard counts for neither: the step is refused on every rank
-    with the gradients kept, and the retry applies it."""
+    with the gradients kept, and the retry applies it. Its failed write beside a shard that
+    wrote was warned of as one that "raised after it applied"; it says the step left it as it
+    was."""
     from tests.distributed_support import unchanged_shard_update_worker
 
     results = _on_two_trainable_row_shards(tmp_path, unchanged_shard_update_worker)
@@ -1832,6 +1834,11 @@ def test_a_shard_the_step_leaves_as_it_was_is_not_read_as_one_that_took_it(tmp_p
         assert result["none"] == 1, result  # the gradients kept: rank 1's row steps
         assert result["none lookup"][0] == result["both failed lookup"][0], result
         assert result["none lookup"][1] != result["both failed lookup"][1], result
+        # rank 0's write failed where its rows stay as they were: no "raised after it applied"
+        assert result["rank 0 failed"] == 1, result  # the step is made on every shard
+        assert [w for w in result["rank 0 failed warned"] if "update_rows" in w] == [f"rank {rank}: sharded update_rows: a shard's write raised where the step left it as it was (rank 0: OSError: no space left on device (the test's)); every shard holds the step: the next commit makes it durable"], result  # fmt: skip
+        assert result["rank 0 failed lookup"][0] == result["none lookup"][0], result
+        assert result["rank 0 failed lookup"][1] != result["none lookup"][1], result
 
 
 def test_a_non_finite_gradient_on_one_rank_is_refused_on_all_before_any_shard_steps(tmp_path):

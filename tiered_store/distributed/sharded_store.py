@@ -1157,12 +1157,22 @@ class ShardedStore:
         lacks = [r for r, (_, held) in enumerate(outcomes) if held in (_LOST, _UNKNOWN)]
         unknown = [r for r, (_, held) in enumerate(outcomes) if held == _UNKNOWN]
         if not lacks:  # the round did what it is for: the step is made on every shard
-            failed = "; ".join(f"rank {r}: {e}" for r, e in enumerate(errors) if e is not None)
-            if failed:
+            said = []
+            for how, left in (
+                ("after it applied", False),
+                ("where the step left it as it was", True),
+            ):
+                failed = "; ".join(
+                    f"rank {r}: {e}"
+                    for r, (e, held) in enumerate(outcomes)
+                    if e is not None and (held is None) == left
+                )
+                if failed:
+                    said.append(f"a shard's write raised {how} ({failed})")
+            if said:
                 warn_at_caller(
-                    f"rank {self.rank}: sharded update_rows: a shard's write raised after it "
-                    f"applied ({failed}); every shard holds the step: the next commit makes it "
-                    "durable",
+                    f"rank {self.rank}: sharded update_rows: {'; '.join(said)}; every shard "
+                    "holds the step: the next commit makes it durable",
                     RuntimeWarning,
                 )
             return
