@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import socket
+import threading
 import time
 import traceback
 import warnings
@@ -860,6 +861,45 @@ def failed_update_write_worker(rank: int, world: int, port: int, trainable: str,
             result["reopened"] = reopened.lookup(ids).tolist()
         result["reopened step"] = reopened.store.committed_step
         reopened.close()
+        dist_destroy()
+    except BaseException:
+        result["crash"] = traceback.format_exc()
+    _report(out, rank, result)
+
+
+def interrupted_update_worker(rank: int, world: int, port: int, trainable: str, out: Path) -> None:
+    """Every rank: a training step whose write goes through on rank 0's shard and fails on rank
+    1's (the test's OSError), rank 0 interrupted (Ctrl-C) while it waits for the round; once
+    the round is over, what the step and a lookup did on each rank."""
+    _join_group(rank, world, port)
+    result: dict[str, Any] = {}
+    try:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        table = _adam_over_row_shards(trainable, world)
+        ids = torch.tensor([1, TRAIN_ROWS - 2])  # one row on each rank's shard
+        shard = table.store.local
+        real = shard.write
+
+        def write(*args: Any, **kwargs: Any) -> None:
+            shard.write = real
+            if rank == 1:
+                raise OSError(28, "no space left on device (the test's)")
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)  # a Ctrl-C
+            real(*args, **kwargs)
+
+        shard.write = write
+        table.lookup(ids).sum().backward()
+        try:
+            result["step"] = table.step(1)
+        except BaseException as exc:  # noqa: BLE001 (recorded for the test: KeyboardInterrupt)
+            result["step"] = f"{type(exc).__name__}: {exc}"
+        table.store._thread.submit(lambda: None).result(timeout=30)  # the round is over
+        try:
+            with torch.no_grad():
+                result["lookup"] = table.lookup(ids).tolist()
+        except Exception as exc:  # noqa: BLE001 (recorded for the test)
+            result["lookup"] = f"{type(exc).__name__}: {exc}"
+        table.close()
         dist_destroy()
     except BaseException:
         result["crash"] = traceback.format_exc()

@@ -1814,6 +1814,20 @@ def test_a_training_step_whose_write_failed_on_a_shard_says_where_it_applied(tmp
         assert result["reopened step"] == 2, result
 
 
+def test_a_rank_interrupted_during_a_torn_update_round_refuses_further_calls_too(tmp_path):
+    """Rank 0, interrupted (Ctrl-C) while it waited for an update round that applied on its
+    shard and not on rank 1's, never recorded the shards a step apart: rank 1 refused every
+    further call, rank 0 went on (its next lookup waited for rank 1 and failed naming it). The
+    round itself records it, so rank 0 refuses further calls as rank 1 does."""
+    from tests.distributed_support import interrupted_update_worker
+
+    results = _on_two_trainable_row_shards(tmp_path, interrupted_update_worker)
+    assert results[0]["step"] == "KeyboardInterrupt: ", results
+    assert results[1]["step"].startswith("TierIOError: [Errno 5] rank 1: sharded update_rows failed on 1 of 2 rank(s): rank 1: OSError"), results  # fmt: skip
+    for rank, result in enumerate(results):
+        assert result["lookup"].startswith(f"TierIOError: [Errno 5] rank {rank}: this sharded store refuses further calls: an update_rows round: the step applied on the shards of rank 0 and not on those of rank 1"), results  # fmt: skip
+
+
 def test_a_shard_the_step_leaves_as_it_was_is_not_read_as_one_that_took_it(tmp_path):
     """A row with a zero gradient under fresh Adam state is the same after the step: a shard
     holding only such rows holds the step and the row before alike. It was read as one that

@@ -423,8 +423,9 @@ class ShardedStore:
         A shard whose write fails looks its rows up: when none wrote, every rank raises
         ``UpdateRefusedError`` (no row changed); when every shard holds the step all the same,
         every rank warns and returns; when some shards hold it and some do not, every rank raises
-        ``TierIOError`` naming them, and the store refuses every further call until every rank
-        closes it without committing and reopens it (each shard at its last commit). A shard
+        ``TierIOError`` naming them, and the store refuses every further call (a rank interrupted
+        meanwhile too) until every rank closes it without committing and reopens it (each shard
+        at its last commit). A shard
         whose rows the step leaves as they were (a zero gradient) counts for neither.
 
         ``skip``: this rank's gradients overflowed under a ``GradScaler`` (``ids`` and ``grads``
@@ -1122,7 +1123,9 @@ class ShardedStore:
 
         error = self._local_error(write)
         held = self._holds(unique, *new_rows, wrote=error is None) if new_rows else None
-        return unique.numel(), self._all_gather((error, held))
+        outcomes = self._all_gather((error, held))
+        self._record_torn(outcomes)  # in the round: a caller interrupted meanwhile records it too
+        return unique.numel(), outcomes
 
     def _holds(
         self, local_ids: torch.Tensor, rows: torch.Tensor, before: torch.Tensor, *, wrote: bool
@@ -1185,6 +1188,23 @@ class ShardedStore:
                 "all, and none applied): nothing was updated on any shard; step again with the "
                 "gradients kept",
             )
+        apart = self._record_torn(outcomes)
+        self._raise_failed(
+            "update_rows",
+            errors,
+            then=f"{apart}: no retry mends that in place (the step would apply twice where it "
+            "was written), so this store refuses every further call; close every rank's store "
+            "without committing and reopen it (each shard reopens at its last commit)",
+        )
+
+    def _record_torn(self, outcomes: list[tuple[str | None, str | None]]) -> str | None:
+        """Where an update round's step applied when some shards hold it and others may not
+        (this store then refuses every further call), or None."""
+        wrote = [r for r, (_, held) in enumerate(outcomes) if held == _WROTE]
+        lacks = [r for r, (_, held) in enumerate(outcomes) if held in (_LOST, _UNKNOWN)]
+        unknown = [r for r, (_, held) in enumerate(outcomes) if held == _UNKNOWN]
+        if not lacks or not (wrote or unknown):
+            return None
         partly = f" ({_ranks(unknown)}: partly, or its lookup failed)" if unknown else ""
         apart = (
             f"the step applied on the shards of {_ranks(wrote) if wrote else 'no rank'} and not "
@@ -1196,13 +1216,7 @@ class ShardedStore:
             "reopens at its last commit, every write since dropped; training resumes from "
             "committed_step)"
         )
-        self._raise_failed(
-            "update_rows",
-            errors,
-            then=f"{apart}: no retry mends that in place (the step would apply twice where it "
-            "was written), so this store refuses every further call; close every rank's store "
-            "without committing and reopen it (each shard reopens at its last commit)",
-        )
+        return apart
 
     def _finite_update(
         self, local_ids: torch.Tensor, current: torch.Tensor, rows: torch.Tensor, dim: int
