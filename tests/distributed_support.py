@@ -989,9 +989,13 @@ def nonfinite_gradient_worker(
     _report(out, rank, result)
 
 
-def stored_nan_step_worker(rank: int, world: int, port: int, trainable: str, out: Path) -> None:
-    """Every rank: a training step over one row of each shard, finite gradients, whose row on
-    rank 1's shard holds a NaN as stored (the test put it there); the error and the rows after."""
+def stored_nan_step_worker(
+    rank: int, world: int, port: int, trainable: str, out: Path, squared: bool = False
+) -> None:
+    """Every rank: a training step over one row of each shard, whose row on rank 1's shard holds
+    a NaN as stored (the test put it there), the gradients finite (of a sum) or, ``squared``,
+    each one NaN (of the sum squared, as a model's loss makes them); the error and the rows
+    after."""
     _join_group(rank, world, port)
     result: dict[str, Any] = {}
     try:
@@ -999,7 +1003,7 @@ def stored_nan_step_worker(rank: int, world: int, port: int, trainable: str, out
         ids = torch.tensor([1, TRAIN_ROWS - 2])  # one row on each rank's shard
         with torch.no_grad():
             before = table.lookup(ids)
-        table.lookup(ids).sum().backward()
+        (table.lookup(ids).sum() ** (2 if squared else 1)).backward()
         try:
             table.step(2)  # the shards' commit is step 1
         except Exception as exc:  # noqa: BLE001 (recorded for the test)

@@ -1918,11 +1918,14 @@ def test_an_optimizer_update_overflowing_on_one_shard_is_refused_on_all_before_a
     assert [r["retried"] for r in results] == [1, 1]  # rank 1's row, on rank 1's gradient
 
 
-def test_a_step_over_a_stored_row_that_is_not_finite_on_a_shard_names_the_row(tmp_path):
+@pytest.mark.parametrize("squared", [False, True])
+def test_a_step_over_a_stored_row_that_is_not_finite_on_a_shard_names_the_row(tmp_path, squared):
     """A row on rank 1's shard holding a NaN as stored (a delta an older, unchecked writer left):
     a step with finite gradients blamed them ("its weights or optimizer state overflow float32:
-    a gradient too large"). It names the row as stored, where its NaN is, on every rank, and no
-    shard changes (as the unsharded step does)."""
+    a gradient too large"); and where its NaN, looked up, made every gradient NaN (squared: as
+    a model's loss does), each rank blamed its own NaN gradients ("grads: the gradient of row 1
+    holds a non-finite value"). It names the row as stored, where its NaN is, on every rank,
+    and no shard changes (as the unsharded step does)."""
     from tests.distributed_support import make_trainable, stored_nan_step_worker
     from tiered_store.delta.row_delta import RowDelta, delta_path
 
@@ -1939,7 +1942,7 @@ def test_a_step_over_a_stored_row_that_is_not_finite_on_a_shard_names_the_row(tm
         delta.close()
     out = tmp_path / "out"
     out.mkdir()
-    codes = run_ranks(stored_nan_step_worker, 2, (str(trainable), out), 60)
+    codes = run_ranks(stored_nan_step_worker, 2, (str(trainable), out, squared), 60)
     results = _results(out, 2)
     assert codes == [0, 0] and not any("crash" in r for r in results), results
     for rank, result in enumerate(results):

@@ -417,7 +417,8 @@ class ShardedStore:
         where it is not ``step``: each owner applies its own ``update`` to the rows it holds)
         (else every rank raises ``StepMismatchError``, naming the ranks, and
         no row changes); a non-finite gradient is refused likewise (``RowDataError`` on its
-        rank), and an update that is not finite on any shard (``RowDataError`` on every rank,
+        rank; on every rank, naming the row, where a row as stored among those it updates is
+        not finite), and an update that is not finite on any shard (``RowDataError`` on every rank,
         before any shard writes). Returns how many rows this rank updated.
 
         A shard whose write fails looks its rows up: when none wrote, every rank raises
@@ -460,10 +461,13 @@ class ShardedStore:
                     f"grads: {grads.dtype} of shape {tuple(grads.shape)}; expected floating-point "
                     f"[{flat.numel()}, width], one row per id, width >= 1"
                 )
-            pos = first_non_finite_row(grads)  # else one shard fails, the others step
+            # refused on every rank in the round, once the owners named a row as stored whose
+            # NaN (looked up, it makes a model's every gradient NaN) is behind it
+            nonfinite = None
+            pos = first_non_finite_row(grads)
             if pos is not None:
                 value = grads[pos][~torch.isfinite(grads[pos])][0].item()
-                raise RowDataError(
+                nonfinite = (
                     f"grads: the gradient of row {int(flat[pos])} holds a non-finite value "
                     f"({value}); expected finite gradients (no shard's rows changed)"
                 )
@@ -472,7 +476,8 @@ class ShardedStore:
             raise
         grads = grads.to("cpu", torch.float32)
         updated, outcomes = self._wait(
-            self._thread.submit(self._update_round, flat, grads, update, step), "update_rows"
+            self._thread.submit(self._update_round, flat, grads, update, step, False, nonfinite),
+            "update_rows",
         )
         self._raise_failed_update(outcomes)
         return updated
@@ -1070,19 +1075,24 @@ class ShardedStore:
         update: Callable,
         step: int | None,
         skip: bool = False,
+        nonfinite: str | None = None,
     ) -> tuple[int | None, list[str | None]]:
         """Agree on the gradients' width and the step, route the gradients, sum them per row,
-        apply ``update`` to this shard's rows; when any rank skips, nothing (None rows)."""
+        apply ``update`` to this shard's rows; when any rank skips, nothing (None rows). When
+        any rank's gradients are not finite (``nonfinite``: why), every rank raises, naming a
+        row as stored that is not finite first (its NaN, looked up, made them)."""
         self._heartbeat.enter("update")
         # the width from the shape: [n, 0] gradients are refused before, never read as "none"
-        asked = self._all_gather((grads.shape[1] if len(grads) else None, step, skip))
-        refused = _disagreeing([(width, s) for width, s, _ in asked])
+        asked = self._all_gather((grads.shape[1] if len(grads) else None, step, skip, nonfinite))
+        refused = _disagreeing([(width, s) for width, s, _, _ in asked])
         if any(refused):  # raised on every rank: they stay in step
             named = "; ".join(f"rank {r}: {why}" for r, why in enumerate(refused) if why)
             raise StepMismatchError(
                 f"rank {self.rank}: update_rows: {named}; nothing was updated on any shard"
             )
-        if any(skipped for _, _, skipped in asked):  # a rank's gradients overflowed
+        bad = [why for *_, why in asked]
+        if any(skipped for _, _, skipped, _ in asked):  # a rank's gradients overflowed
+            self._refuse_nonfinite(bad)  # as refused input: no rank skips
             return None, [(None, None)] * self.world
         order = torch.argsort(ids, stable=True)  # grouped by owner
         local_ids, received = self._route(ids[order], grads[order])
@@ -1095,6 +1105,9 @@ class ShardedStore:
         def compute() -> None:
             if unique.numel():
                 current = self.local.lookup(unique)
+                if any(bad):  # no update: a row as stored behind the NaN gradients is named
+                    self._finite_stored(unique, current, summed.shape[1])
+                    return
                 rows = update(current, summed.to(current))
                 new_rows.append(self._finite_update(unique, current, rows, summed.shape[1]))
                 new_rows.append(current)
@@ -1116,6 +1129,7 @@ class ShardedStore:
                 UpdateRefusedError,
                 then="nothing was updated on any shard",
             )
+        self._refuse_nonfinite(bad)
 
         def write() -> None:
             if new_rows:
@@ -1226,16 +1240,38 @@ class ShardedStore:
         not finite, and why: its row as stored, or the update itself."""
         first = first_non_finite_row(rows)
         if first is not None:
+            self._finite_stored(local_ids, current, dim)
             row = int(local_ids[first]) + int(self._starts[self.rank])
-            fault = stored_row_fault(row, current[first], dim)
-            if fault is not None:  # written past the store's checks, or damaged
-                raise RowDataError(f"{fault} (restore the shard, or write the row anew)")
             raise RowDataError(
                 f"the update of row {row} is not finite (its weights or optimizer state overflow "
                 f"{str(rows.dtype).removeprefix('torch.')}: a gradient too large); expected "
                 "finite rows"
             )
         return rows
+
+    def _refuse_nonfinite(self, bad: list[str | None]) -> None:
+        """When any rank's gradients of an update round are not finite (``bad``: why, per rank),
+        raise: ``RowDataError`` on those ranks, ``StepMismatchError`` naming them elsewhere."""
+        if bad[self.rank] is not None:
+            raise RowDataError(bad[self.rank])
+        named = "; ".join(
+            f"rank {r}: its gradients or step were refused there (see its own error)"
+            for r, why in enumerate(bad)
+            if why is not None
+        )
+        if named:  # the caller keeps its gradients
+            raise StepMismatchError(
+                f"rank {self.rank}: update_rows: {named}; nothing was updated on any shard"
+            )
+
+    def _finite_stored(self, local_ids: torch.Tensor, current: torch.Tensor, dim: int) -> None:
+        """``RowDataError`` naming the first of this shard's ``local_ids`` whose row as stored
+        (``current``, ``dim`` weights each) is not finite: written past the store's checks."""
+        first = first_non_finite_row(current)
+        if first is not None:
+            row = int(local_ids[first]) + int(self._starts[self.rank])
+            fault = stored_row_fault(row, current[first], dim)
+            raise RowDataError(f"{fault} (restore the shard, or write the row anew)")
 
     def _local_error(self, fn: Callable, *args: Any) -> str | None:
         """Run this rank's part; its error as text (to tell every rank), or None: any error, so
