@@ -1620,3 +1620,34 @@ def test_a_batch_a_tier_missed_is_made_up_for_by_the_requests_release(tmp_path, 
             assert held.numel() > 0
             assert bool((cache._next_use[held] == NOT_QUEUED).all()), cache.name
             check_cache_invariants(cache)
+
+
+def test_a_batch_served_interrupted_before_its_news_is_made_up_for_by_the_release(tmp_path):
+    """``served`` finishes the batch's pairs in the queue, then posts the news the tiers learn
+    them from; a Ctrl-C between the two (raised as the compiled pass returns) left the tiers
+    untold, and the release moves only the rows with lookups left: the batch's rows waited in
+    both tiers for a request gone, for good. The release of such a request tells every row of
+    it, as for a batch whose news a tier dropped."""
+    path, data = make_table(tmp_path, rows=400)
+    with TieredStore(store_config(path, hot={"capacity": 20}, warm={"capacity": 60})) as store:
+        store.lookup(torch.arange(60))
+        request = store.announce(torch.arange(40))
+        store.lookup(torch.arange(40, 45))  # the announce told
+        post = store._lock.post
+
+        def interrupted(*args, **kwargs):
+            store._lock.post = post
+            raise KeyboardInterrupt
+
+        store._lock.post = interrupted
+        with pytest.raises(KeyboardInterrupt):
+            store.served(request, torch.arange(40))  # every lookup of it: its rows finished
+        assert store._lock.post == post
+        store.release(request)
+        assert torch.equal(store.lookup(torch.arange(40, 45)), data[40:45])
+        assert len(store.caches.queue) == 0
+        for cache in (store.hot, store.warm):
+            held = torch.nonzero(cache.row_of_slot >= 0).squeeze(1)
+            assert held.numel() > 0
+            assert bool((cache._next_use[held] == NOT_QUEUED).all()), cache.name
+            check_cache_invariants(cache)

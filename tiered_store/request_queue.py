@@ -44,8 +44,9 @@ class QueuedRequest:
     # ``pairs_version`` (found at its first batch served since they were replaced)
     pair_at: np.ndarray | None = field(default=None, repr=False)
     pairs_version: int = field(default=-1, repr=False)
-    # a tier missed the news of a batch served (dropped, ``StoreLock``): its finished rows there
-    # still wait for it, so its release tells every row of it, not only those it had left
+    # a tier missed the news of a batch served (dropped, ``StoreLock``; or never posted, a Ctrl-C
+    # in ``TieredStore.served``): its finished rows there still wait for it, so its release tells
+    # every row of it, not only those it had left
     missed_batch: bool = field(default=False, repr=False)
 
 

@@ -45,7 +45,7 @@ from .integers import bool_among
 from .latency import LatencyHistogram
 from .prefetch import Prefetcher, PrefetchHandle, PrefetchHandleError
 from .quantization import dequantize_rows
-from .request_queue import QueuedRequest
+from .request_queue import QueuedRequest, QueuedRequestError
 from .row_cache import RowCache, most_valuable_first, pinned_rows_of
 from .slot_pool import SlotPool
 from .stats import hit_ratio
@@ -386,8 +386,14 @@ class TieredStore:
             return
         flat = self._in_table(self._checked_flat(as_id_tensor(ids)))
         with self._releasing:  # in queue order with the releases
-            moved = self.caches.queue.served(request, flat)  # its own lock, as a release's
-            self._lock.post(request, moved, gone=False)
+            try:
+                moved = self.caches.queue.served(request, flat)  # its own lock, as a release's
+                self._lock.post(request, moved, gone=False)
+            except BaseException as exc:  # (a Ctrl-C as the pass returns) its pairs finished,
+                # perhaps, with no news posted: its release tells the tiers every row of it
+                if isinstance(request, QueuedRequest) and not isinstance(exc, QueuedRequestError):
+                    request.missed_batch = True
+                raise
         self._lock.tell_if_free()
 
     # -- the write interface ---------------------------------------------------------------------
