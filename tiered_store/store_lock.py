@@ -209,10 +209,15 @@ class StoreLock:
                 if not news.gone:  # the request's release makes up for the batch
                     news.request.missed_batch = True
                 what = "announce" if news.moved is None else "release" if news.gone else "batch"
+                then = (
+                    "that tier ranks its victims without it"
+                    if news.gone
+                    else "its release tells that tier every row of the request"
+                )
                 warn_at_caller(
                     f"request queue: telling the {news.untold[0].name} tier of a request's "
                     f"{what} failed {news.failures} times ({type(exc).__name__}: {exc}); "
-                    "dropped: that tier ranks its victims without it",
+                    f"dropped: {then}",
                     RuntimeWarning,
                 )
                 return False
