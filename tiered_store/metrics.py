@@ -290,7 +290,8 @@ METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
         "counter",
         ("table",),
         "Announced, served or released requests a cache tier was never told of, dropped after repeated "
-        "failures (the tier ranks its victims without them).",
+        "failures (the tier ranks its victims without them; a batch's is made up for by its "
+        "request's release).",
     ),
     "tiered_store_verifications_total": (
         "counter",
