@@ -580,6 +580,31 @@ def test_a_checkpoint_value_that_is_no_tensor_is_named_before_anything_loads(mod
     model.load_state_dict({**state, "layers.1.engram.note": 3}, strict=False)
 
 
+def test_convert_checkpoint_names_a_value_that_is_no_tensor_before_any_file(model, tmp_path):
+    """convert_checkpoint of a state_dict holding a list raised AttributeError reading its
+    .shape, and a NumPy array for a dense key AttributeError ('detach') after the table files
+    were written (a folder of tables and no dense file). A ConfigError names the key, what it
+    holds and the tensor expected, before any file; a table key may hold a NumPy array, which
+    create_table writes as a tensor."""
+    state = model.state_dict()
+    table = f"layers.1.engram.{EMBEDDING_KEY}"
+    for key, value, holds in (
+        ("final_norm.weight", state["final_norm.weight"].numpy(), "ndarray"),
+        ("final_norm.weight", state["final_norm.weight"].tolist(), "list"),
+        (table, state[table].tolist(), "list"),
+    ):
+        out = tmp_path / holds
+        with pytest.raises(
+            ConfigError,
+            match=rf"^{re.escape(key)}: the checkpoint holds a {holds}; expected a torch\.Tensor "
+            rf"of shape \[{len(value)}",
+        ):
+            convert_checkpoint({**state, key: value}, model.config, out)
+        assert not out.exists()
+    converted = convert_checkpoint({**state, table: state[table].numpy()}, model.config, out)
+    assert torch.equal(load_table_in_memory(converted.table_paths[1]).weight, state[table])
+
+
 def test_config_errors(config, hasher, converted):
     with pytest.raises(ConfigError, match="num_attention_heads: expected a divisor"):
         ModelConfig.from_dict({**TINY, "transformer": {"num_attention_heads": 5}})

@@ -58,7 +58,7 @@ from .config import (  # noqa: F401  (EngramConfig: doctest examples)
 from .hashing import NgramHasher, hasher_for
 from .layout import layout_error, table_metadata
 from .model import EngramLM, ModelConfig, expected_shapes
-from .module import EMBEDDING_KEY, REFERENCE_KEY, is_engram_module_key
+from .module import EMBEDDING_KEY, REFERENCE_KEY, check_checkpoint_tensor, is_engram_module_key
 
 __all__ = [
     "DENSE_FILE",
@@ -297,8 +297,9 @@ def convert_checkpoint(
     ------
     ConfigError
         A shape disagrees with ``config`` (the key, both shapes and the config facts are named),
-        a key is unknown, or (strict) a key is missing; or ``config`` has DeepSeek-V4.1's
-        geometry (``tiered-store convert-hf`` converts those). Checked before anything is written.
+        a key is unknown, a value is no tensor (a table's may be a NumPy array), or (strict) a
+        key is missing; or ``config`` has DeepSeek-V4.1's geometry (``tiered-store convert-hf``
+        converts those). Checked before anything is written.
     TableExistsError
         ``out_dir`` holds a checkpoint (its ``dense.safetensors``, or a table file) and not
         ``overwrite``.
@@ -559,7 +560,7 @@ def load_tiered_model(
 class _Entry:
     """One checkpoint tensor: its shape now, its data (or a streaming source) on demand."""
 
-    shape: tuple[int, ...]
+    shape: tuple[int, ...] | None  # None: a value with none (a list), refused by its check
     source: Any  # a tensor, or SafetensorsSource for file-backed entries
 
     def load(self) -> torch.Tensor:
@@ -575,7 +576,9 @@ class _Entry:
 def _entries(source: str | Path | Mapping[str, torch.Tensor]) -> dict[str, _Entry]:
     """Key -> _Entry for a state_dict or a safetensors file (file tensors are not read yet)."""
     if isinstance(source, Mapping):
-        return {k: _Entry(tuple(v.shape), v) for k, v in source.items()}
+        return {
+            k: _Entry(tuple(v.shape) if hasattr(v, "shape") else None, v) for k, v in source.items()
+        }
     from safetensors import SafetensorError, safe_open
 
     path = Path(source)
@@ -592,7 +595,8 @@ def _entries(source: str | Path | Mapping[str, torch.Tensor]) -> dict[str, _Entr
 def _check_entries(
     entries: Mapping[str, _Entry], expected: Mapping[str, tuple], config: ModelConfig, strict: bool
 ) -> None:
-    """Unknown keys, wrong shapes and (strict) missing keys -> ConfigError, before any write."""
+    """Unknown keys, values that are no tensor (a table's may be an array), wrong shapes and
+    (strict) missing keys -> ConfigError, before any write."""
     for key, entry in entries.items():
         if key not in expected:
             hint = ""
@@ -600,6 +604,9 @@ def _check_entries(
             if reference and is_engram_module_key(reference.group(2)):
                 hint = " (a per-layer reference checkpoint: convert from_reference_layout(...))"
             raise ConfigError(f"{key}: not a key of this EngramLM's state_dict{hint}")
+        table = isinstance(entry.source, np.ndarray) and key.endswith(f".engram.{EMBEDDING_KEY}")
+        if not isinstance(entry.source, SafetensorsSource) and not table:  # (create_table's)
+            check_checkpoint_tensor(key, entry.source, expected[key])
         if entry.shape != expected[key]:
             bb, tc, eng = config.backbone, config.transformer, config.engram
             raise ConfigError(
