@@ -476,6 +476,19 @@ def test_a_bad_batch_is_named_by_its_index_among_the_batches(model, batches, loo
         assert len(outs) == 2
 
 
+def test_profile_rows_names_a_bad_batch_by_its_index_among_the_batches(model, batches):
+    """profile_rows refused a batch of ids that are no [B, T] of token ids as "input_ids: ...",
+    an argument it does not have, naming no batch of the stream; as run's, the errors name
+    batches[i]."""
+    for bad, error, said in (
+        (batches[2][:, :0], ConfigError, r"expected shape \[B, T\] .* got \[2, 0\]"),
+        (batches[2].float(), RowIdError, "expected integer token ids, got dtype"),
+        (None, RowIdError, "None"),
+    ):
+        with pytest.raises(error, match=r"^batches\[2\]: " + said):
+            profile_rows(model, iter([batches[0], batches[1], bad, batches[3]]))
+
+
 @pytest.mark.parametrize("lookahead", [0, 1, 2])
 def test_fetches_start_ahead_in_order(model, random_batches, lookahead):
     batches = random_batches

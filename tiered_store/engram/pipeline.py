@@ -380,7 +380,8 @@ def table_stats_delta(before: dict | None, after: dict | None) -> dict[str, dict
 
 def profile_rows(model: EngramLM, batches: Iterable[Any]) -> dict[int, np.ndarray]:
     """Each Engram layer's rows, hottest first, over ``batches`` of token ids (hashing only, no
-    forward): the warm start list for ``open_tables(..., warm_start=...)``.
+    forward): the warm start list for ``open_tables(..., warm_start=...)``; a bad batch is named
+    ``batches[i]`` from 0 in its error, as ``run`` names it.
 
     Examples
     --------
@@ -390,7 +391,7 @@ def profile_rows(model: EngramLM, batches: Iterable[Any]) -> dict[int, np.ndarra
     from ..profile import FrequencyCounter
 
     counters = {layer: FrequencyCounter(int(t.rows)) for layer, t in model.tables.items()}
-    for ids in batches:
-        for layer, rows in model.hash(ids).row_ids.items():
+    for i, ids in enumerate(batches):
+        for layer, rows in model._hash(ids, name=f"batches[{i}]").row_ids.items():
             counters[layer].update(rows.cpu().numpy())
     return {layer: counter.profile().row_ids for layer, counter in counters.items()}
