@@ -580,6 +580,18 @@ def test_a_checkpoint_value_that_is_no_tensor_is_named_before_anything_loads(mod
     model.load_state_dict({**state, "layers.1.engram.note": 3}, strict=False)
 
 
+def test_a_checkpoint_that_is_no_mapping_is_named(model):
+    """load_state_dict of a checkpoint that is no mapping (a file's path, a list of pairs, None)
+    raised AttributeError ('str' object has no attribute 'items') from the shape checks run
+    before torch's, which says 'Expected state_dict to be dict-like'; a ConfigError names what
+    was given and the mapping expected."""
+    for given, holds in (("model.safetensors", "str"), (list(model.state_dict().items()), "list")):
+        with pytest.raises(
+            ConfigError, match=rf"^state_dict: got a {holds}; expected a mapping \{{key: tensor\}}"
+        ):
+            model.load_state_dict(given)
+
+
 def test_convert_checkpoint_names_a_value_that_is_no_tensor_before_any_file(model, tmp_path):
     """convert_checkpoint of a state_dict holding a list raised AttributeError reading its
     .shape, and a NumPy array for a dense key AttributeError ('detach') after the table files

@@ -840,7 +840,12 @@ def check_state_dict(
     """Raise ConfigError naming the first key whose shape disagrees with ``model``'s config, or
     that holds no tensor (and run each Engram layer's own checks: offsets, a table key for an
     external table); ``strict``: the first key missing or unknown too (torch would copy the
-    others before raising)."""
+    others before raising). A ``state_dict`` that is no mapping is named too."""
+    if not isinstance(state_dict, Mapping):  # (torch's test of one: no .items() to read here)
+        raise ConfigError(
+            f"state_dict: got a {type(state_dict).__name__}; expected a mapping {{key: tensor}} "
+            "(safetensors.torch.load_file reads one from a file)"
+        )
     for layer_id, engram in model.engram_layers.items():
         if isinstance(engram, V41Engram):
             continue  # its parameters' shapes are checked with every other key below
