@@ -1308,6 +1308,62 @@ def test_a_ctrl_c_as_the_last_call_ends_never_loses_the_close_waiting_for_it():
     assert points >= 4 and leaked < points, said
 
 
+def test_a_close_from_a_signal_handler_inside_a_calls_count_returns():
+    """A signal handler runs where its thread happens to be: one that closes, run on the main
+    thread inside a call's enter or exit while it held the count's lock, waited for that lock
+    for good (the lock was a plain ``Lock``). Every point where CPython handles a signal in an
+    enter and an exit is given such a close in turn, in a child process: it returns True (it
+    waits for other threads' calls only), the call is refused or goes on, and no count stays."""
+    script = textwrap.dedent(
+        """
+        import faulthandler, sys
+        from tiered_store.errors import StoreClosedError
+        from tiered_store.store_lock import InFlight
+
+        faulthandler.dump_traceback_later(30, exit=True)  # a hang: the stack, and a failure
+
+        def counted(k, hits, calls, closed):
+            '''A profiler closing ``calls`` at the k-th point where CPython handles a signal
+            (a Python function's entry, the return of a call) in store_lock.py.'''
+            def profile(frame, event, arg):
+                if event not in ("call", "return", "c_return"):
+                    return
+                code = (frame.f_back if event == "call" else frame).f_code.co_filename
+                if not code.endswith("store_lock.py"):
+                    return
+                hits[0] += 1
+                if hits[0] == k:
+                    sys.setprofile(None)
+                    closed.append(calls.close())
+            return profile
+
+        k = refused = 0
+        while True:
+            k += 1
+            calls, hits, closed = InFlight(), [0], []
+            sys.setprofile(counted(k, hits, calls, closed))
+            try:
+                with calls.entered():
+                    pass
+            except StoreClosedError:
+                refused += 1
+            finally:
+                sys.setprofile(None)
+            assert closed in ([], [True]), f"point {k}: the close returned {closed}"
+            assert not calls._calls, f"point {k}: a count stayed: {calls._calls}"
+            if hits[0] < k:  # every point has been given a close once
+                break
+        print("points", k - 1, refused)
+        """
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    points, refused = map(int, proc.stdout.split()[1:])
+    assert points >= 4 and 0 < refused < points, proc.stdout
+
+
 def test_a_close_without_timeout_waits_through_its_rechecks_for_a_long_call():
     """``close()`` checks every ``CLOSE_POLL_S`` whether calls still run: without a timeout it
     returns only once a call longer than several of those has ended."""

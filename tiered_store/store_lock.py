@@ -235,14 +235,16 @@ class InFlight:
     its own (two closes at once each wait for the other's thread's calls): a Ctrl-C
     handled as a call's ``with`` is left (``__exit__`` entered, the count not yet down) leaves
     its thread counted for good, and a close by that thread (the main one, where a Ctrl-C is
-    raised) would wait for it without end. The lock is a plain ``Lock``, only ever taken by
-    ``with`` (entered and left in C), and ``close()`` checks the counts under it every
-    ``CLOSE_POLL_S`` (nothing wakes it, so no wake-up can be lost): a Ctrl-C cannot leave the
-    lock held, as it could inside a ``Condition``'s Python enter, exit and wait."""
+    raised) would wait for it without end. The lock is an ``RLock``, only ever taken by ``with``
+    (entered and left in C), and ``close()`` checks the counts under it every ``CLOSE_POLL_S``
+    (nothing wakes it, so no wake-up can be lost): a Ctrl-C cannot leave the lock held, as it
+    could inside a ``Condition``'s Python enter, exit and wait; and a signal handler's close, run
+    on a thread inside a call's enter or exit (the lock held there), takes it again rather than
+    waiting for it for good (each step under it leaves the counts whole)."""
 
     def __init__(self, refusal: Callable[[], BaseException] | None = None) -> None:
         self._refusal = refusal or _store_closed
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._calls: dict[int, int] = {}  # thread ident -> its calls under way
         self._closing = False
         self._then: tuple[int, Callable[[], None]] | None = None  # run by the last call to end
