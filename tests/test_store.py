@@ -1625,6 +1625,51 @@ def test_close_from_a_signal_handler_inside_a_lookup_is_an_error_not_a_deadlock(
     assert proc.stdout.splitlines()[-1] == "closed True", proc.stdout
 
 
+def test_close_from_a_signal_handler_inside_the_same_threads_close_returns_at_once(tmp_path):
+    """A SIGTERM handler that closes the store, run on the main thread while that thread's own
+    close was under way (a script closing at its end), waited for that close to finish: for
+    good, as it ran under the handler. In a child process, a real signal is handled at points
+    of the main thread's close (before its waits, in its save under the store's lock, as it
+    closes the files): the handler's close returns False at once (that close finishes the
+    job), and the main thread's close closes the store."""
+    path, _ = make_table(tmp_path, rows=100, dim=4)
+    script = textwrap.dedent(
+        f"""
+        import faulthandler, signal, sys
+        import torch
+        from tiered_store import TieredStore
+        from tiered_store.config import StoreConfig
+
+        faulthandler.dump_traceback_later(30, exit=True)  # a hang: the stack, and a failure
+        config = StoreConfig.from_dict(
+            {{"table": {{"path": {str(path)!r}}}, "tiers": {{"restart": {{"enabled": True}}}}}}
+        )
+        for point in ("_stop_background", "held", "_close_files"):
+            store = TieredStore(config)
+            store.lookup(torch.arange(10))
+            signal.signal(signal.SIGTERM, lambda *_: print(point, "handler", store.close()))
+
+            def signal_at(frame, event, arg):  # handled at the point's first instruction
+                if event == "call" and frame.f_code.co_name == point:
+                    sys.setprofile(None)
+                    signal.raise_signal(signal.SIGTERM)
+
+            sys.setprofile(signal_at)
+            print(point, "main", store.close(), store.closed, flush=True)
+            sys.setprofile(None)
+        """
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == [
+        line
+        for point in ("_stop_background", "held", "_close_files")
+        for line in (f"{point} handler False", f"{point} main True True")
+    ], proc.stdout + proc.stderr
+
+
 def test_a_prefetch_that_races_close_is_refused_as_the_store_closed(tmp_path):
     """close() can shut the fetch pool between a prefetch's open check and its submit: the
     prefetch is refused as a call to a closed store (a server answers 503 "closed"), not as a bad
@@ -1748,7 +1793,7 @@ def test_close_from_a_done_callback_while_another_thread_closes_does_not_deadloc
 
     def held_fetch(flat, packed):
         for _ in range(1000):  # until the other thread's close() holds its lock
-            if store._closing.locked():
+            if store._closer is not None:
                 break
             time.sleep(0.01)
         return fetch(flat, packed)

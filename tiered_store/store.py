@@ -168,7 +168,8 @@ class TieredStore:
         self.lookup_latency = LatencyHistogram()
         self._prefetcher = Prefetcher(self._fetch, config.prefetch.depth)
         self._closed = False
-        self._closing = threading.Lock()  # one close() at a time: a second waits, then returns
+        self._closing = threading.RLock()  # one close() at a time: a second waits, then returns
+        self._closer: int | None = None  # the thread whose close() holds it (a handler's, at once)
         self._save_order = threading.Lock()  # warm-restart saves: the files land in taken order
         self._saves_taken = self._saves_written = 0
         self._file_calls = InFlight()  # calls reading or writing the files: close() waits for them
@@ -748,9 +749,13 @@ class TieredStore:
         dying disk); the store is closed to new calls, and the last of those closes the files
         (no save: it needs the store's lock, which such a call may hold). Called from a fetch's
         done callback while another thread closes the store, it returns at once. Returns False
-        when it left calls under way (now or at an earlier close), or returned at once so.
-        Called on a thread holding the store's lock (a signal handler's, inside a lookup), it
-        raises RuntimeError: it would wait for that lock for good."""
+        when it left calls under way (now or at an earlier close), or returned at once so, as a
+        signal handler's close on a thread inside its own close does (that close finishes the
+        job). Called on a thread holding the store's lock (a signal handler's, inside a lookup),
+        it raises RuntimeError: it would wait for that lock for good."""
+        me = threading.get_ident()
+        if self._closer == me:  # a signal handler's, inside this thread's close (one that came
+            return False  # before this was set takes the RLock again, and closes or finds closed)
         if self._lock.held_here():
             raise RuntimeError(
                 f"close: called on a thread inside a call that holds the lock of the store of "
@@ -763,6 +768,7 @@ class TieredStore:
         if not self._closing.acquire(blocking=not self._prefetcher.on_worker()):
             return False  # that close finishes the job
         try:
+            self._closer = me
             if self._closed:
                 return not self._left_calls
             deadline = None if wait_s is None else time.monotonic() + wait_s
@@ -785,6 +791,7 @@ class TieredStore:
             self._left_calls = True
             return False
         finally:
+            self._closer = None
             self._closing.release()
 
     def _stop_background(self, deadline: float | None = None) -> None:
