@@ -1364,6 +1364,64 @@ def test_a_close_from_a_signal_handler_inside_a_calls_count_returns():
     assert points >= 4 and 0 < refused < points, proc.stdout
 
 
+@pytest.mark.parametrize(
+    ("io", "point"), [("pread", "_extract"), ("direct", "_extract"), ("uring", "_stale_readers")]
+)
+def test_a_close_from_a_signal_handler_inside_a_read_keeps_the_file_open_until_it_ends(
+    tmp_path, io, point
+):
+    """``close()`` waits for other threads' reads only: one from a signal handler run inside a
+    read of its own thread closed the descriptor under that read, which went on reading the
+    number it held; a file the handler (or any thread) opened next got that number, and the
+    read returned its bytes as the table's rows (a checksum failure, or without page checks
+    wrong rows, silently). In a child process, a real signal is handled as the read extracts
+    its first buffer: the handler closes the table and opens another file, and the read
+    returns the table's rows; the descriptor is closed once it ended. (io="uring": as the read
+    takes a ring, under the table's lock, which the close's release then waited for good.)"""
+    if io == "uring" and (reason := uring_unavailable_reason()) is not None:
+        pytest.skip(reason)
+    path, other = tmp_path / "t.npy", tmp_path / "other.npy"
+    data = np.ones((16384, 256), np.float32)  # the ids span several buffers
+    create_table(path, data, progress=False)
+    create_table(other, 2 * data, progress=False)
+    script = textwrap.dedent(
+        f"""
+        import faulthandler, os, signal, sys
+        import numpy as np
+        from tiered_store.cold_table import ColdTable
+
+        faulthandler.dump_traceback_later(30, exit=True)  # a hang: the stack, and a failure
+
+        table = ColdTable({str(path)!r}, io={io!r}, threads=1, verify_pages=False)
+        opened = []
+
+        def close_and_open(signum, frame):
+            table.close()
+            opened.append(os.open({str(other)!r}, os.O_RDONLY))  # the lowest number free
+
+        signal.signal(signal.SIGUSR1, close_and_open)
+
+        def signal_at(frame, event, arg):  # handled at the point's first instruction
+            if event == "call" and frame.f_code.co_name == {point!r}:
+                sys.setprofile(None)
+                signal.raise_signal(signal.SIGUSR1)
+
+        sys.setprofile(signal_at)
+        rows = table.read_rows(np.arange(0, 16384, 3))
+        sys.setprofile(None)
+        np.save(sys.stdout.buffer, rows.numpy())
+        print(len(opened), table._fd, file=sys.stderr)
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr.decode()
+    import io as io_module
+
+    rows = np.load(io_module.BytesIO(proc.stdout))
+    assert np.array_equal(rows, data[::3]), "the read returned another file's bytes"
+    assert proc.stderr.decode().split() == ["1", "-1"], proc.stderr.decode()
+
+
 def test_a_close_without_timeout_waits_through_its_rechecks_for_a_long_call():
     """``close()`` checks every ``CLOSE_POLL_S`` whether calls still run: without a timeout it
     returns only once a call longer than several of those has ended."""

@@ -297,10 +297,16 @@ class ColdTable:
     def close(self) -> None:
         """Refuse new reads, wait for those under way (in other threads), then stop the thread
         pool and close the file (idempotent; one interrupted while it waited, by a Ctrl-C, is
-        finished by the next)."""
+        finished by the next). A signal handler's close inside a read of its own thread leaves
+        them to that read's end: the read still uses the descriptor, whose number, once freed,
+        names the next file opened."""
         self._closed = True
         self._calls.close()
-        if self._finalizer.detach() is not None:  # the first close past the wait releases
+        self._calls.then(self._release_once, own=True)
+
+    def _release_once(self) -> None:
+        """The first close past the wait (or its own thread's read, see close) releases."""
+        if self._finalizer.detach() is not None:
             self._release()
 
     def __enter__(self) -> ColdTable:

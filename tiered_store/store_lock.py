@@ -247,7 +247,7 @@ class InFlight:
         self._lock = threading.RLock()
         self._calls: dict[int, int] = {}  # thread ident -> its calls under way
         self._closing = False
-        self._then: tuple[int, Callable[[], None]] | None = None  # run by the last call to end
+        self._then: tuple[int | None, Callable[[], None]] | None = None  # run by the last call
 
     def entered(self) -> InFlight:
         """One call's passage (``with in_flight.entered():``); ``StoreClosedError`` (or the
@@ -296,10 +296,11 @@ class InFlight:
         with self._lock:
             return self._then is not None
 
-    def then(self, action: Callable[[], None]) -> None:
+    def then(self, action: Callable[[], None], *, own: bool = False) -> None:
         """After ``close()``: run ``action`` once no call of another thread than the caller's
-        (close()'s) is under way: now, or as the last one ends."""
-        me = threading.get_ident()
+        (close()'s) is under way (``own``: nor of the caller's, a signal handler's close inside
+        one): now, or as the last one ends."""
+        me = None if own else threading.get_ident()
         with self._lock:
             if not self._closing:  # a call ending before close() would never run it
                 raise RuntimeError("InFlight.then() before close()")
@@ -308,8 +309,9 @@ class InFlight:
                 return
         action()
 
-    def _running(self, closer: int) -> bool:
-        """Whether calls of other threads than ``closer`` are under way (the lock held)."""
+    def _running(self, closer: int | None) -> bool:
+        """Whether calls of other threads than ``closer`` (None: any) are under way (the lock
+        held)."""
         return bool(self._calls.keys() - {closer})
 
 
