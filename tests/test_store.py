@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 import subprocess
@@ -1338,6 +1339,28 @@ def test_the_example_tier_configs_are_valid_and_the_pinned_one_opens(tmp_path):
         assert store.hot.pinned_count == 60_000  # the list, pinned at open
         store.lookup(torch.tensor([5, 150_000]))
         assert store.stats()["hot"]["hits"] == 1
+
+
+def test_close_wait_s_infinite_waits_and_a_bad_one_is_refused_before_anything_stops(tmp_path):
+    """``close(wait_s=math.inf)`` (wait without end) raised ``OverflowError`` from the join of
+    a background thread (a warm restart's), the store left half closed (its threads stopped,
+    its files open); NaN raised ``ValueError: Invalid value NaN`` there, and a string a
+    ``TypeError`` naming neither. An infinite wait_s (or one past what a join takes) closes as
+    None does; NaN or a non-number is refused up front, naming the value, the store open."""
+    path, _ = make_table(tmp_path, rows=100, dim=4)
+    config = store_config(path, restart={"enabled": True})
+    with TieredStore(config) as store:
+        store.lookup(torch.arange(10))  # saved at close: the next open restores in a thread
+    for bad in (math.nan, "1"):
+        store = TieredStore(config)
+        with pytest.raises(ConfigError, match=rf"close: wait_s={re.escape(repr(bad))}; expected"):
+            store.close(wait_s=bad)
+        assert not store.closed and not store._stop.is_set()  # nothing stopped
+        assert torch.equal(store.lookup(torch.arange(3)), store.cold.read_rows(np.arange(3)))
+        assert store.close()
+    for endless in (math.inf, 1e300):
+        store = TieredStore(config)
+        assert store.close(wait_s=endless) and store.closed
 
 
 def test_two_threads_closing_a_store_close_it_once(tmp_path, table):

@@ -6,6 +6,7 @@ import contextlib
 import errno
 import functools
 import math
+import numbers
 import operator
 import reprlib
 import threading
@@ -745,14 +746,24 @@ class TieredStore:
         """Finish in-flight prefetches, wait for lookups, writes and committed reads under way
         and refuse new ones, then close the table file; idempotent. With
         ``tiers.restart.enabled``, first saves which rows the tiers hold (a warning if it fails).
-        ``wait_s``: return after at most this long with calls still under way (a read hung on a
-        dying disk); the store is closed to new calls, and the last of those closes the files
-        (no save: it needs the store's lock, which such a call may hold). Called from a fetch's
+        ``wait_s``: return after at most this long (``math.inf``: no bound, as None) with calls
+        still under way (a read hung on a dying disk); the store is closed to new calls, and the
+        last of those closes the files (no save: it needs the store's lock, which such a call
+        may hold). Called from a fetch's
         done callback while another thread closes the store, it returns at once. Returns False
         when it left calls under way (now or at an earlier close), or returned at once so, as a
         signal handler's close on a thread inside its own close does (that close finishes the
         job). Called on a thread holding the store's lock (a signal handler's, inside a lookup),
         it raises RuntimeError: it would wait for that lock for good."""
+        if wait_s is not None and (
+            isinstance(wait_s, bool) or not isinstance(wait_s, numbers.Real) or math.isnan(wait_s)
+        ):
+            raise ConfigError(
+                f"close: wait_s={wait_s!r}; expected a number of seconds, or None to wait for "
+                "the calls under way to end"
+            )
+        if wait_s is not None and wait_s >= threading.TIMEOUT_MAX:  # no bound (a join's
+            wait_s = None  # timeout past it overflows)
         me = threading.get_ident()
         if self._closer == me:  # a signal handler's, inside this thread's close (one that came
             return False  # before this was set takes the RLock again, and closes or finds closed)
