@@ -1693,6 +1693,63 @@ def test_close_from_a_signal_handler_inside_the_same_threads_close_returns_at_on
     ], proc.stdout + proc.stderr
 
 
+def test_close_from_a_signal_handler_inside_a_save_restart_of_its_thread_saves_and_closes(
+    tmp_path,
+):
+    """A SIGTERM handler that closes the store, run on the main thread inside its own
+    ``save_restart()`` (the save's lock held while it writes and syncs the file), saved the
+    restart file as the close does: it waited for that lock for good. In a child process, a
+    real signal is handled as the save checks the store is open, under that lock: the
+    handler's close saves and closes, the interrupted save raises StoreClosedError (the close
+    saved what the store held), and the next open restores the rows."""
+    path, _ = make_table(tmp_path, rows=100, dim=4)
+    script = textwrap.dedent(
+        f"""
+        import faulthandler, signal, sys
+        import torch
+        from tiered_store import TieredStore
+        from tiered_store.config import StoreConfig
+        from tiered_store.errors import StoreClosedError
+
+        faulthandler.dump_traceback_later(30, exit=True)  # a hang: the stack, and a failure
+        config = StoreConfig.from_dict(
+            {{"table": {{"path": {str(path)!r}}}, "tiers": {{
+                "restart": {{"enabled": True}}, "warm": {{"capacity": 10}}}}}}
+        )
+        store = TieredStore(config)
+        store.lookup(torch.tensor([5, 6, 7]))
+        signal.signal(signal.SIGTERM, lambda *_: print("handler", store.close()))
+
+        def signal_in_check(frame, event, arg):  # handled at its first instruction
+            if event == "call" and frame.f_code.co_name == "still_current":
+                sys.setprofile(None)
+                signal.raise_signal(signal.SIGTERM)
+
+        sys.setprofile(signal_in_check)
+        try:
+            store.save_restart()
+        except StoreClosedError:
+            print("save refused: closed")
+        sys.setprofile(None)
+        print("main", store.close())
+        with TieredStore(config) as again:
+            again.wait_restored()
+            print(sorted(again.warm.held_rows().tolist()))
+        """
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == [
+        "handler True",
+        "save refused: closed",
+        "main True",
+        "[5, 6, 7]",
+    ], proc.stdout + proc.stderr
+    assert not list(tmp_path.glob(".*.tmp")), "the interrupted save left its temporary file"
+
+
 def test_a_prefetch_that_races_close_is_refused_as_the_store_closed(tmp_path):
     """close() can shut the fetch pool between a prefetch's open check and its submit: the
     prefetch is refused as a call to a closed store (a server answers 503 "closed"), not as a bad

@@ -171,7 +171,8 @@ class TieredStore:
         self._closed = False
         self._closing = threading.RLock()  # one close() at a time: a second waits, then returns
         self._closer: int | None = None  # the thread whose close() holds it (a handler's, at once)
-        self._save_order = threading.Lock()  # warm-restart saves: the files land in taken order
+        self._save_order = threading.RLock()  # warm-restart saves: the files land in taken order
+        # (an RLock: a signal handler's close inside a save of its thread saves, not waits)
         self._saves_taken = self._saves_written = 0
         self._file_calls = InFlight()  # calls reading or writing the files: close() waits for them
         self._left_calls = False  # a close gave up waiting for them (close's wait_s)
