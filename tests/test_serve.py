@@ -1424,38 +1424,47 @@ def test_a_table_whose_map_grew_elsewhere_leaves_the_others_opened_ahead(tmp_pat
         served.close()
 
 
+def _a_read_hung_in_a_table_grown_elsewhere(served, monkeypatch, release):
+    """Layer 1's table given a delta (its store reloaded), its delta's map grown in another
+    process (a new store cannot open beside the old one: ESTALE), and a prefetch's cold read
+    hung in the old store until ``release`` is set: the old store and the prefetch's handle."""
+    from tests import forkserver
+    from tiered_store.delta.row_delta import delta_path
+
+    served.reload_check_seconds = 3600.0  # checks only when the test asks
+    _commit_a_new_version(served.config.table_path(1))  # layer 1 gets a delta
+    assert served.reload_if_stale(force_check=True) == ["engram_layer1"]
+    old = served.stores["engram_layer1"]
+    with forkserver.context().Pool(1) as pool:  # its map grown in another process
+        path = str(delta_path(old.cold.path))
+        assert pool.apply(_grow_delta_map, (path, old.rows, old.row_bytes)) > 0
+    entered, read_rows = threading.Event(), old.cold.read_rows
+
+    def hung_read(ids):  # a prefetch's cold read hangs until the test releases it
+        entered.set()
+        release.wait(60)
+        return read_rows(ids)
+
+    monkeypatch.setattr(old.cold, "read_rows", hung_read)
+    handle = old.prefetch([1, 2, 3])
+    assert entered.wait(10)
+    return old, handle
+
+
 def test_a_stale_table_whose_old_store_hangs_in_a_read_holds_no_request_back(tmp_path, monkeypatch):
     """A table whose map grew elsewhere has its old store closed under the request gate before
     its new store opens; that close waited without end for a call hung in the old store (a
     cold read on a dead disk), every request held back for good. It waits at most
     ``server.request_timeout_s``: the old store is left to close under that call (its table in
     left_closing), the table answers 503 meanwhile, and once the call ends a check opens it."""
-    from tests import forkserver
     from tiered_store.delta import row_delta
-    from tiered_store.delta.row_delta import delta_path
 
     config = ServeConfig.from_yaml(make_checkpoint(tmp_path, server={"request_timeout_s": 0.5}))
     monkeypatch.setattr(row_delta, "MIN_MAP_BYTES", 1 << 16)  # a map the other process outgrows
     served = ServedModel(config)
     release, reloader = threading.Event(), None
     try:
-        served.reload_check_seconds = 3600.0  # checks only when the test asks
-        _commit_a_new_version(config.table_path(1))  # layer 1 gets a delta
-        assert served.reload_if_stale(force_check=True) == ["engram_layer1"]
-        old = served.stores["engram_layer1"]
-        with forkserver.context().Pool(1) as pool:  # its map grown in another process
-            path = str(delta_path(old.cold.path))
-            assert pool.apply(_grow_delta_map, (path, old.rows, old.row_bytes)) > 0
-        entered, read_rows = threading.Event(), old.cold.read_rows
-
-        def hung_read(ids):  # a prefetch's cold read hangs until the test ends
-            entered.set()
-            release.wait(60)
-            return read_rows(ids)
-
-        monkeypatch.setattr(old.cold, "read_rows", hung_read)
-        handle = old.prefetch([1, 2, 3])
-        assert entered.wait(10)
+        old, handle = _a_read_hung_in_a_table_grown_elsewhere(served, monkeypatch, release)
         reloaded: list[list[str]] = []
         reloader = threading.Thread(
             target=lambda: reloaded.append(served.reload_if_stale(force_check=True))
@@ -1487,9 +1496,7 @@ def test_a_table_left_closed_under_a_hung_read_opens_at_the_first_check_once_it_
     read ended it stayed closed (503) until the wait passed (up to CLOSED_RETRY_MOST_S), though
     the README says it opens once the read ends. Its first check after the read opens it (the
     log says it waits for that read)."""
-    from tests import forkserver
     from tiered_store.delta import row_delta
-    from tiered_store.delta.row_delta import delta_path
     from tiered_store.serve import served_model
 
     config = ServeConfig.from_yaml(make_checkpoint(tmp_path, server={"request_timeout_s": 0.5}))
@@ -1498,23 +1505,7 @@ def test_a_table_left_closed_under_a_hung_read_opens_at_the_first_check_once_it_
     served = ServedModel(config)
     release = threading.Event()
     try:
-        served.reload_check_seconds = 3600.0  # checks only when the test asks
-        _commit_a_new_version(config.table_path(1))  # layer 1 gets a delta
-        assert served.reload_if_stale(force_check=True) == ["engram_layer1"]
-        old = served.stores["engram_layer1"]
-        with forkserver.context().Pool(1) as pool:  # its map grown in another process
-            path = str(delta_path(old.cold.path))
-            assert pool.apply(_grow_delta_map, (path, old.rows, old.row_bytes)) > 0
-        entered, read_rows = threading.Event(), old.cold.read_rows
-
-        def hung_read(ids):  # a prefetch's cold read hangs until the test releases it
-            entered.set()
-            release.wait(60)
-            return read_rows(ids)
-
-        monkeypatch.setattr(old.cold, "read_rows", hung_read)
-        handle = old.prefetch([1, 2, 3])
-        assert entered.wait(10)
+        old, handle = _a_read_hung_in_a_table_grown_elsewhere(served, monkeypatch, release)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # "still under way after 0.5 s"
             assert served.reload_if_stale(force_check=True) == []
@@ -1541,32 +1532,14 @@ def test_a_store_left_closing_is_let_go_once_its_hung_calls_end(tmp_path, monkey
     import gc
     import weakref
 
-    from tests import forkserver
     from tiered_store.delta import row_delta
-    from tiered_store.delta.row_delta import delta_path
 
     config = ServeConfig.from_yaml(make_checkpoint(tmp_path, server={"request_timeout_s": 0.5}))
     monkeypatch.setattr(row_delta, "MIN_MAP_BYTES", 1 << 16)  # a map the other process outgrows
     served = ServedModel(config)
     release = threading.Event()
     try:
-        served.reload_check_seconds = 3600.0  # checks only when the test asks
-        _commit_a_new_version(config.table_path(1))  # layer 1 gets a delta
-        assert served.reload_if_stale(force_check=True) == ["engram_layer1"]
-        old = served.stores["engram_layer1"]
-        with forkserver.context().Pool(1) as pool:  # its map grown in another process
-            path = str(delta_path(old.cold.path))
-            assert pool.apply(_grow_delta_map, (path, old.rows, old.row_bytes)) > 0
-        entered, read_rows = threading.Event(), old.cold.read_rows
-
-        def hung_read(ids):  # a prefetch's cold read hangs until the test releases it
-            entered.set()
-            release.wait(60)
-            return read_rows(ids)
-
-        monkeypatch.setattr(old.cold, "read_rows", hung_read)
-        handle = old.prefetch([1, 2, 3])
-        assert entered.wait(10)
+        old, handle = _a_read_hung_in_a_table_grown_elsewhere(served, monkeypatch, release)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # "still under way after 0.5 s"
             assert served.reload_if_stale(force_check=True) == []
