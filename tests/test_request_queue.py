@@ -1615,12 +1615,17 @@ def test_a_batch_a_tier_missed_is_made_up_for_by_the_requests_release(tmp_path, 
         if release_posted == "after the drop":
             store.release(request)
         assert torch.equal(store.lookup(torch.arange(40, 45)), data[40:45])  # tells the rest
-        assert len(store.caches.queue) == 0
-        for cache in (store.hot, store.warm):
-            held = torch.nonzero(cache.row_of_slot >= 0).squeeze(1)
-            assert held.numel() > 0
-            assert bool((cache._next_use[held] == NOT_QUEUED).all()), cache.name
-            check_cache_invariants(cache)
+        _no_row_held_for_a_request(store)
+
+
+def _no_row_held_for_a_request(store) -> None:
+    """The queue is empty and every row either tier holds waits for no request."""
+    assert len(store.caches.queue) == 0
+    for cache in (store.hot, store.warm):
+        held = torch.nonzero(cache.row_of_slot >= 0).squeeze(1)
+        assert held.numel() > 0
+        assert bool((cache._next_use[held] == NOT_QUEUED).all()), cache.name
+        check_cache_invariants(cache)
 
 
 def test_a_batch_served_interrupted_before_its_news_is_made_up_for_by_the_release(tmp_path):
@@ -1646,9 +1651,4 @@ def test_a_batch_served_interrupted_before_its_news_is_made_up_for_by_the_releas
         assert store._lock.post == post
         store.release(request)
         assert torch.equal(store.lookup(torch.arange(40, 45)), data[40:45])
-        assert len(store.caches.queue) == 0
-        for cache in (store.hot, store.warm):
-            held = torch.nonzero(cache.row_of_slot >= 0).squeeze(1)
-            assert held.numel() > 0
-            assert bool((cache._next_use[held] == NOT_QUEUED).all()), cache.name
-            check_cache_invariants(cache)
+        _no_row_held_for_a_request(store)
