@@ -1189,13 +1189,35 @@ def test_the_queues_passes_read_past_finished_pairs_as_a_brute_force_reading():
         after_pairs = [(r, -k if k == token and r in done else k) for r, k in pairs]
         moved = [r for r in sorted(done) if first_live(pairs, r) == token]
         next_use = [first_live(after_pairs, r, token) for r in moved]
+        at = kernels.pairs_of(pair_rows, pair_tokens, rows, token)
         for kernel in (kernels.serve_batch, kernels.serve_batch.py_func):
-            tokens, left_now = pair_tokens.copy(), left.copy()
-            at = kernels.pairs_of(pair_rows, tokens, rows, token)
-            got = kernel(rows, left_now, where, start, batch, at, pair_rows, tokens, NOT_QUEUED)
-            assert left_now.tolist() == want_left.tolist(), case
-            assert list(zip(pair_rows.tolist(), tokens.tolist(), strict=True)) == after_pairs, case
-            assert got[0].tolist() == moved and got[1].tolist() == next_use, case
+            for places in (at, at[:0]):  # found by pairs_of, or searched for row by row
+                tokens, left_now = pair_tokens.copy(), left.copy()
+                got = kernel(
+                    rows,
+                    left_now,
+                    where,
+                    start,
+                    batch,
+                    places,
+                    pair_rows,
+                    tokens,
+                    token,
+                    NOT_QUEUED,
+                )
+                assert left_now.tolist() == want_left.tolist(), case
+                pairs_now = list(zip(pair_rows.tolist(), tokens.tolist(), strict=True))
+                assert pairs_now == after_pairs, case
+                assert got[0].tolist() == moved and got[1].tolist() == next_use, case
+        if done:  # a row finished that the request has no pair of: refused, no pair changed
+            tokens, other = pair_tokens.copy(), max(requests) + 1
+            for kernel in (kernels.serve_batch, kernels.serve_batch.py_func):
+                with pytest.raises(ValueError, match=f"request {other} has no pair of row"):
+                    kernel(
+                        rows, left.copy(), where, start, batch, at[:0], pair_rows, tokens, other,
+                        NOT_QUEUED,
+                    )  # fmt: skip
+                assert tokens.tolist() == pair_tokens.tolist(), case
 
 
 @pytest.mark.parametrize("policy", ["lru", "sieve"])

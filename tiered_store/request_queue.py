@@ -21,6 +21,7 @@ import torch
 from .errors import TieredStoreError, shown
 
 NOT_QUEUED = torch.iinfo(torch.int64).max  # next_use of a row no queued request looks up
+_SEARCH = np.empty(0, dtype=np.int64)  # ``serve_batch``'s pair places: search for each
 
 
 class QueuedRequestError(TieredStoreError, ValueError):
@@ -41,7 +42,7 @@ class QueuedRequest:
     where: np.ndarray = field(repr=False)
     served_ids: int = field(default=0, repr=False)
     # the position of its pair of each of ``rows`` in the queue's pairs of version
-    # ``pairs_version`` (found at its first batch served since they were replaced)
+    # ``pairs_version`` (found at its second batch served since they were replaced)
     pair_at: np.ndarray | None = field(default=None, repr=False)
     pairs_version: int = field(default=-1, repr=False)
     # a tier missed the news of a batch served (dropped, ``StoreLock``; or never posted, a Ctrl-C
@@ -170,11 +171,15 @@ class QueuedRequests:
         with self._changing:
             self._check_queued(request, "served")
             rows = request.rows.numpy()
-            if request.pairs_version != self._version:  # pairs replaced since: one pass
+            # where its pairs are: searched for at its first batch since the pairs were replaced
+            # (a request served in one batch pays no pass over the queue), found in one pass at
+            # its second (then kept while they stay)
+            if request.pairs_version != self._version:
+                request.pair_at, request.pairs_version = None, self._version
+            elif request.pair_at is None:
                 request.pair_at = kernels.pairs_of(
                     self._pair_rows, self._pair_tokens, rows, request.token
                 )
-                request.pairs_version = self._version
             # the pairs' tokens are negated in place: a reader sees a pair finished or not, and
             # sets what the news that follows corrects (``left`` is read only here and in ``add``)
             moved, next_use = kernels.serve_batch(
@@ -183,9 +188,10 @@ class QueuedRequests:
                 request.where,
                 request.served_ids,
                 flat,
-                request.pair_at,
+                _SEARCH if request.pair_at is None else request.pair_at,
                 self._pair_rows,
                 self._pair_tokens,
+                request.token,
                 NOT_QUEUED,
             )
             request.served_ids += flat.size

@@ -141,16 +141,19 @@ def serve_batch(
     pair_at: np.ndarray,
     pair_rows: np.ndarray,
     pair_tokens: np.ndarray,
+    token: np.int64,
     none: np.int64,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """A request's lookups of ``ids`` made: each of ``ids`` in its ``rows`` (sorted, distinct)
-    takes one off its ``left`` (in place, down to 0; other ids count for nothing), and the rows
-    whose last lookup that was finish their pair (at ``pair_at``, from ``pairs_of``: its token
-    negated in place). ``where``: the position in ``rows`` of each id the request announced, in
-    order; ``ids`` are first taken for those from ``start`` on (a request served in order, batch
-    after batch: no search), an id that is not searched for. Returns the rows the request was
-    the earliest unfinished pair of (ascending), and each one's next unfinished pair's token
-    (``none`` where none)."""
+    """Request ``token``'s lookups of ``ids`` made: each of ``ids`` in its ``rows`` (sorted,
+    distinct) takes one off its ``left`` (in place, down to 0; other ids count for nothing), and
+    the rows whose last lookup that was finish their pair (its token negated in place): at
+    ``pair_at`` (from ``pairs_of``), or found by a binary search each when ``pair_at`` is empty
+    (a request served in one batch pays no pass over the queue). ``where``: the position in
+    ``rows`` of each id the request announced, in order; ``ids`` are first taken for those from
+    ``start`` on (a request served in order, batch after batch: no search), an id that is not
+    searched for. Returns the rows the request was the earliest unfinished pair of (ascending),
+    and each one's next unfinished pair's token (``none`` where none). ``ValueError`` (before
+    any pair changes) where a finished row has no pair of ``token``."""
     m = rows.size
     finished = np.empty(min(ids.size, m), dtype=np.int64)  # positions in ``rows``, each once
     done = 0
@@ -164,11 +167,27 @@ def serve_batch(
                 finished[done] = at
                 done += 1
     finished = np.sort(finished[:done])  # the pairs in order: a pass, not a jump each
+    n = pair_rows.size
+    at_pairs = np.empty(done, dtype=np.int64)
+    for k in range(done):
+        if pair_at.size:
+            at_pairs[k] = pair_at[finished[k]]
+            continue
+        row = rows[finished[k]]
+        i = _lower_bound(pair_rows, row, 0, n)
+        while i < n and pair_rows[i] == row and abs(pair_tokens[i]) != token:
+            i += 1
+        if i == n or pair_rows[i] != row:
+            raise ValueError(
+                "serve_batch: request " + str(token) + " has no pair of row " + str(row)
+                + "; expected one for each of its rows"
+            )  # fmt: skip
+        at_pairs[k] = i
     moved_rows = np.empty(done, dtype=np.int64)
     moved_next = np.empty(done, dtype=np.int64)
     moved = 0
     for k in range(done):
-        i = pair_at[finished[k]]
+        i = at_pairs[k]
         pair_tokens[i] = -pair_tokens[i]
         first = i  # the row's first pair
         while first > 0 and pair_rows[first - 1] == pair_rows[i]:
