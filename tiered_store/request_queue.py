@@ -163,8 +163,9 @@ class QueuedRequests:
         """``request``'s lookups of ``ids`` (any shape; ids it did not announce are not counted)
         are made now: the rows none of its lookups left looks up lose its standing. Returns those
         it was the earliest request for, and the token of the request that now looks each up
-        first (``NOT_QUEUED`` where none does), as ``remove``. A compiled pass over the batch (and
-        one over the queue's pairs at the request's first batch since they last changed)."""
+        first (``NOT_QUEUED`` where none does), as ``remove``. A compiled pass over the batch, and a
+        search for each finished row's pair (at the request's second batch since the queue's
+        pairs last changed, one pass over them finds all of its pairs instead)."""
         from . import request_queue_kernels as kernels
 
         flat = np.ascontiguousarray(ids.reshape(-1).to("cpu", torch.int64).numpy())
