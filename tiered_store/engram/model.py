@@ -528,14 +528,14 @@ class EngramLM(nn.Module):
         if logits not in ("all", "last", "none"):
             raise ConfigError(f"logits: expected 'all', 'last' or 'none', got {logits!r}")
         start = cache.position if cache is not None else 0
-        if prefetched.position != start and cache is None:
-            raise ConfigError(
-                f"prefetched: hashed at position {prefetched.position} but no cache was given "
-                f"(positions from 0); expected the KVCache of the {prefetched.position} positions "
-                "hashed before it (model.new_cache(), given to each forward), or a batch hashed "
-                "without a HashState"
-            )
         if prefetched.position != start:
+            if cache is None:
+                raise ConfigError(
+                    f"prefetched: hashed at position {prefetched.position} but no cache was "
+                    "given (positions from 0); expected the KVCache of the "
+                    f"{prefetched.position} positions hashed before it (model.new_cache(), given "
+                    "to each forward), or a batch hashed without a HashState"
+                )
             raise ConfigError(
                 f"prefetched: hashed at position {prefetched.position} but the cache holds "
                 f"{start} positions; expected the batch of the sequences' next tokens (hash "
