@@ -85,6 +85,13 @@ def seconds_left(deadline: float | None) -> float | None:
     return None if deadline is None else max(deadline - time.monotonic(), 0.0)
 
 
+def no_seconds(wait_s: object) -> bool:
+    """``wait_s`` is given (not None) but no number of seconds (a bool, a string, NaN)."""
+    return wait_s is not None and (
+        isinstance(wait_s, bool) or not isinstance(wait_s, numbers.Real) or math.isnan(wait_s)
+    )
+
+
 def _touches_files(method: Callable) -> Callable:
     """A call that reads or writes the table's files: ``close()`` waits for it to end."""
 
@@ -218,10 +225,8 @@ class TieredStore:
         with self._lock:
             metadata = self.cold.manifest.metadata
             shard = shard_rows(metadata)  # a shard: lists name table rows
-            layout = metadata.get("engram")  # the Engram layout convert/init recorded
-            layouts = (
-                [(f"the table {config.table.path}", layout)] if isinstance(layout, dict) else []
-            )
+            layout = self.cold.manifest.engram_layout  # what convert/init recorded
+            layouts = [(f"the table {config.table.path}", layout)] if layout is not None else []
             for cache, ids, slots in self.caches.warm_start(config, restored, shard, layouts):
                 pool = self.hot_pool if cache is self.hot else self.warm_pool
                 order = torch.argsort(ids)
@@ -756,9 +761,7 @@ class TieredStore:
         signal handler's close on a thread inside its own close does (that close finishes the
         job). Called on a thread holding the store's lock (a signal handler's, inside a lookup),
         it raises RuntimeError: it would wait for that lock for good."""
-        if wait_s is not None and (
-            isinstance(wait_s, bool) or not isinstance(wait_s, numbers.Real) or math.isnan(wait_s)
-        ):
+        if no_seconds(wait_s):
             raise ConfigError(
                 f"close: wait_s={wait_s!r}; expected a number of seconds, or None to wait for "
                 "the calls under way to end"

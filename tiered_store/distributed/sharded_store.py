@@ -30,7 +30,6 @@ import contextlib
 import errno
 import hashlib
 import logging
-import math
 import numbers
 import os
 import threading
@@ -75,7 +74,7 @@ from ..latency import LatencyHistogram
 from ..page_checksums import ChecksumError
 from ..prefetch import CONSUMED, OTHER_STORE, PrefetchHandle, PrefetchHandleError, take_once
 from ..quantization import dequantize_rows
-from ..store import TieredStore, as_id_tensor, as_rows, compute_device, seconds_left
+from ..store import TieredStore, as_id_tensor, as_rows, compute_device, no_seconds, seconds_left
 from .collective_thread import CollectiveThread
 from .liveness import Heartbeat, shared_connection
 from .shard_files import ShardInfo, mixed_runs, read_shard, shard_path
@@ -557,9 +556,7 @@ class ShardedStore:
         the shard's close left calls under way (a read hung on a dying disk, past that wait:
         ``TieredStore.close``), now or at an earlier close: the interpreter's exit would wait
         for them."""
-        if wait_s is not None and (
-            isinstance(wait_s, bool) or not isinstance(wait_s, numbers.Real) or math.isnan(wait_s)
-        ):  # refused before the store is marked closed: else it is never shut down
+        if no_seconds(wait_s):  # refused before the store is marked closed: else never shut down
             raise ConfigError(
                 f"close: wait_s {wait_s!r}; expected a number of seconds (or None: "
                 "sharding.timeout_s)"
