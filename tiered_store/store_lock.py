@@ -116,7 +116,6 @@ class StoreLock:
         """Take the lock, on the store's stream, and tell the tiers the news waiting."""
         self._lock.acquire()
         try:  # a failure (a CUDA error, Ctrl-C) lets it go: held, every later call would wait
-            self._holder = threading.get_ident()
             self._enter_stream(after_caller)
             if self._news:
                 self._tell_tiers()
@@ -153,7 +152,6 @@ class StoreLock:
             if not self._news or not self._lock.acquire(blocking=len(self._news) > NEWS_BACKLOG):
                 return
             try:
-                self._holder = threading.get_ident()
                 self._enter_stream(after_caller=False)  # the news is on the host (its rows)
                 told = self._tell_tiers(own)
             finally:
@@ -162,8 +160,9 @@ class StoreLock:
                 return
 
     def _enter_stream(self, after_caller: bool) -> None:
-        """Just taken: the holder's work goes on the store's stream (``after_caller``: after
-        what the holder queued on its own)."""
+        """Just taken: the holder noted (``held_here``), its work on the store's stream
+        (``after_caller``: after what the holder queued on its own)."""
+        self._holder = threading.get_ident()
         if self._stream is None:
             return
         current = torch.cuda.current_stream(self._stream.device)

@@ -112,8 +112,8 @@ def table_version(manifest: TableManifest) -> str:
 
 def head_ranges(manifest: TableManifest, where: str = "table") -> list[tuple[int, int]] | None:
     """``(offset, size)`` of every hash head from the manifest's Engram metadata, or None."""
-    engram = manifest.metadata.get("engram") if isinstance(manifest.metadata, dict) else None
-    if not isinstance(engram, dict) or "offsets" not in engram or "head_sizes" not in engram:
+    engram = manifest.engram_layout
+    if engram is None or "offsets" not in engram or "head_sizes" not in engram:
         return None
     offsets, sizes = engram["offsets"], engram["head_sizes"]
     if (  # JSON integers only: int() would take "3" and truncate 3.9 (Infinity: OverflowError)

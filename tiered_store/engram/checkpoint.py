@@ -128,7 +128,7 @@ def check_table_file(
     hasher = hasher_for(None, hasher)  # before the file is read
     if manifest is None:
         manifest = read_manifest(current_version(path)[0])
-    have = manifest.metadata.get("engram") if isinstance(manifest.metadata, dict) else None
+    have = manifest.engram_layout
     want = table_metadata(hasher, layer_id)["engram"]
     if not isinstance(have, dict):
         raise ConfigError(
