@@ -436,11 +436,11 @@ class ShardedStore:
         if optimizer_step is not None and optimizer_step != step:  # the ranks agree on both
             step = f"{step} (optimizer_step {optimizer_step})"
         if skip:
-            updated, outcomes = self._wait(
+            updated, outcomes, apart = self._wait(
                 self._thread.submit(self._update_round, *_NO_GRADIENTS, update, step, True),
                 "update_rows",
             )
-            self._raise_failed_update(outcomes)
+            self._raise_failed_update(outcomes, apart)
             return updated
         try:
             flat, _ = self._validate_write_ids(ids)
@@ -474,11 +474,11 @@ class ShardedStore:
             self._join_refused(update, step)
             raise
         grads = grads.to("cpu", torch.float32)
-        updated, outcomes = self._wait(
+        updated, outcomes, apart = self._wait(
             self._thread.submit(self._update_round, flat, grads, update, step, False, nonfinite),
             "update_rows",
         )
-        self._raise_failed_update(outcomes)
+        self._raise_failed_update(outcomes, apart)
         return updated
 
     def refuse_update(self, step: Any) -> None:
@@ -1073,11 +1073,13 @@ class ShardedStore:
         step: int | None,
         skip: bool = False,
         nonfinite: str | None = None,
-    ) -> tuple[int | None, list[str | None]]:
+    ) -> tuple[int | None, list[tuple[str | None, str | None]], str | None]:
         """Agree on the gradients' width and the step, route the gradients, sum them per row,
         apply ``update`` to this shard's rows; when any rank skips, nothing (None rows). When
         any rank's gradients are not finite (``nonfinite``: why), every rank raises, naming a
-        row as stored that is not finite first (its NaN, looked up, made them)."""
+        row as stored that is not finite first (its NaN, looked up, made them). Returns the rows
+        this rank updated, every rank's (write error, what its shard holds: ``_holds``, read
+        only once a shard's write failed) and ``_record_torn``'s account."""
         self._heartbeat.enter("update")
         # the width from the shape: [n, 0] gradients are refused before, never read as "none"
         asked = self._all_gather((grads.shape[1] if len(grads) else None, step, skip, nonfinite))
@@ -1090,7 +1092,7 @@ class ShardedStore:
         bad = [why for *_, why in asked]
         if any(skipped for _, _, skipped, _ in asked):  # a rank's gradients overflowed
             self._refuse_nonfinite(bad)  # as refused input: no rank skips
-            return None, [(None, None)] * self.world
+            return None, [(None, None)] * self.world, None
         order = torch.argsort(ids, stable=True)  # grouped by owner
         local_ids, received = self._route(ids[order], grads[order])
         unique, inverse, _ = unique_inverse_counts(local_ids)
@@ -1132,11 +1134,13 @@ class ShardedStore:
             if new_rows:
                 self.local.write(unique, new_rows[0])
 
-        error = self._local_error(write)
-        held = self._holds(unique, *new_rows, wrote=error is None) if new_rows else None
-        outcomes = self._all_gather((error, held))
-        self._record_torn(outcomes)  # in the round: a caller interrupted meanwhile records it too
-        return unique.numel(), outcomes
+        errors = self._all_gather(self._local_error(write))
+        if all(e is None for e in errors):  # every shard wrote: no shard's rows are compared
+            return unique.numel(), [(None, None)] * self.world, None
+        held = self._holds(unique, *new_rows, wrote=errors[self.rank] is None) if new_rows else None
+        outcomes = list(zip(errors, self._all_gather(held), strict=True))
+        # in the round: a caller interrupted meanwhile records it too
+        return unique.numel(), outcomes, self._record_torn(outcomes)
 
     def _holds(
         self, local_ids: torch.Tensor, rows: torch.Tensor, before: torch.Tensor, *, wrote: bool
@@ -1160,37 +1164,24 @@ class ShardedStore:
         except Exception:  # noqa: BLE001 (told to every rank: the shard's state is unknown)
             return _WROTE if wrote else _UNKNOWN
 
-    def _raise_failed_update(self, outcomes: list[tuple[str | None, str | None]]) -> None:
-        """After an update round whose write failed on a shard, on every rank: a warning when
-        every shard holds the step all the same; ``UpdateRefusedError`` when none does; else
-        (the shards a step apart, which no retry mends in place: the step would apply twice
-        where it was written) ``TierIOError`` naming the ranks, and this store refuses every
-        further call."""
+    def _raise_failed_update(
+        self, outcomes: list[tuple[str | None, str | None]], apart: str | None
+    ) -> None:
+        """After an update round whose write failed on a shard, on every rank (``apart``: where
+        its step applied, from ``_record_torn``): a warning when every shard holds the step all
+        the same; ``UpdateRefusedError`` when none does; else (the shards a step apart, which no
+        retry mends in place: the step would apply twice where it was written) ``TierIOError``
+        naming the ranks, and this store refuses every further call."""
         errors = [e for e, _ in outcomes]
-        wrote = [r for r, (_, held) in enumerate(outcomes) if held == _WROTE]
-        lacks = [r for r, (_, held) in enumerate(outcomes) if held in (_LOST, _UNKNOWN)]
-        unknown = [r for r, (_, held) in enumerate(outcomes) if held == _UNKNOWN]
-        if not lacks:  # the round did what it is for: the step is made on every shard
-            said = []
-            for how, left in (
-                ("after it applied", False),
-                ("where the step left it as it was", True),
-            ):
-                failed = "; ".join(
-                    f"rank {r}: {e}"
-                    for r, (e, held) in enumerate(outcomes)
-                    if e is not None and (held is None) == left
-                )
-                if failed:
-                    said.append(f"a shard's write raised {how} ({failed})")
-            if said:
-                warn_at_caller(
-                    f"rank {self.rank}: sharded update_rows: {'; '.join(said)}; every shard "
-                    "holds the step: the next commit makes it durable",
-                    RuntimeWarning,
-                )
-            return
-        if not wrote and not unknown:
+        if apart is not None:
+            self._raise_failed(
+                "update_rows",
+                errors,
+                then=f"{apart}: no retry mends that in place (the step would apply twice where it "
+                "was written), so this store refuses every further call; close every rank's store "
+                "without committing and reopen it (each shard reopens at its last commit)",
+            )
+        if any(held == _LOST for _, held in outcomes):  # and none holds it (else apart)
             self._raise_failed(
                 "update_rows",
                 errors,
@@ -1199,14 +1190,21 @@ class ShardedStore:
                 "all, and none applied): nothing was updated on any shard; step again with the "
                 "gradients kept",
             )
-        apart = self._record_torn(outcomes)
-        self._raise_failed(
-            "update_rows",
-            errors,
-            then=f"{apart}: no retry mends that in place (the step would apply twice where it "
-            "was written), so this store refuses every further call; close every rank's store "
-            "without committing and reopen it (each shard reopens at its last commit)",
-        )
+        said = []  # the round did what it is for: the step is made on every shard
+        for how, left in (("after it applied", False), ("where the step left it as it was", True)):
+            failed = "; ".join(
+                f"rank {r}: {e}"
+                for r, (e, held) in enumerate(outcomes)
+                if e is not None and (held is None) == left
+            )
+            if failed:
+                said.append(f"a shard's write raised {how} ({failed})")
+        if said:
+            warn_at_caller(
+                f"rank {self.rank}: sharded update_rows: {'; '.join(said)}; every shard holds "
+                "the step: the next commit makes it durable",
+                RuntimeWarning,
+            )
 
     def _record_torn(self, outcomes: list[tuple[str | None, str | None]]) -> str | None:
         """Where an update round's step applied when some shards hold it and others may not
