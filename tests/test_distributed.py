@@ -2976,6 +2976,53 @@ def test_closing_a_heartbeat_whose_store_host_is_gone_ends_its_thread():
         host.join()
 
 
+def test_a_heartbeat_reads_every_ranks_entry_in_one_round_trip_when_all_are_there():
+    """Heartbeat.absent (an open's wait for every rank) checked each rank's entry with a round
+    trip of its own to the group's store, and a diagnosis or rank 0's health watch read each
+    entry with two (a check, a get): 2 x (world - 1) per reading. One check of every key says
+    whether all are there, one multi_get reads them; per-rank checks only name the absent."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from tiered_store.distributed.liveness import Heartbeat
+
+    class Counted:
+        """A real store, its calls counted by name."""
+
+        def __init__(self, store: dist.Store) -> None:
+            self.store, self.calls = store, []
+
+        def __getattr__(self, name: str):
+            self.calls.append(name)
+            return getattr(self.store, name)
+
+    port = free_port()
+    host = store_host(port)
+    beats = []
+    try:
+        group = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=20))
+        store = dist.PrefixStore("hb-test/", group)
+        counted = Counted(store)
+        beats = [Heartbeat(counted, 0, 6, 60.0, store.clone())]
+        beats += [Heartbeat(store.clone(), r, 6, 60.0) for r in (2, 4)]
+        assert beats[0].absent(0.0) == (1, 3, 5)
+        assert set(beats[0]._read(counted)) == {2, 4}
+        beats += [Heartbeat(store.clone(), r, 6, 60.0) for r in (1, 3, 5)]
+        counted.calls.clear()
+        assert beats[0].absent(0.0) == ()
+        assert counted.calls == ["check"]
+        counted.calls.clear()
+        read = beats[0]._read(counted)
+        assert sorted(read) == [1, 2, 3, 4, 5] and read[3][2:] == ("open", "none"), read
+        assert counted.calls == ["check", "multi_get"]
+    finally:
+        for beat in beats:
+            beat.close()
+        host.kill()
+        host.join()
+
+
 def test_diagnose_waits_for_a_store_host_slow_to_answer_before_calling_it_unreachable():
     """diagnose's connection to the group's store was cloned from the heartbeat's short-timeout
     one, so it had 1 s to connect: a host slow to accept (a loaded machine; here, one that comes

@@ -235,13 +235,16 @@ class Heartbeat:
             raise
 
     def _read(self, store: dist.Store) -> dict[int, tuple[int, int, str, str]]:
-        """Every other rank's (beat, entered, state, kind); ranks without an entry are missing."""
+        """Every other rank's (beat, entered, state, kind); ranks without an entry are missing.
+        Two round trips to the store when every rank has one (the check, the read)."""
+        others = [r for r in range(self.world) if r != self.rank]
+        missing = _without_entry(store, others)
+        present = [r for r in others if r not in missing]
         out = {}
-        for rank in range(self.world):
-            key = f"hb/{rank}"
-            if rank != self.rank and store.check([key]):
-                beat, entered, state, kind = store.get(key).decode().split()
-                out[rank] = (int(beat), int(entered), state, kind)
+        values = store.multi_get([f"hb/{r}" for r in present]) if present else []
+        for rank, value in zip(present, values, strict=True):
+            beat, entered, state, kind = value.decode().split()
+            out[rank] = (int(beat), int(entered), state, kind)
         return out
 
     def diagnose(self) -> Diagnosis:
@@ -294,10 +297,10 @@ class Heartbeat:
         group's store every interval): they never came to where this heartbeat started. None
         when the store cannot be read (what then fails names it)."""
         deadline = time.monotonic() + wait_s
-        others = [r for r in range(self.world) if r != self.rank]
+        missing = tuple(r for r in range(self.world) if r != self.rank)
         while True:
-            try:
-                missing = tuple(r for r in others if not self._group_store.check([f"hb/{r}"]))
+            try:  # those come since the last reading stay: their entries are never removed
+                missing = _without_entry(self._group_store, missing)
             except Exception:  # noqa: BLE001 (its host gone or hung: the next round's diagnosis)
                 return ()
             left = deadline - time.monotonic()
@@ -372,6 +375,16 @@ class Heartbeat:
             return
         with contextlib.suppress(Exception):  # the store is gone already
             self._publish("closed")
+
+
+def _without_entry(store: dist.Store, ranks: tuple[int, ...] | list[int]) -> tuple[int, ...]:
+    """Those of ``ranks`` with no heartbeat entry in ``store``: one round trip to it when every
+    one has one (torch's ``check`` of several keys says whether all are there), else one more
+    per rank."""
+    keys = [f"hb/{r}" for r in ranks]
+    if not keys or store.check(keys):
+        return ()
+    return tuple(r for r, key in zip(ranks, keys, strict=True) if not store.check([key]))
 
 
 def _check_reachable(store: dist.Store, timeout: float) -> None:
