@@ -567,17 +567,24 @@ def hung_open_worker(rank: int, world: int, port: int, plain: str, out: Path) ->
 
 
 def absent_rank_open_worker(rank: int, world: int, port: int, plain: str, out: Path) -> None:
-    """Rank 1 joins the group but never opens the store (alive, elsewhere): what rank 0's open
-    raises, and how long it took."""
+    """The ranks but 0 join the group but never open the store (alive, elsewhere): what rank 0's
+    open raises, how long it took, and the warnings it logged."""
+    import logging
+
     _join_group(rank, world, port)
     result: dict[str, Any] = {}
     try:
         cfg = _store_config(Path(plain), world, "rows")
         cfg["sharding"]["timeout_s"] = 4
         if rank == 0:
+            logged: list[str] = []
+            handler = logging.Handler(logging.WARNING)
+            handler.emit = lambda record: logged.append(record.getMessage())
+            logging.getLogger("tiered_store.distributed").addHandler(handler)
             start = time.monotonic()
             result["open"] = _open_outcome(cfg)
             result["seconds"] = time.monotonic() - start
+            result["logged"] = logged
         _report_once_rank_0_has(out, rank, result)
     except BaseException:
         result["crash"] = traceback.format_exc()

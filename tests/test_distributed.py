@@ -1616,21 +1616,50 @@ def test_a_rank_whose_shard_open_hangs_is_named_by_the_others(tmp_path):
     assert results[1]["open"].startswith("RankFailureError: rank 1: open #0 failed: "), results
 
 
-def test_a_rank_that_never_opens_the_store_is_named_by_the_others(tmp_path):
+@pytest.mark.parametrize("world", [2, 3])
+def test_a_rank_that_never_opens_the_store_is_named_by_the_others(tmp_path, world):
     """Over the default group, a rank that never opened the store (died or busy before its open)
     left the others torch's "DistStoreError: wait timeout after 4000ms, keys: /default_pg/0//1//
-    cpu//0/1" from making the store's subgroup, naming no rank."""
-    from tests.distributed_support import absent_rank_open_worker
+    cpu//0/1" from making the store's subgroup, naming no rank. Two such ranks were named as
+    one ("rank 1, 2 has not come ... no heartbeat from it")."""
+    from tests.distributed_support import absent_rank_open_worker, make_plain_table
 
-    codes, results = _two_ranks_over_plain_shards(tmp_path, absent_rank_open_worker, 90)
-    assert codes == [0, 0] and not any("crash" in r for r in results), results
+    plain = make_plain_table(tmp_path)
+    _shard_all({"plain": plain}, world)
+    out = tmp_path / "out"
+    out.mkdir()
+    codes = run_ranks(absent_rank_open_worker, world, (str(plain), out), 90)
+    results = _results(out, world)
+    assert codes == [0] * world and not any("crash" in r for r in results), results
     # named once the open's heartbeats show it never came, not as a rank that "stopped" (it
     # never beat) after torch's own wait and three more beats
+    said = (
+        ("rank 1 has", "it", "it has", "it")
+        if world == 2
+        else ("ranks 1, 2 have", "them", "they have", "them")
+    )
     assert results[0]["open"] == (
-        "RankFailureError: rank 0: open #0 failed: rank 1 has not come to this store's open: no "
-        "heartbeat from it under the open's keys within sharding.timeout_s=4 (it has not called "
-        "ShardedStore.open: busy elsewhere, or died before)"
+        f"RankFailureError: rank 0: open #0 failed: {said[0]} not come to this store's open: no "
+        f"heartbeat from {said[1]} under the open's keys within sharding.timeout_s=4 ({said[2]} "
+        "not called ShardedStore.open: busy elsewhere, or died before)"
     ), results
+    assert [m for m in results[0]["logged"] if "not yet at" in m] == [
+        f"rank 0: {said[0].rsplit(' ', 1)[0]} not yet at this store's open after 2.9 s; waiting "
+        f"for {said[3]} up to sharding.timeout_s=4"
+    ], results
+
+
+def test_ranks_that_stopped_or_closed_their_stores_are_named_in_the_plural():
+    """A diagnosis named two silent ranks "rank 1, 2 stopped" and two that closed their stores
+    "rank 3, 4 closed its store"."""
+    from tiered_store.distributed.liveness import Diagnosis
+
+    assert Diagnosis(silent=(1, 2), closed=(3, 4)).describe(0.6) == (
+        "ranks 1, 2 stopped: no heartbeat for 0.6 s (died or hung); ranks 3, 4 closed their stores"
+    )
+    assert Diagnosis(silent=(1,), closed=(3,)).describe(0.6) == (
+        "rank 1 stopped: no heartbeat for 0.6 s (died or hung); rank 3 closed its store"
+    )
 
 
 def test_a_rank_that_comes_late_to_the_open_but_within_the_timeout_is_not_refused(tmp_path):

@@ -37,7 +37,7 @@ from datetime import timedelta
 
 import torch.distributed as dist
 
-__all__ = ["Diagnosis", "Heartbeat", "shared_connection"]
+__all__ = ["Diagnosis", "Heartbeat", "ranks_named", "shared_connection"]
 
 log = logging.getLogger("tiered_store.distributed")
 
@@ -83,11 +83,11 @@ class Diagnosis:
                 f"unreachable ({self.store_error}): rank 0 died or its host is down"
             )
         if self.silent:
-            ranks = ", ".join(str(r) for r in self.silent)
-            parts.append(f"rank {ranks} stopped: no heartbeat for {seconds:.1f} s (died or hung)")
+            silent = ranks_named(self.silent)
+            parts.append(f"{silent} stopped: no heartbeat for {seconds:.1f} s (died or hung)")
         if self.closed:
-            ranks = ", ".join(str(r) for r in self.closed)
-            parts.append(f"rank {ranks} closed its store")
+            their = "its store" if len(self.closed) == 1 else "their stores"
+            parts.append(f"{ranks_named(self.closed)} closed {their}")
         for rank, entered in self.behind:
             parts.append(
                 f"rank {rank} is alive but has entered only {entered} collective lookup(s): it is "
@@ -395,6 +395,15 @@ def _check_reachable(store: dist.Store, timeout: float) -> None:
         store = store.underlying_store
     if isinstance(store, dist.TCPStore):
         socket.create_connection((store.host, store.port), timeout=timeout).close()
+
+
+def ranks_named(ranks: tuple[int, ...] | list[int]) -> str:
+    """``rank 1`` or ``ranks 0, 2``.
+
+    >>> ranks_named([1]), ranks_named((0, 2))
+    ('rank 1', 'ranks 0, 2')
+    """
+    return f"rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}"
 
 
 def _a(kind: str) -> str:

@@ -76,7 +76,7 @@ from ..prefetch import CONSUMED, OTHER_STORE, PrefetchHandle, PrefetchHandleErro
 from ..quantization import dequantize_rows
 from ..store import TieredStore, as_id_tensor, as_rows, compute_device, no_seconds, seconds_left
 from .collective_thread import CollectiveThread
-from .liveness import Heartbeat, shared_connection
+from .liveness import Heartbeat, ranks_named, shared_connection
 from .shard_files import ShardInfo, mixed_runs, read_shard, shard_path
 from .shard_map import ShardMap
 
@@ -604,21 +604,22 @@ class ShardedStore:
         absent = opening.absent(self._wait_s)
         if absent:
             log.warning(
-                "rank %d: rank %s not yet at this store's open after %.1f s; waiting for it up "
-                "to sharding.timeout_s=%g",
+                "rank %d: %s not yet at this store's open after %.1f s; waiting for %s up to "
+                "sharding.timeout_s=%g",
                 self.rank,
-                ", ".join(map(str, absent)),
+                ranks_named(absent),
                 self._wait_s,
+                "it" if len(absent) == 1 else "them",
                 self.timeout_s,
             )
             absent = opening.absent(self.timeout_s - self._wait_s)
         if absent:
-            ranks = ", ".join(map(str, absent))
+            has, it, them = ("has", "it", "it") if len(absent) == 1 else ("have", "they", "them")
             self._failure = RankFailureError(
-                f"rank {self.rank}: open #0 failed: rank {ranks} has not come to this store's "
-                "open: no heartbeat from it under the open's keys within "
-                f"sharding.timeout_s={self.timeout_s:g} (it has not called ShardedStore.open: "
-                "busy elsewhere, or died before)"
+                f"rank {self.rank}: open #0 failed: {ranks_named(absent)} {has} not come to this "
+                f"store's open: no heartbeat from {them} under the open's keys within "
+                f"sharding.timeout_s={self.timeout_s:g} ({it} {has} not called "
+                "ShardedStore.open: busy elsewhere, or died before)"
             )
             raise self._failure
 
@@ -1214,10 +1215,11 @@ class ShardedStore:
         unknown = [r for r, (_, held) in enumerate(outcomes) if held == _UNKNOWN]
         if not lacks or not (wrote or unknown):
             return None
-        partly = f" ({_ranks(unknown)}: partly, or its lookup failed)" if unknown else ""
+        partly = f" ({ranks_named(unknown)}: partly, or its lookup failed)" if unknown else ""
+        applied = ranks_named(wrote) if wrote else "no rank"
         apart = (
-            f"the step applied on the shards of {_ranks(wrote) if wrote else 'no rank'} and not "
-            f"on those of {_ranks(lacks)}{partly}"
+            f"the step applied on the shards of {applied} and not on those of "
+            f"{ranks_named(lacks)}{partly}"
         )
         self._torn_update = (
             f"an update_rows round: {apart}, so the shards are a step apart; expected every shard "
@@ -1446,11 +1448,6 @@ def _refused(step: Any) -> str:
     return f"{step!r}{_REFUSED}"
 
 
-def _ranks(ranks: list[int]) -> str:
-    """``rank 1`` or ``ranks 0, 2``."""
-    return f"rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}"
-
-
 def _ranks_by_value(values: list[Any]) -> str:
     """Each distinct value with the ranks that passed it, in rank order.
 
@@ -1460,10 +1457,7 @@ def _ranks_by_value(values: list[Any]) -> str:
     groups: dict[str, list[int]] = {}
     for rank, value in enumerate(values):
         groups.setdefault(str(value), []).append(rank)
-    return "; ".join(
-        f"rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}: {value}"
-        for value, ranks in groups.items()
-    )
+    return "; ".join(f"{ranks_named(ranks)}: {value}" for value, ranks in groups.items())
 
 
 def staged_outcome(committed: list[int], staged: list[int | None]) -> list[int]:
