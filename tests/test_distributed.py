@@ -1649,6 +1649,20 @@ def test_a_rank_that_never_opens_the_store_is_named_by_the_others(tmp_path, worl
     ], results
 
 
+def test_a_rank_behind_in_a_round_other_than_a_lookup_is_not_said_to_skip_lookups():
+    """A rank that did not call commit() (or a write, a training step) while the others did was
+    said to have "entered only 4 collective lookup(s): it is not calling lookup/prefetch as
+    often as the others", sending its user to look for a missing lookup. Every kind of round
+    counts, and the round this rank is in is named."""
+    from tiered_store.distributed.liveness import Diagnosis
+
+    assert Diagnosis(behind=((1, 4),), kind="commit").describe(0.6) == (
+        "rank 1 is alive but has entered only 4 collective round(s), this rank more (it is in a "
+        "commit): it is not calling lookup/prefetch, write, commit and training steps as often "
+        "as the others"
+    )
+
+
 def test_ranks_that_stopped_or_closed_their_stores_are_named_in_the_plural():
     """A diagnosis named two silent ranks "rank 1, 2 stopped" and two that closed their stores
     "rank 3, 4 closed its store"."""

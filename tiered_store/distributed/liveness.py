@@ -4,12 +4,12 @@ Every rank's ``Heartbeat`` thread writes ``"<beat> <collectives entered> <state>
 its rank every ``interval`` seconds, on its own connection to the group's store. When a collective
 fails or times out, ``diagnose`` reads every rank's entry twice, ``3 * interval`` apart: a rank
 whose beat did not move is dead or hung; a live rank that has entered fewer collectives than this
-one has not called the lookup the others wait in; one that entered as many, but of another kind
-(a training step where this rank looks up), called another collective; one in the same round
-whose state is ``serving`` at both readings has not finished its own shard's part of it (a read
-or write that hangs; a store's open, before its first round: the opening of its shard). A store
-that cannot be reached means its host is gone: rank 0 (``tcp://`` or ``env://`` rendezvous), or
-torchrun's agent.
+one has not called the round (a lookup, write, commit or training step) the others wait in; one
+that entered as many, but of another kind (a training step where this rank looks up), called
+another collective; one in the same round whose state is ``serving`` at both readings has not
+finished its own shard's part of it (a read or write that hangs; a store's open, before its first
+round: the opening of its shard). A store that cannot be reached means its host is gone: rank 0
+(``tcp://`` or ``env://`` rendezvous), or torchrun's agent.
 
 The heartbeats of a process write on one connection (``shared_connection``), made once: torch
 looks the peer's name up at both ends of every new connection to the store (a reverse DNS query
@@ -68,7 +68,7 @@ class Diagnosis:
 
     silent: tuple[int, ...] = ()
     closed: tuple[int, ...] = ()  # ranks that closed their store
-    behind: tuple[tuple[int, int], ...] = ()  # (rank, collectives it entered)
+    behind: tuple[tuple[int, int], ...] = ()  # (rank, collective rounds it entered, any kind)
     elsewhere: tuple[tuple[int, str], ...] = ()  # (rank, the kind of round it is in)
     serving: tuple[int, ...] = ()  # ranks in this round whose own shard's part has not returned
     kind: str = ""  # the kind of round this rank is in
@@ -88,10 +88,12 @@ class Diagnosis:
         if self.closed:
             their = "its store" if len(self.closed) == 1 else "their stores"
             parts.append(f"{ranks_named(self.closed)} closed {their}")
-        for rank, entered in self.behind:
+        now = f" (it is in {_a(self.kind)})" if self.kind else ""
+        for rank, entered in self.behind:  # every kind of round counts
             parts.append(
-                f"rank {rank} is alive but has entered only {entered} collective lookup(s): it is "
-                "not calling lookup/prefetch as often as the others"
+                f"rank {rank} is alive but has entered only {entered} collective round(s), this "
+                f"rank more{now}: it is not calling lookup/prefetch, write, commit and training "
+                "steps as often as the others"
             )
         for rank, kind in self.elsewhere:
             parts.append(
