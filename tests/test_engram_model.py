@@ -293,6 +293,70 @@ def test_set_tables_swaps_all_or_nothing(model, batches):
     assert all(model.tables[i] is memory[i] for i in memory)  # layer 3 kept its table
 
 
+class _Plain(TableBackend):
+    """A table that is no module (as a tiered store) over an in-memory table's rows."""
+
+    def __init__(self, table: InMemoryTable) -> None:
+        self.inner, self.rows, self.dim = table, table.rows, table.dim
+
+    def lookup(self, row_ids, handle=None):
+        return self.inner.lookup(row_ids, handle)
+
+    def prefetch(self, row_ids):
+        return None
+
+
+# a Ctrl-C raised in a generator being closed is reported, not raised
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.parametrize("geometry", ["demo", "v41"])
+def test_set_tables_interrupted_anywhere_swaps_every_table_or_none(config, hasher, geometry):
+    """set_tables deleted each layer's table, then set the new one: a Ctrl-C between the two
+    left a layer with no table, and one between two layers left some layers swapped. Interrupted
+    at each point in turn, every layer now serves its old table, or every one its new table."""
+    from tests.test_engram_module import _interrupted_at
+
+    if geometry == "v41":
+        v41 = {
+            "engram": {
+                "geometry": "deepseek-v4.1",
+                "engram_vocab_size": 101,
+                "max_ngram_size": 3,
+                "n_embed_per_ngram": 64,
+                "n_head_per_ngram": 2,
+                "layer_ids": [1, 3],
+            },
+            "backbone": {"hidden_size": 32, "hc_mult": 2, "num_layers": 4},
+        }
+        cfg = ModelConfig.from_dict(v41)
+        model = EngramLM(cfg)
+        old = model.tables
+        new = {
+            i: InMemoryTable(t.lookup(torch.arange(int(t.rows))).float()) for i, t in old.items()
+        }
+    else:
+        model = EngramLM(config, hasher=hasher)
+        old = model.tables
+        new = {i: _Plain(t) for i, t in old.items()}
+    k = 0
+    while True:
+        k += 1
+        points = _interrupted_at(k, model.set_tables, new)
+        layers = [layer.engram for layer in model.layers if layer.engram is not None]
+        held = [e.multi_head_embedding if geometry == "demo" else e for e in layers]
+        name = "embedding" if geometry == "demo" else "table"
+        tables = {
+            i: h._modules.get(name, h.__dict__.get(name))
+            for i, h in zip(model.engram_layers, held, strict=True)
+        }
+        assert tables in (old, new), f"interrupt {k}: {tables}"
+        assert tables == model.tables
+        if points < k:  # every point has been interrupted once
+            assert tables == new
+            break
+        model.set_tables(old)
+    assert k > 10
+
+
 def test_set_tables_checks_each_table_s_layout_once(model):
     """set_tables checked every table, then each layer's set_table checked it again (the layout
     compared twice); the tables checked are swapped in as they are."""

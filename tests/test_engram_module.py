@@ -481,3 +481,55 @@ def test_forward_matches_golden_on_cuda(setup, layer, monkeypatch):
     with torch.no_grad():
         out = engram(data[f"layer{layer}.hidden_states"].cuda(), data["input_ids"].cuda())
     torch.testing.assert_close(out.cpu(), data[f"layer{layer}.output"], atol=1e-5, rtol=0)
+
+
+def _interrupted_at(k: int, call, *args) -> int:
+    """Run ``call(*args)`` with a Ctrl-C raised at the k-th point where a signal may be handled (a
+    call's entry, a return): the points it met (fewer than k: none was interrupted)."""
+    import sys
+
+    hits = [0]
+
+    def profile(frame, event, arg):
+        if arg is sys.setprofile:  # the profiler's own end
+            return
+        hits[0] += 1
+        if hits[0] == k:
+            raise KeyboardInterrupt
+
+    sys.setprofile(profile)
+    try:
+        call(*args)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        sys.setprofile(None)
+    return hits[0]
+
+
+# a Ctrl-C raised in a generator being closed is reported, not raised
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.parametrize("to_module", [True, False], ids=["plain-to-module", "module-to-plain"])
+def test_a_table_swap_interrupted_anywhere_leaves_the_old_table_or_the_new(setup, to_module):
+    """set_table deleted the old table, then set the new one: a Ctrl-C between the two left a
+    layer with no table at all (AttributeError on its next forward). Interrupted at each point
+    in turn, the layer now serves the old table or the new one, and its state_dict holds the
+    weight of that one (a module) or none (a plain backend)."""
+    config, backbone, hasher, data, path = setup
+    weight, _ = split_checkpoint(path, 1)
+    k = 0
+    while True:
+        k += 1
+        module, plain = InMemoryTable(weight.clone()), CountingTable(weight)
+        old, new = (plain, module) if to_module else (module, plain)
+        engram = Engram(config, backbone, 1, hasher=hasher, backend=old)
+        points = _interrupted_at(k, engram.set_table, new)
+        held = engram.multi_head_embedding
+        table = held._modules.get("embedding", held.__dict__.get("embedding"))
+        assert table is old or table is new, f"interrupt {k}: no table"
+        assert engram.table is table, f"interrupt {k}"
+        assert (EMBEDDING_KEY in engram.state_dict()) == isinstance(table, nn.Module)
+        if points < k:  # every point has been interrupted once
+            assert table is new
+            break
+    assert k > 10

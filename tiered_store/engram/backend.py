@@ -28,6 +28,20 @@ def check_row_id_values(row_ids: object) -> None:
         raise RowIdError(f"row_ids: tensor {describe_tensor(row_ids)} {problem}")
 
 
+def swap_table(owner: nn.Module, name: str, table: object) -> None:
+    """``owner.<name> = table``, a child module or a plain attribute replacing either (a Ctrl-C
+    or any error during the swap leaves the old one, never neither)."""
+    old = getattr(owner, name)
+    try:
+        delattr(owner, name)  # a submodule or a plain attribute: either way a new one may go in
+        setattr(owner, name, table)
+    except BaseException:
+        owner.__dict__.pop(name, None)  # whichever of the two is there
+        owner._modules.pop(name, None)
+        setattr(owner, name, old)
+        raise
+
+
 @runtime_checkable
 class TableBackend(Protocol):
     """What the Engram module needs from a table: a row count, a width, lookup and prefetch.

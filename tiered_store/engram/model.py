@@ -57,7 +57,7 @@ from ..capacity import available_host_memory, format_bytes
 from ..errors import ConfigError
 from ..id_ops import array_for_torch, ids_on_gpu, snapshot_of
 from ..quantization import RowQuantization, quantize_rows
-from .backend import PackedInMemoryTable, TableBackend
+from .backend import PackedInMemoryTable, TableBackend, swap_table
 from .config import ModelConfig, TransformerConfig
 from .hashing import HashState, NgramHasher, hasher_for, rewound_on_failure
 from .layout import check_backend_layout
@@ -372,7 +372,8 @@ class EngramLM(nn.Module):
 
     def set_tables(self, tables: Mapping[int, TableBackend]) -> None:
         """Serve the given Engram layers' rows from other backends (rows and dim are checked, and
-        the Engram layout a backend tells, ``engram_layout``; none swapped when one fails)."""
+        the Engram layout a backend tells, ``engram_layout``; none swapped when one fails or a
+        Ctrl-C interrupts the swap)."""
         engrams, tables = self.engram_layers, _table_mapping(tables)
         for layer_id in tables:
             if layer_id not in engrams:
@@ -385,13 +386,21 @@ class EngramLM(nn.Module):
                 self._check_v41_table(layer_id, table)
             else:
                 engram._check_backend(table, f"tables[{layer_id}]")
-        for layer_id, table in tables.items():  # checked above: swapped as they are
-            engram = engrams[layer_id]
-            if isinstance(engram, V41Engram):
-                del engram.table  # a registered child module (InMemoryTable) or a plain attribute
-                engram.table = table
-            else:
-                engram.multi_head_embedding.set_backend(table)
+        swapped: list[tuple[nn.Module, str, Any]] = []  # each layer's old table
+        try:  # checked above: swapped as they are
+            for layer_id, table in tables.items():
+                engram = engrams[layer_id]
+                held, name = (
+                    (engram, "table")
+                    if isinstance(engram, V41Engram)
+                    else (engram.multi_head_embedding, "embedding")
+                )
+                swapped.append((held, name, getattr(held, name)))
+                swap_table(held, name, table)  # interrupted: the old one
+        except BaseException:  # a Ctrl-C between two layers: every layer's old table again
+            for held, name, kept in reversed(swapped):
+                swap_table(held, name, kept)
+            raise
 
     def dense_parameters(self) -> int:
         """Parameters outside the Engram tables (token embedding included)."""

@@ -25,7 +25,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..store import as_id_tensor
 from ..table_sources import tensor_without_values
-from .backend import InMemoryTable, TableBackend, check_row_id_values
+from .backend import InMemoryTable, TableBackend, check_row_id_values, swap_table
 from .config import BackboneConfig, EngramConfig
 from .hashing import HashState, NgramHasher, hasher_for, head_offsets, rewound_on_failure
 from .layout import check_backend_layout
@@ -141,9 +141,9 @@ class MultiHeadEmbedding(nn.Module):
         return self.embedding.lookup(row_ids, handle)
 
     def set_backend(self, backend: TableBackend) -> None:
-        """Serve the rows from ``backend`` instead (a module or a plain object)."""
-        del self.embedding  # a submodule or a plain attribute: either way a new one may go in
-        self.embedding = backend
+        """Serve the rows from ``backend`` instead (a module or a plain object; interrupted, the
+        old one)."""
+        swap_table(self, "embedding", backend)
 
 
 class Engram(nn.Module):
