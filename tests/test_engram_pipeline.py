@@ -206,10 +206,58 @@ def test_host_ids_of_every_kind_are_chosen_for_pinning(model, batches, kind):
         "list": ids.tolist(),
         "tensor": ids,
     }[kind]
-    chosen = _host_ids_to_pin(model, given)
-    assert chosen is not None and chosen.dtype == torch.int64 and torch.equal(chosen, ids)
+    chosen, pin = _host_ids_to_pin(model, given)
+    assert pin and chosen.dtype == torch.int64 and torch.equal(chosen, ids)
     on_a_device = torch.empty(2, 3, dtype=torch.int64, device="meta")  # as CUDA ids: not read
-    assert _host_ids_to_pin(model, on_a_device) is None
+    assert _host_ids_to_pin(model, on_a_device) == (None, False)
+
+
+class _CountedChecks:
+    """Counts a model's checks of token ids (``_check_input``) while it is entered."""
+
+    def __init__(self, model: EngramLM) -> None:
+        self.model, self.calls = model, 0
+
+    def __enter__(self) -> _CountedChecks:
+        check = self.model._check_input
+
+        def counted(*args, **kwargs):
+            self.calls += 1
+            return check(*args, **kwargs)
+
+        self.model._check_input = counted
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        del self.model._check_input
+
+
+def test_host_ids_chosen_for_pinning_are_checked_once(model, batches):
+    """For a model on the GPU the pipeline checked a batch's host ids to choose them for
+    pinning, then hash checked them again (the whole batch read twice). The checked ids are
+    hashed as they are: one check a batch."""
+    ids = batches[0]
+    with _CountedChecks(model) as checks:
+        checked, pin = _host_ids_to_pin(model, ids.numpy().astype(np.int32))
+        batch = model._hash(checked, owned=True, checked=checked)
+    assert checks.calls == 1 and batch.input_ids is checked and torch.equal(checked, ids)
+    with _CountedChecks(model) as checks:
+        assert model.hash(ids).input_ids.equal(ids)
+    assert checks.calls == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_batch_of_host_ids_for_the_gpu_is_checked_once(batches):
+    """On CUDA each batch of host ids, pinned or not, is checked once on its way through the
+    pipeline (to choose it for pinning), not again when it is hashed."""
+    model = cuda_model()
+    pipeline = PrefetchPipeline(model, lookahead=1)
+    pinned = [ids.pin_memory() for ids in batches]
+    for source in (batches, [ids.numpy() for ids in batches], pinned):
+        with _CountedChecks(model) as checks:
+            assert len(list(pipeline.run(source))) == len(batches)
+        assert checks.calls == len(batches)
 
 
 @pytest.mark.gpu

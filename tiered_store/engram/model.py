@@ -433,11 +433,14 @@ class EngramLM(nn.Module):
         *,
         owned: bool = False,
         name: str = "input_ids",
+        checked: torch.Tensor | None = None,
     ) -> EngramBatch:
         """``hash``; ``owned``: ``input_ids`` is a copy made for this batch alone (no caller
         refills it: the pipeline's pinned copy), kept without a copy of its own; ``name``: the
-        ids in errors about them."""
-        checked = self._check_input(input_ids, name)
+        ids in errors about them; ``checked``: ``_check_input``'s ids of ``input_ids``, made
+        already (not checked again)."""
+        if checked is None:
+            checked = self._check_input(input_ids, name)
         ids = checked if owned else _snapshot(checked, input_ids)
         mask = _snapshot(_token_mask(token_mask, ids), token_mask)
         position = state.position if state is not None else 0

@@ -302,26 +302,26 @@ class PrefetchPipeline:
         """Hash one batch (``name`` in errors about its ids) for every Engram layer and (unless
         disabled) start its fetches; the batch holds one copy of ids the source may refill
         before it runs (hash's, or the pinned one made here: on CUDA host ids of any kind are
-        pinned)."""
-        owned = False
-        if cuda and (ids := _host_ids_to_pin(self.model, input_ids, name)) is not None:
-            # int64 first (int32 ids: a copy), then pinned: the copy hash keeps is the pinned one
-            input_ids, owned = ids.pin_memory(), True  # the copy to the GPU: async
-        batch = self.model._hash(input_ids, owned=owned, name=name)
+        pinned). The ids are checked once."""
+        checked, pin = _host_ids_to_pin(self.model, input_ids, name) if cuda else (None, False)
+        if pin:  # int64 first (int32 ids: a copy), then pinned: the copy hash keeps
+            input_ids = checked = checked.pin_memory()  # the copy to the GPU: async
+        batch = self.model._hash(input_ids, owned=pin, name=name, checked=checked)
         return self.model.fetch(batch) if self.prefetch else batch
 
 
 def _host_ids_to_pin(
     model: EngramLM, input_ids: Any, name: str = "input_ids"
-) -> torch.Tensor | None:
-    """The checked int64 ids [B, T] (``name`` in errors) that the pipeline pins for a model on
-    the GPU (so that its copy there is asynchronous): host ids not pinned yet, given as a
-    tensor, an array or a list; None for ids pinned already (hash's snapshot of them is pinned)
-    or on a device."""
+) -> tuple[torch.Tensor | None, bool]:
+    """For a model on the GPU: the checked int64 ids [B, T] (``name`` in errors; None for ids
+    on a device, which hash alone checks: a check here would wait for the device) and whether
+    the pipeline pins them (so that their copy there is asynchronous): host ids not pinned yet,
+    given as a tensor, an array or a list (ids pinned already: hash's snapshot of them is
+    pinned)."""
     if isinstance(input_ids, torch.Tensor) and input_ids.device.type != "cpu":
-        return None  # checked by hash alone: a check here would wait for the device too
+        return None, False  # checked by hash alone: a check here would wait for the device too
     ids = model._check_input(input_ids, name)
-    return ids if ids.device.type == "cpu" and not ids.is_pinned() else None
+    return ids, not ids.is_pinned()
 
 
 def _snapshot(table: TableBackend) -> dict | None:
