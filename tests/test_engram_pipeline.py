@@ -740,6 +740,34 @@ def test_decode_of_tokens_on_the_gpu_keeps_its_hash_state_there(batches, monkeyp
         torch.testing.assert_close(got, expected)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("kind", ["tensor", "int32 array", "list"])
+def test_decode_pins_host_tokens_for_a_model_on_the_gpu(batches, monkeypatch, kind):
+    """decode gave a model on the GPU its host tokens unpinned (run pins each batch): every
+    step's copy of its tokens there was synchronous. They are pinned once: every step's batch
+    holds pinned ids and a pinned mask, and the outputs are those of tokens on the GPU."""
+    model = cuda_model()
+    tokens = batches[0]
+    given = {
+        "tensor": tokens,
+        "int32 array": tokens.numpy().astype(np.int32),
+        "list": tokens.tolist(),
+    }[kind]
+    seen, prefetch = [], model.prefetch
+    monkeypatch.setattr(
+        model, "prefetch", lambda *a, **kw: seen.append(prefetch(*a, **kw)) or seen[-1]
+    )
+    pipeline = PrefetchPipeline(model)
+    outs, _ = pipeline.decode(given, prompt=24)
+    assert len(seen) == 1 + 8
+    assert all(b.input_ids.is_pinned() and b.token_mask.is_pinned() for b in seen)
+    monkeypatch.undo()
+    want, _ = pipeline.decode(tokens.cuda(), prompt=24)
+    for got, expected in zip(outs, want, strict=True):
+        torch.testing.assert_close(got, expected)
+
+
 def test_decode_names_its_tokens_argument_in_errors_about_them(model, batches):
     """decode refused tokens that are no [B, T] of token ids as "input_ids: ...", an argument it
     does not have; the errors name tokens."""

@@ -241,8 +241,13 @@ class PrefetchPipeline:
     def decode(self, tokens: Any, prompt: int) -> tuple[list[torch.Tensor], DecodeStats]:
         """Prefill ``tokens[:, :prompt]``, then feed ``tokens[:, t]`` one per step for every
         later ``t``: the outputs (prompt's, then each step's) and the steps' statistics
-        (an example is in the class docstring)."""
-        ids = self.model._check_input(tokens, "tokens")
+        (an example is in the class docstring). For a model on the GPU host tokens are pinned
+        once, as ``run`` pins each batch."""
+        model, tables = self.model, self.model.tables
+        cuda = model.embed.weight.device.type == "cuda"
+        ids, pin = _host_ids_to_pin(model, tokens, "tokens") if cuda else (None, False)
+        if ids is None:
+            ids = model._check_input(tokens, "tokens")
         if ids.shape[1] < 2:
             raise ConfigError(
                 f"tokens: expected at least 2 per sequence (a prompt, then the tokens to decode), "
@@ -254,8 +259,8 @@ class PrefetchPipeline:
                 f"prompt: expected an integer in [1, {ids.shape[1] - 1}] (tokens has "
                 f"{ids.shape[1]} per sequence), got {given!r}"
             )
-        model, tables = self.model, self.model.tables
-        cuda = model.embed.weight.device.type == "cuda"
+        if pin:  # every step's copy of its tokens to the GPU: asynchronous
+            ids = ids.pin_memory()
         # on the device the tokens are hashed on: no step copies the look-back there and back
         state, cache = model.hasher.new_state(ids.shape[0], device=ids.device), model.new_cache()
         steps = ids.shape[1] - prompt
