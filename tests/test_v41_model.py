@@ -379,3 +379,39 @@ def test_a_model_built_on_the_meta_device_names_its_tables_without_rows(
         {layer: PackedInMemoryTable.from_table(str(p)) for layer, p in table_paths.items()}
     )
     assert model(tokens[:1, :8]).shape[:2] == (1, 8)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_token_mask_on_another_device_is_copied_once_a_forward(model, tokens):
+    """Each V4.1 layer copied the batch's token mask to the model's device: a CPU model given
+    ids (and so a mask) on the GPU waited for the device once per Engram layer. The mask is
+    copied once a forward, and the logits are those of the ids on the CPU."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class MaskCopies(TorchDispatchMode):
+        """Counts copies of bool tensors off the GPU."""
+
+        copies = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            source = args[0] if args else None
+            if (
+                func in (torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default)
+                and isinstance(source, torch.Tensor)
+                and source.dtype == torch.bool
+            ):
+                given = source if func is torch.ops.aten._to_copy.default else args[1]
+                self.copies += given.device.type == "cuda"
+            return func(*args, **(kwargs or {}))
+
+    mask = torch.ones(tokens.shape, dtype=torch.bool)
+    mask[:, 5] = False
+    batch = model.hash(tokens.cuda(), mask.cuda())
+    assert batch.token_mask.device.type == "cuda" and len(model.engram_layers) == 2
+    with torch.no_grad(), MaskCopies() as counted:
+        got = model(batch.input_ids, prefetched=batch, logits="last")
+    assert counted.copies == 1
+    with torch.no_grad():
+        want = model(tokens, prefetched=model.hash(tokens, mask), logits="last")
+    torch.testing.assert_close(got, want)

@@ -228,13 +228,14 @@ class DecoderLayer(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor],
         batch: EngramBatch,
         cache: KVCache | None,
+        mask: torch.Tensor | None,
     ) -> torch.Tensor:
-        """[B, T, hc, D] -> [B, T, hc, D] (appends this layer's keys/values to ``cache``)."""
+        """[B, T, hc, D] -> [B, T, hc, D] (appends this layer's keys/values to ``cache``);
+        ``mask``: the batch's token mask on ``h``'s device (for V4.1 layers; None without)."""
         row_ids, handle = batch.row_ids.get(self.index), batch.handles.get(self.index)
         if handle is not None:  # this forward consumes it: a rerun of the batch looks rows up
             batch.handles[self.index] = None
         if isinstance(self.engram, V41Engram):
-            mask = _to_device(batch.token_mask, h.device)  # (pinned: asynchronous)
             h = self.engram(h, row_ids, mask, handle)
         elif self.engram is not None:
             conv = cache.conv.setdefault(self.index, {}) if cache is not None else None
@@ -564,9 +565,12 @@ class EngramLM(nn.Module):
         h = self.embed(ids).unsqueeze(2).expand(-1, -1, hc, -1)
         rope = self._rope_tables(start, ids.shape[1], h.device, h.dtype)
         conv = {i: dict(inputs) for i, inputs in cache.conv.items()} if cache is not None else {}
+        mask = None  # V4.1 layers': copied to the model's device once (pinned: asynchronously)
+        if self.config.engram.is_v41:
+            mask = _to_device(prefetched.token_mask, h.device)
         try:
             for layer in self.layers:
-                h = layer(h, rope, prefetched, cache)
+                h = layer(h, rope, prefetched, cache, mask)
             x = h.sum(dim=2)
             if logits == "last":
                 x = x[:, -1]
