@@ -1390,3 +1390,30 @@ def test_a_capped_token_stream_is_the_uncapped_streams_prefix(tmp_path, monkeypa
         whole = read_tokens(corpus, words, max_tokens=10**9)
         for cap in range(1, len(whole) + 2, 5):
             assert read_tokens(corpus, words, max_tokens=cap).tolist() == whole[:cap].tolist()
+
+
+def test_a_model_on_the_cpu_never_asks_whether_its_ids_are_pinned(model, batches):
+    """Each hash asked whether the ids were pinned (for the token mask, and for the batch's copy
+    of a caller's tensor): on a machine with a GPU, Tensor.is_pinned() of a CPU tensor may
+    start a CUDA context (torch asks the driver), so a model on the CPU took GPU memory for
+    nothing. Only a model on the GPU asks now; the batch is as before."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Asked(TorchDispatchMode):
+        """Counts Tensor.is_pinned() calls."""
+
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.calls += func is torch.ops.aten.is_pinned.default
+            return func(*args, **(kwargs or {}))
+
+    ids = batches[0]
+    with Asked() as asked:
+        batch = model.hash(ids)
+        mask = model.hash(ids, torch.ones(ids.shape, dtype=torch.bool)).token_mask
+        with torch.no_grad():
+            model(ids, prefetched=batch, logits="last")
+    assert asked.calls == 0
+    assert torch.equal(batch.input_ids, ids) and batch.input_ids.data_ptr() != ids.data_ptr()
+    assert batch.token_mask.all() and mask.all() and not batch.token_mask.is_pinned()

@@ -95,9 +95,11 @@ def ids_on_gpu(ids: object) -> bool:
     return isinstance(ids, torch.Tensor) and ids.is_cuda
 
 
-def snapshot_of(ids: torch.Tensor, given: torch.Tensor) -> torch.Tensor:
+def snapshot_of(ids: torch.Tensor, given: torch.Tensor, *, pinnable: bool = True) -> torch.Tensor:
     """``ids`` (checked or converted from the caller's ``given``), copied if they share memory
-    with it: a caller may refill its buffer before the ids are used.
+    with it: a caller may refill its buffer before the ids are used. The copy of pinned ids is
+    pinned unless ``pinnable`` is False (ids no GPU reads: not asked, as ``is_pinned()`` of a
+    CPU tensor may start a CUDA context).
 
     >>> buffer = torch.arange(3)
     >>> snapshot_of(buffer.view(-1), buffer) is not buffer, snapshot_of(buffer + 1, buffer).tolist()
@@ -106,7 +108,8 @@ def snapshot_of(ids: torch.Tensor, given: torch.Tensor) -> torch.Tensor:
     if ids.device == given.device and (
         ids.untyped_storage().data_ptr() == given.untyped_storage().data_ptr()
     ):
-        if ids.is_pinned():  # a copy pinned too, or the copy to the GPU stops being asynchronous
+        if pinnable and ids.is_pinned():  # a copy pinned too, or the copy to the GPU stops
+            # being asynchronous
             return torch.empty(ids.shape, dtype=ids.dtype, pin_memory=True).copy_(ids)
         return ids.clone()
     return ids

@@ -442,8 +442,9 @@ class EngramLM(nn.Module):
         already (not checked again)."""
         if checked is None:
             checked = self._check_input(input_ids, name)
-        ids = checked if owned else _snapshot(checked, input_ids)
-        mask = _snapshot(_token_mask(token_mask, ids), token_mask)
+        gpu = self.embed.weight.device.type == "cuda"  # pinned ids to keep pinned (else unasked)
+        ids = checked if owned else _snapshot(checked, input_ids, gpu)
+        mask = _snapshot(_token_mask(token_mask, ids, gpu), token_mask, gpu)
         position = state.position if state is not None else 0
         rows = self.hasher.row_ids(ids, token_mask=mask, state=state)
         layers = dict.fromkeys(self.engram_layers)
@@ -794,23 +795,25 @@ def check_model_memory(
     )
 
 
-def _snapshot(checked: torch.Tensor, given: Any) -> torch.Tensor:
+def _snapshot(checked: torch.Tensor, given: Any, gpu: bool) -> torch.Tensor:
     """``checked`` (made from the caller's ``given``), copied if it shares the caller's memory:
-    the batch's own, as the caller may refill its buffer (ids or mask) before the forward."""
+    the batch's own, as the caller may refill its buffer (ids or mask) before the forward
+    (pinned ones pinned for a model on the GPU, ``gpu``)."""
     if isinstance(given, torch.Tensor):
-        return snapshot_of(checked, given)
+        return snapshot_of(checked, given, pinnable=gpu)
     if given is None or isinstance(given, (list, tuple)) or checked.device.type != "cpu":
         return checked  # made here (from a list, or copied to the device)
     # an array (or other buffer) kept as given: copied, as a refilled tensor's
     return checked.clone() if np.may_share_memory(checked.numpy(), given) else checked
 
 
-def _token_mask(token_mask: Any, ids: torch.Tensor) -> torch.Tensor:
-    """``token_mask`` as bool [B, T] on the ids' device (all True when ``None``)."""
-    if token_mask is None:  # pinned with pinned ids: V4.1 layers copy it to the GPU with them
-        return torch.ones(
-            ids.shape, dtype=torch.bool, device=ids.device, pin_memory=ids.is_pinned()
-        )
+def _token_mask(token_mask: Any, ids: torch.Tensor, gpu: bool) -> torch.Tensor:
+    """``token_mask`` as bool [B, T] on the ids' device (all True when ``None``; for a model on
+    the GPU, ``gpu``, pinned with pinned ids: V4.1 layers copy it there with them). A model on
+    the CPU does not ask whether ids are pinned: is_pinned() may start a CUDA context."""
+    if token_mask is None:
+        pin = gpu and ids.is_pinned()
+        return torch.ones(ids.shape, dtype=torch.bool, device=ids.device, pin_memory=pin)
     return NgramHasher._mask(token_mask, ids)  # the hasher's checks (one set of messages)
 
 
