@@ -296,3 +296,14 @@ def test_a_norm_eps_that_float32_rounds_to_zero_is_refused(eps):
     with torch.no_grad():
         out = layer(torch.zeros(1, 2, 2, 4, dtype=torch.bfloat16), torch.tensor([[[0, 1], [2, 3]]]))
     assert not out.isnan().any()
+
+
+def test_a_single_row_id_is_refused_naming_the_shapes_expected():
+    """One row id (a 0-d tensor, or an int, which the table's lookup takes) ended in a bare
+    IndexError (tuple index out of range) where the shapes are compared; it is refused as any
+    other row ids of the wrong shape."""
+    layer = V41Engram(InMemoryTable(torch.randn(50, 8)), num_heads=3, dim=16, hc_mult=2)
+    x = torch.randn(1, 5, 2, 16)
+    for one in (torch.tensor(3), 3):
+        with pytest.raises(ConfigError, match=r"row ids \(\); expected \[\.\.\., 2, 16\] and"):
+            layer(x, one)

@@ -133,7 +133,7 @@ class V41Engram(nn.Module):
             )
         if not isinstance(row_ids, torch.Tensor):  # a list or NumPy array, as lookup takes them
             row_ids = as_id_tensor(row_ids)
-        if x.shape[-2:] != (self.hc_mult, self.dim) or row_ids.shape[-1] != self.num_heads:
+        if x.shape[-2:] != (self.hc_mult, self.dim) or row_ids.shape[-1:] != (self.num_heads,):
             raise ConfigError(
                 f"V41Engram input: x {tuple(x.shape)} and row ids {tuple(row_ids.shape)}; expected "
                 f"[..., {self.hc_mult}, {self.dim}] and [..., {self.num_heads}]"
