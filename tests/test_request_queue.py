@@ -76,6 +76,40 @@ def test_next_use_follows_requests_coming_and_going_in_any_order():
         ), step
 
 
+def test_served_without_ids_serves_the_ids_announced_from_those_served_so_far_on(tmp_path):
+    """``serve`` told each table a request's whole lookup with the ids announce had already
+    checked and copied (on CUDA, two waits for the device per table per request); with no ids,
+    ``served`` takes them from the queue: the ids announced from those served so far on, the
+    same news as the explicit ids (a store's served rows included)."""
+    rng = np.random.default_rng(11)
+    for trial in range(40):
+        ids = torch.from_numpy(rng.integers(0, 60, int(rng.integers(1, 30))))
+        before = torch.from_numpy(rng.integers(0, 60, 20))
+        split = int(rng.integers(0, ids.numel() + 1))
+        explicit, rebuilt = QueuedRequests(), QueuedRequests()
+        outs = []
+        for queue, rest in ((explicit, ids[split:]), (rebuilt, None)):
+            queue.add(before)
+            request = queue.add(ids.reshape(1, -1))
+            queue.add(ids[: ids.numel() // 2])
+            if split:
+                queue.served(request, ids[:split])
+            outs.append(queue.served(request, rest))
+            outs.append(queue.next_use(torch.arange(60)))
+        for got, want in zip(outs[2:], outs[:2], strict=True):
+            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), trial
+    path, _ = make_table(tmp_path, rows=ROWS, dim=4)
+    with TieredStore(store_config(path, warm={"capacity": 30})) as store:
+        store.lookup(torch.arange(30))
+        request = store.announce(torch.arange(20).reshape(4, 5))
+        store.served(request, torch.arange(5))
+        store.served(request)  # the other 15
+        store.lookup(torch.arange(30, 32))  # the news told
+        assert int(store.stats()["queue"]["rows"]) == 0
+        assert bool((store.warm._next_use == NOT_QUEUED).all())
+        store.release(request)
+
+
 def test_add_and_remove_say_which_rows_change_their_earliest_request():
     """``first_rows``: the rows no earlier request looks up; ``remove``: the rows the request was
     the earliest for and their next request, against the queue's own ``next_use``."""

@@ -158,20 +158,25 @@ class QueuedRequests:
         return torch.from_numpy(rows), torch.from_numpy(next_use)
 
     def served(
-        self, request: QueuedRequest, ids: torch.Tensor
+        self, request: QueuedRequest, ids: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``request``'s lookups of ``ids`` (any shape; ids it did not announce are not counted)
-        are made now: the rows none of its lookups left looks up lose its standing. Returns those
+        """``request``'s lookups of ``ids`` (any shape; ids it did not announce are not counted;
+        None: the ids it announced from those served so far on, rebuilt from ``where``: all of
+        them at its first batch) are made now: the rows none of its lookups left looks up lose
+        its standing. Returns those
         it was the earliest request for, and the token of the request that now looks each up
         first (``NOT_QUEUED`` where none does), as ``remove``. A compiled pass over the batch, and a
         search for each finished row's pair (at the request's second batch since the queue's
         pairs last changed, one pass over them finds all of its pairs instead)."""
         from . import request_queue_kernels as kernels
 
-        flat = np.ascontiguousarray(ids.reshape(-1).to("cpu", torch.int64).numpy())
+        if ids is not None:
+            flat = np.ascontiguousarray(ids.reshape(-1).to("cpu", torch.int64).numpy())
         with self._changing:
             self._check_queued(request, "served")
             rows = request.rows.numpy()
+            if ids is None:  # each found where ``where`` says: no search
+                flat = rows[request.where[request.served_ids :]]
             # where its pairs are: searched for at its first batch since the pairs were replaced
             # (a request served in one batch pays no pass over the queue), found in one pass at
             # its second (then kept while they stay)

@@ -374,13 +374,15 @@ class TieredStore:
             self._lock.post(request, moved)
         self._lock.tell_if_free()  # waits for the lock only past a backlog of news (NEWS_BACKLOG)
 
-    def served(self, request: QueuedRequest, ids: Any) -> None:
+    def served(self, request: QueuedRequest, ids: Any = None) -> None:
         """A request from ``announce`` served in several lookups: call this with each batch's
         ``ids`` just before looking them up. The rows none of its later batches look up lose its
         standing (they wait for the next request that looks them up, if any), so this batch's
         admissions evict them before rows the requests behind it need. Ids it did not announce
-        are not counted. ``release`` it after its last batch, as usual. A no-op once the store
-        is closed.
+        are not counted. ``ids`` omitted: the ids it announced from those served so far on (its
+        whole lookup, at its first batch), taken from the queue (no check nor copy of the ids;
+        on CUDA, no wait for the device). ``release`` it after its last batch, as usual. A
+        no-op once the store is closed.
 
         Examples
         --------
@@ -392,7 +394,7 @@ class TieredStore:
         """
         if self._closed:
             return
-        flat = self._in_table(self._checked_flat(as_id_tensor(ids)))
+        flat = None if ids is None else self._in_table(self._checked_flat(as_id_tensor(ids)))
         with self._releasing:  # in queue order with the releases
             try:
                 moved = self.caches.queue.served(request, flat)  # its own lock, as a release's

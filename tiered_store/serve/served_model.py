@@ -838,13 +838,13 @@ class ServedModel:
         failure is logged (one released meanwhile has nothing to tell), the other tables are told
         and the request is served all the same."""
         told = dict(list(announced.queued))  # a copy: a release may empty it meanwhile
-        for layer, ids in announced.batch.row_ids.items():
+        for layer in announced.batch.row_ids:
             name = self.config.table_name(layer)
             store = self.stores.get(name)
             if store not in told:
                 continue
-            try:
-                store.served(told[store], ids)
+            try:  # the ids it announced, from the queue: checked and copied once, by announce
+                store.served(told[store])
             except QueuedRequestError:  # released meanwhile (cancelled): nothing left to tell
                 return
             except Exception:  # noqa: BLE001 (advice: the request is served all the same)
