@@ -1708,3 +1708,78 @@ def test_a_batch_served_interrupted_before_its_news_is_made_up_for_by_the_releas
         store.release(request)
         assert torch.equal(store.lookup(torch.arange(40, 45)), data[40:45])
         _no_row_held_for_a_request(store)
+
+
+class _InterruptedAfter(set):
+    """Requests whose ``add`` or ``discard`` (as named) takes effect, then a Ctrl-C is raised
+    (as CPython raises it at the end of a call, once a signal came during it)."""
+
+    def __init__(self, tokens, method: str) -> None:
+        super().__init__(tokens)
+        self.method = method
+
+    def add(self, token):
+        super().add(token)
+        if self.method == "add":
+            raise KeyboardInterrupt
+
+    def discard(self, token):
+        super().discard(token)
+        if self.method == "discard":
+            raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("where", ["as the queue takes it", "before its news is posted"])
+def test_an_announce_interrupted_once_queued_is_withdrawn(tmp_path, where):
+    """A Ctrl-C once ``add`` queued the request (raised as it ends, or as the news is posted)
+    left its pairs in the queue with no request returned to release: its rows waited in both
+    tiers for a request gone, for good. The announce withdraws it."""
+    path, data = make_table(tmp_path, rows=400)
+    with TieredStore(store_config(path, hot={"capacity": 20}, warm={"capacity": 60})) as store:
+        store.lookup(torch.arange(60))
+        store.release(store.announce(torch.arange(3)))  # the queue attached to the tiers
+        queue, post = store.caches.queue, store._lock.post
+        if where == "as the queue takes it":
+            queue._requests = _InterruptedAfter(queue._requests, "add")
+        else:
+
+            def interrupted(*args, **kwargs):
+                store._lock.post = post
+                raise KeyboardInterrupt
+
+            store._lock.post = interrupted
+        with pytest.raises(KeyboardInterrupt):
+            store.announce(torch.arange(40))
+        queue._requests = set(queue._requests)
+        assert len(queue) == 0 and queue.nbytes == 0
+        assert torch.equal(store.lookup(torch.arange(40, 45)), data[40:45])
+        _no_row_held_for_a_request(store)
+
+
+@pytest.mark.parametrize("where", ["as the queue drops it", "before its news is posted"])
+def test_a_release_interrupted_once_the_queue_dropped_it_still_tells_the_tiers(tmp_path, where):
+    """``release`` drops the request from the queue, then posts the news the tiers learn it
+    from; a Ctrl-C between the two (raised as ``remove`` ends, or as the news is posted) left
+    the request's rows waiting in both tiers for a request gone, for good (a second release is
+    refused: it was released). The release posts every row of it then."""
+    path, data = make_table(tmp_path, rows=400)
+    with TieredStore(store_config(path, hot={"capacity": 20}, warm={"capacity": 60})) as store:
+        store.lookup(torch.arange(60))
+        request = store.announce(torch.arange(40))
+        store.lookup(torch.arange(40, 45))  # the announce told
+        queue, post = store.caches.queue, store._lock.post
+        if where == "as the queue drops it":
+            queue._requests = _InterruptedAfter(queue._requests, "discard")
+        else:
+
+            def interrupted(*args, **kwargs):
+                store._lock.post = post
+                raise KeyboardInterrupt
+
+            store._lock.post = interrupted
+        with pytest.raises(KeyboardInterrupt):
+            store.release(request)
+        queue._requests = set(queue._requests)
+        assert len(queue) == 0
+        assert torch.equal(store.lookup(torch.arange(40, 45)), data[40:45])
+        _no_row_held_for_a_request(store)

@@ -73,6 +73,14 @@ class QueuedRequests:
     def __len__(self) -> int:
         return len(self._requests)
 
+    def __contains__(self, request: object) -> bool:
+        """Whether ``request`` is queued here now (announced, not released)."""
+        return (
+            isinstance(request, QueuedRequest)
+            and request.owner is self
+            and request.token in self._requests
+        )
+
     @property
     def rows(self) -> int:
         """Distinct rows the queued requests look up (have a lookup of left)."""
@@ -108,10 +116,12 @@ class QueuedRequests:
             )
             raise QueuedRequestError(f"{call}: queued request {request.token} {where}; {expected}")
 
-    def add(self, ids: torch.Tensor) -> QueuedRequest:
+    def add(self, ids: torch.Tensor, made: list[QueuedRequest] | None = None) -> QueuedRequest:
         """Queue a request that will look up ``ids`` (any shape); its ``first_rows`` are those no
         request queued before it looks up (but for rows it finished with): they now wait for
-        it."""
+        it. ``made``: gets the request before the queue changes, for a caller to withdraw it
+        when a Ctrl-C is raised once it is queued (at the end of a call in here: it is never
+        returned)."""
         from . import request_queue_kernels as kernels  # numba: imported at the first announce
 
         rows, where, counts = torch.unique(
@@ -121,13 +131,18 @@ class QueuedRequests:
         with self._changing:
             token = next(self._tokens)
             if not rows.numel():  # no pair to add: no pass over the queue's
+                request = QueuedRequest(token, rows, self, rows, left, where)
+                if made is not None:
+                    made.append(request)
                 with self._lock:
                     self._requests.add(token)
-                return QueuedRequest(token, rows, self, rows, left, where)
+                return request
             pair_rows, pair_tokens, first = kernels.merge_request(
                 self._pair_rows, self._pair_tokens, rows.numpy(), token
             )
             request = QueuedRequest(token, rows, self, rows[torch.from_numpy(first)], left, where)
+            if made is not None:
+                made.append(request)
             self._version += 1  # before the pairs change: a Ctrl-C leaves no stale ``pair_at``
             with self._lock:
                 self._pair_rows, self._pair_tokens = pair_rows, pair_tokens

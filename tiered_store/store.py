@@ -353,14 +353,18 @@ class TieredStore:
         if self.hot.queue is None or self.warm.queue is None:
             with self._lock.host_inputs():  # made on the store's stream: no wait for the caller's
                 self.caches.attach_queue()
-        request = self.caches.queue.add(flat)  # its own lock: lookups go on meanwhile
-        self._lock.post(request, None)
-        try:  # waits for the lock only past a backlog (NEWS_BACKLOG)
-            self._lock.tell_if_free(own=request)
-        except BaseException:  # (out of memory telling the tiers) never returned: never released
-            with self._releasing:  # so withdrawn; the lock's next holder tells the tiers, the
-                self._lock.post(request, None)  # request again first: a tier may have missed it
-                self._lock.post(request, self.caches.queue.remove(request))  # (rows passed on)
+        made: list[QueuedRequest] = []  # the request, as soon as it is made
+        try:
+            request = self.caches.queue.add(flat, made)  # its own lock: lookups go on meanwhile
+            self._lock.post(request, None)
+            self._lock.tell_if_free(own=request)  # waits for the lock only past a backlog
+        except BaseException:  # (out of memory telling the tiers; a Ctrl-C as the queue took it,
+            # or before its news was posted) never returned: never released, so withdrawn; the
+            # lock's next holder tells the tiers, the request again first: a tier may have missed it
+            if made and made[0] in self.caches.queue:
+                with self._releasing:
+                    self._lock.post(made[0], None)
+                    self._unqueue(made[0])  # (rows passed on)
             raise
         return request
 
@@ -370,9 +374,22 @@ class TieredStore:
         if self._closed:
             return
         with self._releasing:  # one release at a time: each reads the queue the last one left
-            moved = self.caches.queue.remove(request)  # its own lock: lookups go on meanwhile
-            self._lock.post(request, moved)
+            self._unqueue(request)
         self._lock.tell_if_free()  # waits for the lock only past a backlog of news (NEWS_BACKLOG)
+
+    def _unqueue(self, request: QueuedRequest) -> None:
+        """Drop ``request`` from the queue and post the news (``_releasing`` held). A Ctrl-C once
+        it is dropped (raised as ``remove`` returns, or before the news is posted) posts every
+        row of it instead, each waiting for the request that looks it up first then: its rows
+        would wait in the tiers for a request gone, for good."""
+        queue = self.caches.queue
+        try:  # the queue's own lock: lookups go on meanwhile
+            self._lock.post(request, queue.remove(request))
+        except BaseException as exc:  # (a refusal changed nothing)
+            mine = isinstance(request, QueuedRequest) and request.owner is queue
+            if mine and request not in queue and not isinstance(exc, QueuedRequestError):
+                self._lock.post(request, (request.rows, queue.next_use(request.rows)))
+            raise
 
     def served(self, request: QueuedRequest, ids: Any = None) -> None:
         """A request from ``announce`` served in several lookups: call this with each batch's
