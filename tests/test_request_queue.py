@@ -882,13 +882,42 @@ def test_memory_report_counts_what_announced_requests_hold(tmp_path):
         for _ in range(5):  # evictions by the queue's order keep candidates
             store.lookup(torch.from_numpy(rng.integers(0, ROWS, 400)))
         pairs = 16 * sum(r.rows.numel() for r in requests)  # a row and a token, 8 B each
+        handles = sum(r.nbytes for r in requests)
         candidates = store.hot.queue_candidate_bytes() + store.warm.queue_candidate_bytes()
         assert candidates > 0
-        assert store.memory_report()["queue_bytes"] == pairs + candidates > 16 * 40 * 400
+        assert store.memory_report()["queue_bytes"] == pairs + handles + candidates
+        assert pairs > 16 * 40 * 400
         for request in requests:
             store.release(request)
         left = store.memory_report()["queue_bytes"]  # the pairs go with their requests
         assert left == store.hot.queue_candidate_bytes() + store.warm.queue_candidate_bytes()
+
+
+def test_memory_report_counts_each_announced_requests_own_arrays(tmp_path):
+    """``queue_bytes`` left out each request's own arrays (its rows, those no earlier request
+    looks up, its lookups left of each, each id's place among its rows and, from its second
+    batch served, its pairs' places): 17 prefill-sized requests held about 26 MB it did not
+    report. They are counted, and go with their requests."""
+    path, _ = make_table(tmp_path, rows=ROWS, dim=4)
+    with TieredStore(store_config(path, warm={"capacity": 256})) as store:
+        first = store.announce(torch.arange(1000).repeat(2))  # 1,000 rows, 2,000 ids
+        second = store.announce(torch.arange(500, 1500))  # 1,000 rows, 500 of them its first
+        pairs = 16 * 2000  # a row and a token, 8 B each
+        # rows, first rows and lookups left 8 B each, the ids' places 4 B each
+        handles = (3 * 8 * 1000 + 4 * 2000) + (2 * 8 * 1000 + 8 * 500 + 4 * 1000)
+
+        def queue_bytes() -> int:
+            candidates = store.hot.queue_candidate_bytes() + store.warm.queue_candidate_bytes()
+            return store.memory_report()["queue_bytes"] - candidates
+
+        assert queue_bytes() == pairs + handles
+        store.served(first, torch.arange(10))
+        store.served(first, torch.arange(10, 20))  # its second batch: its pairs' places found
+        assert first.pair_at is not None
+        assert queue_bytes() == pairs + handles + 8 * 1000
+        store.release(first)
+        store.release(second)
+        assert queue_bytes() == 0
 
 
 def test_queued_candidates_refilled_after_the_furthest_requests_run_out():
@@ -1591,10 +1620,10 @@ def test_a_release_of_something_else_names_it_cut_short(tmp_path):
     assert "expected the QueuedRequest that announce() returned" in message
 
 
-class _InterruptedAdd(set):
+class _InterruptedAdd(dict):
     """Requests whose ``add`` is interrupted: a Ctrl-C just after the pairs were replaced."""
 
-    def add(self, token):
+    def __setitem__(self, token, request):
         raise KeyboardInterrupt
 
 
@@ -1612,7 +1641,7 @@ def test_an_announce_interrupted_after_replacing_the_pairs_leaves_no_stale_pair_
     requests, queue._requests = queue._requests, _InterruptedAdd(queue._requests)
     with pytest.raises(KeyboardInterrupt):
         queue.add(t(0, 1, 2, 3))  # the pairs replaced, then interrupted
-    queue._requests = set(requests)
+    queue._requests = dict(requests)
     queue.served(served, t(6, 7))  # its last lookups: rows 5-7 wait for ``other``
     assert queue.next_use(t(3, 5, 6, 7)).tolist() == [other.token] * 4
 
@@ -1710,21 +1739,21 @@ def test_a_batch_served_interrupted_before_its_news_is_made_up_for_by_the_releas
         _no_row_held_for_a_request(store)
 
 
-class _InterruptedAfter(set):
-    """Requests whose ``add`` or ``discard`` (as named) takes effect, then a Ctrl-C is raised
-    (as CPython raises it at the end of a call, once a signal came during it)."""
+class _InterruptedAfter(dict):
+    """Requests whose adding or dropping (as named) takes effect, then a Ctrl-C is raised (as
+    CPython raises it at the end of a call, once a signal came during it)."""
 
     def __init__(self, tokens, method: str) -> None:
         super().__init__(tokens)
         self.method = method
 
-    def add(self, token):
-        super().add(token)
+    def __setitem__(self, token, request):
+        super().__setitem__(token, request)
         if self.method == "add":
             raise KeyboardInterrupt
 
-    def discard(self, token):
-        super().discard(token)
+    def pop(self, token, default=None):
+        super().pop(token, default)
         if self.method == "discard":
             raise KeyboardInterrupt
 
@@ -1750,7 +1779,7 @@ def test_an_announce_interrupted_once_queued_is_withdrawn(tmp_path, where):
             store._lock.post = interrupted
         with pytest.raises(KeyboardInterrupt):
             store.announce(torch.arange(40))
-        queue._requests = set(queue._requests)
+        queue._requests = dict(queue._requests)
         assert len(queue) == 0 and queue.nbytes == 0
         assert torch.equal(store.lookup(torch.arange(40, 45)), data[40:45])
         _no_row_held_for_a_request(store)
@@ -1779,7 +1808,7 @@ def test_a_release_interrupted_once_the_queue_dropped_it_still_tells_the_tiers(t
             store._lock.post = interrupted
         with pytest.raises(KeyboardInterrupt):
             store.release(request)
-        queue._requests = set(queue._requests)
+        queue._requests = dict(queue._requests)
         assert len(queue) == 0
         assert torch.equal(store.lookup(torch.arange(40, 45)), data[40:45])
         _no_row_held_for_a_request(store)

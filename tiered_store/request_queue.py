@@ -50,6 +50,14 @@ class QueuedRequest:
     # every row of it, not only those it had left
     missed_batch: bool = field(default=False, repr=False)
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of its arrays: its rows, its first rows, its lookups left, its ids' places and
+        its pairs' places (once found)."""
+        found = 0 if self.pair_at is None else self.pair_at.nbytes
+        arrays = self.rows.nbytes + self.first_rows.nbytes + self.left.nbytes + self.where.nbytes
+        return arrays + found
+
 
 class QueuedRequests:
     """Announced requests and, for any row, the earliest of them that looks it up: one array of
@@ -60,7 +68,7 @@ class QueuedRequests:
     under the store's lock) takes them as they are, never waiting for a pass under way."""
 
     def __init__(self) -> None:
-        self._requests: set[int] = set()  # tokens of the requests queued now
+        self._requests: dict[int, QueuedRequest] = {}  # the requests queued now, by token
         self._tokens = itertools.count(1)
         self._pair_rows = np.empty(0, dtype=np.int64)  # sorted; a row once per request using it
         # ascending within each row by magnitude; negated: finished (its request has no lookup
@@ -93,6 +101,13 @@ class QueuedRequests:
         """Bytes of the (row, request) pairs held now."""
         pair_rows, pair_tokens = self._pairs()
         return pair_rows.nbytes + pair_tokens.nbytes
+
+    @property
+    def request_bytes(self) -> int:
+        """Bytes of the queued requests' own arrays (``QueuedRequest.nbytes``) held now."""
+        with self._lock:
+            requests = list(self._requests.values())
+        return sum(request.nbytes for request in requests)
 
     def _pairs(self) -> tuple[np.ndarray, np.ndarray]:
         """The (row, request) pairs as they are now (a pass under way replaces them later)."""
@@ -135,7 +150,7 @@ class QueuedRequests:
                 if made is not None:
                     made.append(request)
                 with self._lock:
-                    self._requests.add(token)
+                    self._requests[token] = request
                 return request
             pair_rows, pair_tokens, first = kernels.merge_request(
                 self._pair_rows, self._pair_tokens, rows.numpy(), token
@@ -146,7 +161,7 @@ class QueuedRequests:
             self._version += 1  # before the pairs change: a Ctrl-C leaves no stale ``pair_at``
             with self._lock:
                 self._pair_rows, self._pair_tokens = pair_rows, pair_tokens
-                self._requests.add(token)
+                self._requests[token] = request
         return request
 
     def remove(self, request: QueuedRequest) -> tuple[torch.Tensor, torch.Tensor]:
@@ -159,7 +174,7 @@ class QueuedRequests:
             self._check_queued(request, "release")
             if not request.rows.numel():  # no pair to drop: no pass over the queue's
                 with self._lock:
-                    self._requests.discard(request.token)
+                    self._requests.pop(request.token, None)
                 return request.rows, request.rows.clone()
             # sized by the request (one pair per row), not the queue: the queue holds what
             # ``nbytes`` counts, and a release's news (held until the tiers are told) its rows
@@ -169,7 +184,7 @@ class QueuedRequests:
             self._version += 1  # before the pairs change (as ``add``)
             with self._lock:
                 self._pair_rows, self._pair_tokens = pair_rows, pair_tokens
-                self._requests.discard(request.token)
+                self._requests.pop(request.token, None)
         return torch.from_numpy(rows), torch.from_numpy(next_use)
 
     def served(

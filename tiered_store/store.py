@@ -673,8 +673,9 @@ class TieredStore:
 
     def memory_report(self) -> dict[str, Any]:
         """Payload bytes per tier, metadata bytes per table row and per cached slot, and the bytes
-        announced requests hold now (``queue_bytes``: the queue's (row, request) pairs and both
-        tiers' victim candidates in its order)."""
+        announced requests hold now (``queue_bytes``: the queue's (row, request) pairs, each
+        request's own arrays (``QueuedRequest.nbytes``) and both tiers' victim candidates in its
+        order)."""
         with self._lock.host_inputs():  # the tiers' candidates change under lookups
             queued = sum(c.queue_candidate_bytes() for c in (self.hot, self.warm))
         return {
@@ -682,7 +683,7 @@ class TieredStore:
             "warm_payload_bytes": self.warm_pool.nbytes,
             "hot_metadata": self.hot.metadata_bytes(),
             "warm_metadata": self.warm.metadata_bytes(),
-            "queue_bytes": self.caches.queue.nbytes + queued,
+            "queue_bytes": self.caches.queue.nbytes + self.caches.queue.request_bytes + queued,
         }
 
     def save_restart(self) -> Path:
