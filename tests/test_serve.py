@@ -4100,6 +4100,40 @@ def test_a_stop_that_raises_still_exits_past_a_cold_read_hung_for_good(tmp_path)
         assert "t.trace" in log, log[-3000:]
 
 
+_STOP_INTERRUPTED_HOOK = """
+from tiered_store.serve.server import InferenceServer
+
+_stop = InferenceServer.stop
+
+
+def _stop_then_interrupted(self, *args, **kwargs):  # a second Ctrl-C as the stop ends
+    _stop(self, *args, **kwargs)
+    raise KeyboardInterrupt
+
+
+InferenceServer.stop = _stop_then_interrupted
+"""
+
+
+def test_a_stop_interrupted_with_a_cold_read_hung_for_good_exits_130(tmp_path):
+    """A Ctrl-C raised out of the stop exited 130 ('interrupted', as every command) when no
+    call hung, but 1 when the stop left a store to close under a hung cold read (the serve
+    command exiting past it): 130 either way."""
+    env, mark, _ = _hung_read_env(tmp_path)
+    hook = _HUNG_COLD_READ_HOOK + _STOP_INTERRUPTED_HOOK
+    (Path(env["PYTHONPATH"]) / "sitecustomize.py").write_text(hook)
+    config = make_checkpoint(tmp_path, server={"request_timeout_s": 0.5})
+    with ServeProcess(config, metrics=False, env=env) as proc:
+        host, port = proc.url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=60) as sock:
+            _send_until_hung(sock, mark)
+            status = proc.stop()  # kills once stop_within_s (11.5 s here) and 10 s more passed
+        log = proc.log()
+        assert status == 130, log[-3000:]
+        assert "stopping interrupted" in log, log[-3000:]
+        assert "exiting with calls to engram_layer3 still under way" in log, log[-3000:]
+
+
 @pytest.mark.parametrize("where", ["the lookup hold's end", "the refusal's clearing"])
 def test_a_ctrl_c_between_the_swap_and_the_old_stores_close_closes_them(
     tmp_path, monkeypatch, where

@@ -111,11 +111,16 @@ def run_serve(args: argparse.Namespace) -> int:
     )
     try:
         status = server.serve_until_signal()
-    except BaseException as exc:  # the stop raised (the trace's close failed): exited past too
-        if server.model is None or not (tables := server.model.left_closing):
-            raise
-        log.error("stopping failed: %s", error_text(exc))
-        _exit_past_hung_calls(2 if isinstance(exc, TieredStoreError) else 1, tables)
+    except BaseException as exc:  # the stop raised (the trace's close failed, a Ctrl-C): exited
+        if server.model is None or not (tables := server.model.left_closing):  # past too, with
+            raise  # the status run_script gives it
+        if isinstance(exc, KeyboardInterrupt):
+            log.error("stopping interrupted")
+            status = 130
+        else:
+            log.error("stopping failed: %s", error_text(exc))
+            status = 2 if isinstance(exc, TieredStoreError) else 1
+        _exit_past_hung_calls(status, tables)
     if server.model is not None and (tables := server.model.left_closing):
         _exit_past_hung_calls(status, tables)
     return status
