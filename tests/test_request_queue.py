@@ -1812,3 +1812,90 @@ def test_a_release_interrupted_once_the_queue_dropped_it_still_tells_the_tiers(t
         assert len(queue) == 0
         assert torch.equal(store.lookup(torch.arange(40, 45)), data[40:45])
         _no_row_held_for_a_request(store)
+
+
+_INTERRUPTED_QUEUE = """
+import sys
+import torch
+from tiered_store import StoreConfig, TieredStore
+from tiered_store.request_queue import NOT_QUEUED
+
+FILES = ("tiered_store/store.py", "tiered_store/request_queue.py")
+
+
+def counted(k, hits, where):
+    '''A profiler raising KeyboardInterrupt at the k-th point where CPython handles a signal in
+    the store's and the queue's code: a call they make of the library's Python code as it is
+    entered, the return of any other call they make, and the return of their own functions
+    to theirs (as a signal raised at the end of the last call in there).'''
+    def profile(frame, event, arg):
+        if event not in ("call", "return", "c_return"):
+            return
+        at = frame.f_back if event in ("call", "return") else frame
+        if at is None or not at.f_code.co_filename.endswith(FILES):
+            return
+        if event == "call" and "tiered_store" not in frame.f_code.co_filename:
+            return  # (a compiled pass's dispatcher: no signal is handled inside it)
+        if event == "return" and not frame.f_code.co_filename.endswith(FILES):
+            return
+        hits[0] += 1
+        if hits[0] == k:
+            where.append(f"{k}:{event}:{frame.f_code.co_name}:{frame.f_lineno}")
+            raise KeyboardInterrupt
+    return profile
+
+
+config = {"table": {"path": sys.argv[1]}, "tiers": {"hot": {"capacity": 20}, "warm": {"capacity": 60}}}
+store = TieredStore(StoreConfig.from_dict(config))
+store.lookup(torch.arange(60))
+first = store.announce(torch.arange(3))  # the queue attached, numba imported
+store.served(first)
+store.release(first)
+queue, k, where = store.caches.queue, 0, []
+while True:
+    k, hits, request = k + 1, [0], None
+    sys.setprofile(counted(k, hits, where))
+    try:
+        request = store.announce(torch.arange(40))
+        store.served(request, torch.arange(20))
+        store.served(request)
+        store.release(request)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        sys.setprofile(None)
+    if request is not None and request.token in queue._requests:  # interrupted before it went
+        store.release(request)
+    store.lookup(torch.arange(40, 45))  # tells the tiers the news
+    assert len(queue) == 0 and queue.nbytes == 0, where[-1:]
+    for cache in (store.hot, store.warm):
+        held = cache.row_of_slot >= 0
+        assert bool((cache._next_use[held] == NOT_QUEUED).all()), (cache.name, where[-1:])
+    if hits[0] < k:  # every point has been interrupted once
+        break
+store.close()
+print("points", k - 1)
+"""
+
+
+def test_a_request_interrupted_anywhere_in_announce_served_or_release_leaves_no_row_waiting(
+    tmp_path,
+):
+    """A Ctrl-C at any point of a request's announce, batches served and release, in a child
+    process (a profiler raising it where CPython would): once the caller released what it got
+    back (an announce interrupted returns nothing), the queue is empty and no row either tier
+    holds waits for a request. A Ctrl-C once ``add`` queued the request, or once ``remove``
+    dropped it but before its news was posted, left rows waiting for a request gone, for
+    good."""
+    import subprocess
+    import sys
+
+    path, _ = make_table(tmp_path, rows=400, dim=4)
+    proc = subprocess.run(
+        [sys.executable, "-c", _INTERRUPTED_QUEUE, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert int(proc.stdout.split()[1]) >= 50, proc.stdout
