@@ -3700,6 +3700,34 @@ def test_a_refused_reload_returns_and_logs_a_closed_table_it_reopened_alone(
         served.close()
 
 
+def test_a_closed_table_reopened_alone_is_counted_as_a_reload_only(tmp_path, monkeypatch):
+    """A refused reload reopens a table it left closed on its new version alone: that table was
+    counted as a reload (its store swapped) and as a reload failure (with every table stale in
+    the refused swap), both for one reopen. It is counted once, as a reload; the refused table
+    as a failure."""
+    import errno
+
+    config = ServeConfig.from_yaml(make_checkpoint(tmp_path))
+    served = ServedModel(config)
+    try:
+        served.reload_check_seconds = 3600.0  # checks only when the test asks
+        served.stores["engram_layer1"].close()  # what a refused reload may leave
+        _commit_a_new_version(config.table_path(3))  # layer 3 stale, its new version refused
+        real = served._open_checked
+
+        def refused_open(name, old):  # layer 3's new version does not open (a read error)
+            if name == "engram_layer3":
+                raise TierIOError(errno.EIO, f"{name}: injected open failure")
+            return real(name, old)
+
+        monkeypatch.setattr(served, "_open_checked", refused_open)
+        assert served.reload_if_stale(force_check=True) == ["engram_layer1"]
+        counts = {n: (h.reloads, h.reload_failures) for n, h in served.health.items()}
+        assert counts == {"engram_layer1": (1, 0), "engram_layer3": (0, 1)}, counts
+    finally:
+        served.close()
+
+
 def test_a_refused_reload_with_every_table_closed_names_no_other_table(tmp_path, monkeypatch):
     """Every table's store left closed, the reopens refused: /healthz's warning (and the log)
     said the other tables were on the version open now, though there were none, and "its

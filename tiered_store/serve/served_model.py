@@ -469,10 +469,11 @@ class ServedModel:
             except Exception as exc:  # noqa: BLE001 (ConfigError: another geometry; out of
                 # memory beside the old stores: refused as any failure, never a request's error)
                 self._undo_swap(opened)
-                for name in stale:  # counted at every check that refuses it, as it is retried
-                    self.health[name].reload_failures += 1
                 # the refused one's open was just tried (its old store closed): not again now
                 reopened = self._reopen_closed([name for name in stale if name != refused])
+                for name in stale:  # counted at every check that refuses it, as it is retried
+                    if name not in reopened:  # (one reopened alone is counted as a reload)
+                        self.health[name].reload_failures += 1
                 self._log_reopened(reopened)
                 if self.converted_anew is not None:  # logged once: no check follows
                     log.error(
