@@ -3728,6 +3728,47 @@ def test_a_closed_table_reopened_alone_is_counted_as_a_reload_only(tmp_path, mon
         served.close()
 
 
+def test_a_closed_table_opened_ahead_of_a_refused_swap_is_served_not_opened_again(
+    tmp_path, monkeypatch
+):
+    """A table a reload left closed, opened ahead of the gate with another table stale whose new
+    version is refused: its new store was closed with the refused swap's, then the table opened
+    again alone under the gate (every request held back meanwhile), two opens in one check. The
+    store opened ahead is served."""
+    import errno
+
+    from tiered_store import TieredStore
+
+    config = ServeConfig.from_yaml(make_checkpoint(tmp_path))
+    served = ServedModel(config)
+    opened: list[str] = []
+    real_init = TieredStore.__init__
+
+    def counted_init(self, store_config, *args, **kwargs) -> None:
+        opened.append(Path(store_config.table.path).name)
+        real_init(self, store_config, *args, **kwargs)
+
+    try:
+        served.reload_check_seconds = 3600.0  # checks only when the test asks
+        served.stores["engram_layer1"].close()  # what a refused reload may leave
+        _commit_a_new_version(config.table_path(3))  # layer 3 stale, its new version refused
+        real = served._open_checked
+
+        def refused_open(name, old):  # layer 3's new version does not open (a read error)
+            if name == "engram_layer3":
+                raise TierIOError(errno.EIO, f"{name}: injected open failure")
+            return real(name, old)
+
+        monkeypatch.setattr(served, "_open_checked", refused_open)
+        monkeypatch.setattr(TieredStore, "__init__", counted_init)
+        assert served.reload_if_stale(force_check=True) == ["engram_layer1"]
+        assert opened == ["engram_layer1.npy"], opened
+        assert served.model.tables[1].table is served.stores["engram_layer1"]
+        assert not served.stores["engram_layer1"].closed
+    finally:
+        served.close()
+
+
 def test_a_refused_reload_with_every_table_closed_names_no_other_table(tmp_path, monkeypatch):
     """Every table's store left closed, the reopens refused: /healthz's warning (and the log)
     said the other tables were on the version open now, though there were none, and "its

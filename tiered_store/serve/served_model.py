@@ -468,9 +468,15 @@ class ServedModel:
                 self.model.set_tables(self._guarded(opened))
             except Exception as exc:  # noqa: BLE001 (ConfigError: another geometry; out of
                 # memory beside the old stores: refused as any failure, never a request's error)
-                self._undo_swap(opened)
+                # a table left closed whose new store opened is served alone, not opened again
+                ahead = {n: s for n, s in opened.items() if n != refused and self.stores[n].closed}
+                try:
+                    self._undo_swap({n: s for n, s in opened.items() if n not in ahead})
+                except BaseException:  # Ctrl-C: none of them left open
+                    self._serve_or_close(ahead)
+                    raise
                 # the refused one's open was just tried (its old store closed): not again now
-                reopened = self._reopen_closed([name for name in stale if name != refused])
+                reopened = self._reopen_closed([n for n in stale if n != refused], ahead)
                 for name in stale:  # counted at every check that refuses it, as it is retried
                     if name not in reopened:  # (one reopened alone is counted as a reload)
                         self.health[name].reload_failures += 1
@@ -636,27 +642,35 @@ class ServedModel:
             out += ", the other tables on the version open now"
         return out
 
-    def _reopen_closed(self, names: list[str]) -> list[str]:
-        """After a refused swap: each table whose old store it closed (a map grown elsewhere)
-        on its new version alone, so that another table's failure does not take it down; one
-        that does not open answers 503 until a check opens it. Interrupted (Ctrl-C), the store
-        it opened is served once the model took it, else closed. Returns the tables reopened."""
+    def _reopen_closed(
+        self, names: list[str], ahead: dict[str, TieredStore] | None = None
+    ) -> list[str]:
+        """After a refused swap: each table whose old store is closed (a map grown elsewhere, or
+        a reload before) on its new version alone, so that another table's failure does not take
+        it down: the store the swap opened for it (``ahead``, by table), else one opened now; one
+        that does not open answers 503 until a check opens it. Interrupted (Ctrl-C), each store
+        it has is served once the model took it, else closed. Returns the tables reopened."""
+        ahead = dict(ahead or {})
         reopened = []
-        for name in names:
-            old = self.stores[name]
-            if not old.closed:
-                continue
-            new = None
-            try:
-                new = self._open_checked(name, old)
-                self.model.set_tables(self._guarded({name: new}))
-            except Exception as exc:  # noqa: BLE001 (out of memory too: the others go on)
-                log.error("could not reopen %s (%s); it answers 503", name, error_text(exc))
-            finally:
-                if new is not None:
-                    self._serve_or_close({name: new})
-            if new is not None and self.stores[name] is new:
-                reopened.append(name)
+        try:
+            for name in names:
+                old = self.stores[name]
+                if not old.closed:
+                    continue
+                new = ahead.pop(name, None)
+                try:
+                    if new is None:
+                        new = self._open_checked(name, old)
+                    self.model.set_tables(self._guarded({name: new}))
+                except Exception as exc:  # noqa: BLE001 (out of memory too: the others go on)
+                    log.error("could not reopen %s (%s); it answers 503", name, error_text(exc))
+                finally:
+                    if new is not None:
+                        self._serve_or_close({name: new})
+                if new is not None and self.stores[name] is new:
+                    reopened.append(name)
+        finally:  # interrupted: those not reached
+            self._serve_or_close(ahead)
         return reopened
 
     def _guarded(self, stores: dict[str, TieredStore]) -> dict[int, GuardedTable]:
