@@ -3769,6 +3769,35 @@ def test_a_closed_table_opened_ahead_of_a_refused_swap_is_served_not_opened_agai
         served.close()
 
 
+def test_healthz_is_503_while_a_table_is_closed(tmp_path, monkeypatch):
+    """A table whose store a reload left closed, its reopen refused: every request answers 503,
+    yet /healthz answered 200 (a warning only) until a request failed, so a load balancer kept
+    sending it requests. /healthz is 503 naming the table closed until a check reopens it."""
+    import errno
+
+    server = start_server(make_checkpoint(tmp_path))
+    try:
+        served = server.model
+        served.reload_check_seconds = 3600.0  # checks only when the test asks
+        served.stores["engram_layer3"].close()  # what a refused reload may leave
+        real = served._open_checked
+
+        def refused_open(name, old):  # its new version does not open (a read error)
+            raise TierIOError(errno.EIO, f"{name}: injected open failure")
+
+        monkeypatch.setattr(served, "_open_checked", refused_open)
+        assert served.reload_if_stale(force_check=True) == []
+        status, doc = get_json(server.url + "/healthz")
+        assert status == 503, doc
+        assert any(p.startswith("table engram_layer3: closed") for p in doc["problems"]), doc
+        assert not any("engram_layer1" in p for p in doc["problems"]), doc
+        monkeypatch.setattr(served, "_open_checked", real)
+        assert served.reload_if_stale(force_check=True) == ["engram_layer3"]
+        assert get_json(server.url + "/healthz") == (200, {"status": "ok"})
+    finally:
+        server.stop()
+
+
 def test_a_refused_reload_with_every_table_closed_names_no_other_table(tmp_path, monkeypatch):
     """Every table's store left closed, the reopens refused: /healthz's warning (and the log)
     said the other tables were on the version open now, though there were none, and "its

@@ -39,7 +39,8 @@ Endpoints (JSON unless noted)
     ``200 {"status": "ok"}``; ``503`` with the problems while draining, after a checksum pass
     found a table corrupt, or for ``server.health_hold_s`` after a table's lookup failed (until
     a reload reopens the table on another file, if sooner; one that failed because its store
-    was closed, until it reopens).
+    was closed, until it reopens), and while a table's store is closed (a reload could not
+    reopen it: every request answers 503 until a check does).
 ``GET /stats``
     Every store's ``stats()``, table geometry and health, and the request counters.
 ``GET /metrics``

@@ -626,11 +626,7 @@ class ServedModel:
     def serving_meanwhile(self) -> str:
         """What is served while a reload is refused: the version open now, but for a table
         whose store a reload left closed (no version of it open: its lookups answer 503)."""
-        closed = [
-            name
-            for name, store in self.stores.items()
-            if isinstance(store, TieredStore) and store.closed
-        ]
+        closed = self.closed_tables()
         if not closed:
             return "serving the version open now"
         its, it = ("its", "it") if len(closed) == 1 else ("their", "them")
@@ -641,6 +637,17 @@ class ServedModel:
         if len(closed) < len(self.stores):
             out += ", the other tables on the version open now"
         return out
+
+    def closed_tables(self) -> list[str]:
+        """The tables whose store a reload left closed (none of their versions open: every
+        lookup of them answers 503 until a check reopens them); none once ``close`` began."""
+        if self._closed:
+            return []
+        return [
+            name
+            for name, store in self.stores.items()
+            if isinstance(store, TieredStore) and store.closed
+        ]
 
     def _reopen_closed(
         self, names: list[str], ahead: dict[str, TieredStore] | None = None

@@ -462,6 +462,11 @@ class InferenceServer:
                     f"table {name}: lookups failing ({health.lookup_failures} so far, the last "
                     f"{now - at:.1f} s ago): {self._without_paths(health.last_lookup_error or '')}"
                 )
+        for name in self.model.closed_tables():  # every request fails: none should come
+            out.append(
+                f"table {name}: closed (no version open: every request answers 503 until a "
+                "check reopens it)"
+            )
         if self.model.converted_anew is not None:  # no table reopens until a restart
             out.append(self._without_paths(self.model.converted_anew))
         if self.model.control is not None:  # sharded: the other ranks' checksum passes too
