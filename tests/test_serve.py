@@ -3798,6 +3798,43 @@ def test_healthz_is_503_while_a_table_is_closed(tmp_path, monkeypatch):
         server.stop()
 
 
+def test_a_closed_table_that_cannot_reopen_holds_back_no_other_table_s_reload(
+    tmp_path, monkeypatch
+):
+    """A table a reload left closed whose reopen keeps failing held back every other table's
+    reload for as long as it failed (all or nothing: the stale tables waited for its retry),
+    though no request is served meanwhile that could mix their versions. Once it waits for its
+    retry, the other tables reload without it; it stays closed, named in /healthz's warning."""
+    import errno
+
+    config = ServeConfig.from_yaml(make_checkpoint(tmp_path))
+    served = ServedModel(config)
+    try:
+        served.reload_check_seconds = 0.0  # every call checks, as if a second had passed
+        served.stores["engram_layer1"].close()  # what a refused reload may leave
+        real = served._open_checked
+
+        def failing_open(name, old):  # layer 1's reopen fails (a read error)
+            if name == "engram_layer1":
+                raise TierIOError(errno.EIO, f"{name}: injected open failure")
+            return real(name, old)
+
+        monkeypatch.setattr(served, "_open_checked", failing_open)
+        assert served.reload_if_stale() == []
+        old = served.stores["engram_layer3"]
+        _commit_a_new_version(config.table_path(3))  # layer 3 stale
+        assert served.reload_if_stale() == ["engram_layer3"]
+        assert served.stores["engram_layer3"] is not old and old.closed
+        assert served.model.tables[3].table is served.stores["engram_layer3"]
+        assert served.stores["engram_layer1"].closed
+        assert served.reload_refused.startswith("engram_layer1 ("), served.reload_refused
+        assert "engram_layer3" not in served.reload_refused, served.reload_refused
+        counts = {n: (h.reloads, h.reload_failures) for n, h in served.health.items()}
+        assert counts == {"engram_layer1": (0, 2), "engram_layer3": (1, 0)}, counts
+    finally:
+        served.close()
+
+
 def test_a_refused_reload_with_every_table_closed_names_no_other_table(tmp_path, monkeypatch):
     """Every table's store left closed, the reopens refused: /healthz's warning (and the log)
     said the other tables were on the version open now, though there were none, and "its

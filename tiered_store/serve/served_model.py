@@ -406,23 +406,28 @@ class ServedModel:
             self._refused([*unreadable, f"{', '.join(stale)} ({'; '.join(held)})"])
             return []
         # a table left closed whose files changed (a repair), or whose old store's hung calls
-        repaired = False  # ended (``left_closing``): tried at once, though another still waits
-        for name in stale:
+        for name in stale:  # ended (``left_closing``): tried at once, though another still waits
             retry = self._closed_retry.get(name)
             if retry is not None and (
                 retry[0] != files[name][0]
                 or (retry[1] == math.inf and not self.stores[name].calls_left)
             ):
                 del self._closed_retry[name]
-                repaired = True
         now = time.monotonic()
-        retries = [self._closed_retry[name] for name in stale if name in self._closed_retry]
-        waiting = [why for _, at, _, why in retries if now < at]
-        if waiting and not (force or repaired):  # its reopen failed: not tried at every check
-            for name in stale:
+        # one left closed whose reopen failed is not tried at every check; the other tables
+        waiting = {  # reload without it (no request is served meanwhile to mix their versions)
+            name: retry[3]
+            for name in stale
+            if (retry := self._closed_retry.get(name)) is not None and now < retry[1]
+        }
+        if waiting and not force:
+            for name in waiting:
                 self.health[name].reload_failures += 1
-            self._refused([*unreadable, *dict.fromkeys(waiting)])
-            return []
+            stale = [name for name in stale if name not in waiting]
+            unreadable = [*unreadable, *dict.fromkeys(waiting.values())]
+            if not stale:
+                self._refused(unreadable)
+                return []
         if self._outlasted & self._gate.in_flight():  # tried again once they end
             return []
         # opened while requests go on over the old stores; only the swap holds them back
@@ -498,7 +503,7 @@ class ServedModel:
                     self._refusals[refused] = (files[refused][0], error_text(exc))
                 kept = [name for name in stale if name not in reopened]  # not on the new version
                 why = f"{', '.join(kept)} ({error_text(exc)})"
-                self._retry_closed_later(stale, files, why)
+                self._retry_closed_later(stale, files, error_text(exc))
                 self._refused([*unreadable, why] if kept else unreadable)
                 return reopened
             except BaseException:  # Ctrl-C: it goes on, no store it opened left open
@@ -585,11 +590,12 @@ class ServedModel:
         settled = all(i is None or now - i[3] >= SETTLED_NS for i in identities)
         return (generation, *identities), settled
 
-    def _retry_closed_later(self, stale: list[str], files: dict[str, Any], why: str) -> None:
-        """After a refused reload of ``stale`` (``why``): each of them it left closed is tried
-        again ``CLOSED_RETRY_FIRST_S`` later, the wait doubling at each failure in a row up to
-        ``CLOSED_RETRY_MOST_S``, unless its ``files`` change first; one whose old store calls
-        hung in still hold open (``left_closing``: no new store opens beside it) once they end."""
+    def _retry_closed_later(self, stale: list[str], files: dict[str, Any], error: str) -> None:
+        """After a refused reload of ``stale`` (``error``: why): each of them it left closed is
+        tried again ``CLOSED_RETRY_FIRST_S`` later, the wait doubling at each failure in a row up
+        to ``CLOSED_RETRY_MOST_S``, unless its ``files`` change first; one whose old store calls
+        hung in still hold open (``left_closing``: no new store opens beside it) once they end.
+        Meanwhile the other tables reload without it."""
         for name in stale:
             if not self.stores[name].closed:
                 self._closed_retry.pop(name, None)
@@ -597,7 +603,7 @@ class ServedModel:
             last = self._closed_retry.get(name)
             wait = CLOSED_RETRY_FIRST_S if last is None else min(2 * last[2], CLOSED_RETRY_MOST_S)
             at = math.inf if self.stores[name].calls_left else time.monotonic() + wait
-            self._closed_retry[name] = (files[name][0], at, wait, why)
+            self._closed_retry[name] = (files[name][0], at, wait, f"{name} ({error})")
 
     def _refused(self, reasons: list[str]) -> None:
         """Note why tables keep the version open now (``reasons``; none: every table is on its
