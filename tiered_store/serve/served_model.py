@@ -291,6 +291,12 @@ class ServedModel:
             self._left = [(n, weakref.ref(s)) for n, s in self._left_calls()]
             self._left.append((name, weakref.ref(store)))
 
+    def _close_or_leave(self, name: str, store: TieredStore, wait_s: float | None) -> None:
+        """Close ``store`` of table ``name``, waiting at most ``wait_s`` for its calls under way
+        (None: until they end); one that outlasts it is left to close under them (``_leave``)."""
+        if not store.close(wait_s=wait_s):
+            self._leave(name, store)
+
     def _left_calls(self) -> list[tuple[str, TieredStore]]:
         """The (table, store) of ``_left`` whose hung calls still run."""
         return [(n, s) for n, ref in self._left if (s := ref()) is not None and s.calls_left]
@@ -737,27 +743,19 @@ class ServedModel:
         for good (a dead disk) is left to
         close under them (its table in ``left_closing``), never holding the reloads after it,
         nor a ``close`` (which waits for the reload under way)."""
-        interrupted: BaseException | None = None
         deadline = time.monotonic() + self.config.server.request_timeout_s
-        for name, store in old.items():
+
+        def close(name: str, store: TieredStore) -> None:
             self.health[name].reloads += 1
             try:
-                try:
-                    if not store.close(wait_s=_close_wait(deadline)):
-                        self._leave(name, store)
-                except Exception as exc:  # noqa: BLE001 (swapped out: the new version is served)
-                    log.error(
-                        "closing %s's store of the version swapped out failed: %s",
-                        name,
-                        error_text(exc),
-                    )
-                finally:  # its carry too (interrupted, the others still close)
-                    self._carry_rest(name, store, carried.get(name, {}))
-            except BaseException as exc:  # Ctrl-C: the others close first
-                interrupted = interrupted or exc
-        self.reloads += len(old)
-        if interrupted is not None:
-            raise interrupted
+                self._close_or_leave(name, store, _close_wait(deadline))
+            finally:  # its carry too (interrupted, the others still close)
+                self._carry_rest(name, store, carried.get(name, {}))
+
+        try:  # swapped out: the new versions are served
+            _close_each(old, close, "store of the version swapped out")
+        finally:
+            self.reloads += len(old)
 
     def _serve_from(
         self, opened: dict[str, TieredStore], carried: dict[str, dict[Any, float]]
@@ -794,8 +792,7 @@ class ServedModel:
         hung on a dead disk holds no request back for good): one that outlasts it is left to
         close under them (in ``left_closing``), and the new store opens once they end."""
         old = self.stores[name]
-        if not old.close(wait_s=self.config.server.request_timeout_s):
-            self._leave(name, old)
+        self._close_or_leave(name, old, self.config.server.request_timeout_s)
         return self._open_checked(name, old)
 
     def _open_checked(self, name: str, old: TieredStore) -> TieredStore:
@@ -1349,8 +1346,7 @@ class ServedModel:
                 log.warning("could not tell the other ranks to stop: %s", exc)
         try:
             for name, store in self.stores.items():
-                if not store.close(wait_s=_close_wait(deadline)):
-                    self._leave(name, store)
+                self._close_or_leave(name, store, _close_wait(deadline))
         finally:
             self.model.close()  # the others; those closed above return at once
 
@@ -1415,14 +1411,22 @@ def _another_file(old: Any, new: Any) -> bool:
 
 def _close_all(stores: dict[str, TieredStore]) -> None:
     """Close every one of ``stores`` (table name -> a new store a reload does not serve), though
-    a close raised: an error is logged (it would stand in for a Ctrl-C under way, or fail the
-    check), a Ctrl-C raised once the others closed too."""
+    a close raised (``_close_each``: it would stand in for a Ctrl-C under way, or fail the
+    check)."""
+    _close_each(stores, lambda name, store: store.close(), "new store, not served")
+
+
+def _close_each(
+    stores: dict[str, TieredStore], close: Callable[[str, TieredStore], None], what: str
+) -> None:
+    """``close(name, store)`` for every one of ``stores`` (table name -> its ``what``), though
+    one raised: an error is logged, a Ctrl-C raised once the others closed too."""
     interrupted: BaseException | None = None
     for name, store in stores.items():
         try:
-            store.close()
-        except Exception as exc:  # noqa: BLE001 (not served: the check goes on)
-            log.error("closing %s's new store, not served, failed: %s", name, error_text(exc))
+            close(name, store)
+        except Exception as exc:  # noqa: BLE001 (not served: the others close, the check goes on)
+            log.error("closing %s's %s failed: %s", name, what, error_text(exc))
         except BaseException as exc:  # noqa: BLE001 (raised below)
             interrupted = interrupted or exc
     if interrupted is not None:
