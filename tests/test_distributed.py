@@ -1546,6 +1546,74 @@ def test_a_follower_whose_shard_read_hangs_for_good_exits_past_it(tmp_path):
     assert "Traceback" not in errors[1], errors[1][-3000:]
 
 
+_DEAD_DISKS_HOOK = """
+import os, sys, threading, time
+if os.environ["RANK"] == "1":  # every shard of the follower: a read hung for good as it closes
+    from tiered_store.serve.served_model import ServedModel
+
+    _close_stores = ServedModel._close_stores
+
+    def _hung(self, deadline):
+        for store in self.stores.values():
+            entered = threading.Event()
+
+            def read(store=store, entered=entered):  # a read on a dead disk (a pool's worker)
+                with store.local._file_calls.entered():
+                    entered.set()
+                    threading.Event().wait()
+
+            threading.Thread(target=read, name="dead-disk-read", daemon=True).start()
+            entered.wait(10)
+        started = time.monotonic()
+        try:
+            return _close_stores(self, deadline)
+        finally:
+            print(f"stores closed in {time.monotonic() - started:.1f} s", file=sys.stderr)
+
+    ServedModel._close_stores = _hung
+"""
+
+
+def test_a_follower_s_close_waits_for_its_hung_shards_within_one_timeout(tmp_path):
+    """A follower's close passed its sharded stores no wait: each waited its own
+    sharding.timeout_s for a read hung in its shard, one table after another, so a follower
+    with N tables took N x timeout_s to stop (past torchrun's shutdown timeout, killed). Its
+    close waits sharding.timeout_s in all, as rank 0's stop passes its tables one deadline (each
+    store 1 s at least)."""
+    import re
+    import subprocess
+
+    config_path = _sharded_serve_config(tmp_path, verify_on_start=False)
+    doc = yaml.safe_load(config_path.read_text())
+    doc["server"]["request_timeout_s"] = 0.5
+    doc["store"]["sharding"]["timeout_s"] = 4
+    config_path.write_text(yaml.safe_dump(doc))
+    hook = tmp_path / "hook.py"
+    hook.write_text(_DEAD_DISKS_HOOK)  # run by the ranks at start
+    ranks = _serve_ranks(config_path, prelude=hook)
+
+    def ended(proc: PythonProcess) -> str:
+        try:
+            return proc.communicate(timeout=60)[1]
+        except subprocess.TimeoutExpired:
+            return "still running 60 s after SIGTERM"
+
+    try:
+        _started(ranks)
+        for proc in ranks:
+            proc.terminate()
+        with ThreadPoolExecutor(2) as pool:  # their logs read meanwhile: a full pipe blocks
+            errors = list(pool.map(ended, ranks))
+        codes = [proc.poll() for proc in ranks]
+    finally:
+        _ended(ranks)
+    assert codes == [0, 0], (codes, [e[-3000:] for e in errors])
+    took = re.search(r"stores closed in ([0-9.]+) s", errors[1])
+    assert took is not None, errors[1][-3000:]
+    # two tables: 4 s for the first, 1 s (CLOSE_GRACE_S) for the second; 8 s unbounded
+    assert float(took.group(1)) < 7.0, errors[1][-3000:]
+
+
 def test_a_follower_serves_until_rank_0s_stop_while_rank_0_waits_for_its_checksum_pass(tmp_path):
     """Rank 0's stop waits up to 30 s for a checksum pass under way before its STOP, which the
     follower's watchdog did not count (3 x request_timeout_s + sharding.timeout_s + 10 s): a

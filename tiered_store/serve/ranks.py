@@ -206,8 +206,10 @@ def _stay_until_stopped(rank: int, grace_s: float) -> threading.Event:
 
 def run_follower(config: Any) -> int:
     """A rank other than 0: open the model's stores, export metrics, follow rank 0; exit status.
-    A close that left a store's calls under way (a read hung on a dead disk) exits past them
-    at once, as rank 0's serve does (the interpreter's exit would wait for them)."""
+    Its close waits ``sharding.timeout_s`` in all for the stores' calls under way (each store
+    ``CLOSE_GRACE_S`` at least, as rank 0's stop passes its tables one deadline); one that left
+    calls under way (a read hung on a dead disk) exits past them at once, as rank 0's serve
+    does (the interpreter's exit would wait for them)."""
     from .cli import _exit_past_hung_calls
     from .served_model import ServedModel
     from .server import BACKGROUND_JOIN_S, stop_announced_within_s
@@ -238,7 +240,7 @@ def run_follower(config: Any) -> int:
         stop_scrub.set()  # joined first, as rank 0 does: a pass left in the store's C++ at exit
         if scrubber is not None:  # could abort the process (its health publish is a TCPStore set)
             scrubber.join(timeout=BACKGROUND_JOIN_S)
-        served.close()
+        served.close(wait_s=config.store_config(0).sharding.timeout_s)  # not N x for N tables
     if tables := served.left_closing:
         _exit_past_hung_calls(status, tables)
     return status
