@@ -39,10 +39,9 @@ def bench(*args: str, tmp_path: Path) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def bench_run(tmp_path_factory):
-    """One small run without --dir, its report into a folder not made yet:
-    (its tmp_path, the process, the report)."""
+    """One small run without --dir: (its tmp_path, the process, the report)."""
     tmp_path = tmp_path_factory.mktemp("distributed")
-    out = tmp_path / "results" / "distributed.json"
+    out = tmp_path / "distributed.json"
     done = bench(*SMALL, "--out", str(out), tmp_path=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     return tmp_path, done, json.loads(out.read_text())

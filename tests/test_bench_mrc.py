@@ -49,7 +49,7 @@ def speedup_within_rounding(speedup: float, slow: float, fast: float) -> bool:
 
 def test_figures_match_an_lru_simulation_and_the_curves_agree(tmp_path):
     lookups, rows, exponent, seed = 200_000, 2_000_000, 0.8, 3
-    out = tmp_path / "results" / "mrc.json"  # its folder does not exist yet
+    out = tmp_path / "mrc.json"
     done = run_bench(
         "bench_mrc.py",
         *("--lookups", str(lookups), "--rows", str(rows), "--exponent", str(exponent)),

@@ -117,36 +117,48 @@ def test_every_bench_script_checks_its_out_before_the_work(tmp_path):
     assert f"argument --out: '{tmp_path}' is a directory; expected a file to write" in done.stderr
 
 
-def test_an_out_where_no_folder_can_be_made_is_refused_before_the_work():
-    """--out in a folder that cannot be made (here under /proc, where even root makes nothing)
-    passed the check: the script did its work, then ended in a FileNotFoundError traceback."""
-    out = "/proc/no-such-folder/r.json"
+def test_an_out_where_nothing_can_be_written_is_refused_before_the_work():
+    """--out in a folder where nothing can be written (here /proc, where even root makes
+    nothing) passed the check: the script did its work, then ended in a traceback."""
+    out = "/proc/r.json"
     args = ["--lookups", "2000", "--rows", "1000", "--fixed-size", "0", "--out", out]
     done = run_python([ROOT / "bench" / "bench_mrc.py", *args], timeout=120)
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
-    expected = f"argument --out: '{out}': cannot make '/proc/no-such-folder' ("
+    expected = f"argument --out: '{out}': cannot write in '/proc' ("
     assert expected in done.stderr and "expected a writable folder" in done.stderr
     assert done.stdout == ""  # refused before the work
 
 
-def test_an_out_folder_another_run_makes_meanwhile_is_accepted_and_left_alone(
+def test_an_out_in_a_missing_folder_is_refused_naming_it(tmp_path):
+    """--out made every missing folder on its way to the file (a typo's whole chain) while every
+    output folder is made only in a folder that is there; a file's missing folder is refused by
+    name, before the work, and nothing is made."""
+    out = tmp_path / "typo" / "results" / "r.json"
+    done = run_python([ROOT / "bench" / "bench_mrc.py", "--out", out], timeout=60)
+    assert done.returncode == 2 and done.stdout == "", done.stderr[-3000:]
+    expected = f"argument --out: '{out}': '{out.parent}' does not exist; expected a file in an"
+    assert expected in done.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_output_folder_another_run_makes_meanwhile_is_accepted_and_left_alone(
     tmp_path, monkeypatch
 ):
-    """output_file's probe made and removed the missing folder itself: a run started beside
-    another with --out in the same new folder was refused ("cannot make ... (File exists)") when
+    """The probe of a new output folder made and removed that folder itself: a run started
+    beside another with the same new folder was refused ("cannot make ... (File exists)") when
     the other made it first, and could remove the folder the other was about to write in."""
     from tiered_store import cli_args
 
     check = cli_args._check_can_make
 
     def another_run_writes_first(text, first):
-        (first / "other.json").parent.mkdir()  # the other run, between the walk and the probe
+        first.mkdir()  # the other run, between the walk and the probe
         (first / "other.json").write_text("{}")
         check(text, first)
 
     monkeypatch.setattr(cli_args, "_check_can_make", another_run_writes_first)
-    out = tmp_path / "results" / "r.json"
-    assert cli_args.output_file(str(out)) == out
+    out = tmp_path / "results"
+    assert cli_args.output_folder(str(out)) == out
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["other.json", "results"]
     # a broken link on the way was refused by the probe's mkdir of it: the probe beside it
     # would pass, and the write's mkdir(exist_ok=True) fail once the work is done

@@ -30,7 +30,7 @@ def bench(*args: str, tmp_path: Path) -> subprocess.CompletedProcess:
 
 
 def test_every_section_adds_up(tmp_path):
-    out = tmp_path / "results" / "writes.json"  # its folder does not exist yet
+    out = tmp_path / "writes.json"
     done = bench(
         *("--rounds", "1", "--steps", "3", "--batch-size", "1", "--seq-len", "16"),
         *("--commit-every", "2", "--dirty", "2000", "--recovery-rows", "20000,40000"),

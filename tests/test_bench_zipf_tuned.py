@@ -28,7 +28,7 @@ def analysis(email_analysis) -> Path:
 @pytest.fixture(scope="module")
 def sweep(analysis, tmp_path_factory):
     """One run with the oracle rows: (its JSON, the profile ids, the replayed ids, rows)."""
-    out = tmp_path_factory.mktemp("zt_out") / "new" / "r.json"
+    out = tmp_path_factory.mktemp("zt_out") / "r.json"
     args = ("--analysis", str(analysis), "--lookups", str(LOOKUPS), "--oracle", "--segment-bound")
     args = (*args, "--out", str(out))
     done = run_bench("bench_zipf_tuned.py", *args)

@@ -249,6 +249,11 @@ def test_init_refuses_a_std_that_would_overflow_the_dtype(tmp_path, capsys):
         # refused before serving, not when the trace is closed after hours of recording
         (["serve", "s.yaml", "--record-trace", "."], "'.' is a directory; expected a file"),
         (["serve", "s.yaml", "--record-trace", "s.yaml/t.trace"], "'s.yaml' is a file; expected"),
+        # a missing folder is not made (a typo's), as an output folder's missing parent
+        (
+            ["serve", "s.yaml", "--record-trace", "typo/t.trace"],
+            "'typo/t.trace': 'typo' does not exist; expected a file in an existing folder",
+        ),
     ],
 )
 def test_bad_arguments_give_clear_errors(tmp_path, monkeypatch, capsys, argv, message):

@@ -1234,6 +1234,7 @@ def test_a_trace_that_fails_to_close_still_closes_the_stores(tmp_path):
 
     config = ServeConfig.from_yaml(make_checkpoint(tmp_path / "ckpt"))
     traces = tmp_path / "traces"
+    traces.mkdir()
     served = ServedModel(config, trace=traces / "t.trace")
     request = parse_request(b'{"input_ids": [[1, 2, 3]]}', config.server, served)
     assert served.answer(request)["shape"] == [1, 3]
@@ -1254,6 +1255,7 @@ def test_serve_until_signal_restores_the_signal_handlers_when_its_stop_raises(tm
     import signal
 
     traces = tmp_path / "traces"
+    traces.mkdir()
     config = ServeConfig.from_yaml(make_checkpoint(tmp_path / "ckpt")).with_overrides(
         address="127.0.0.1:0", metrics_address=""
     )
@@ -4221,6 +4223,7 @@ def test_a_stop_that_raises_still_exits_past_a_cold_read_hung_for_good(tmp_path)
     (Path(env["PYTHONPATH"]) / "sitecustomize.py").write_text(_HUNG_COLD_READ_HOOK)
     config = make_checkpoint(tmp_path, server={"request_timeout_s": 0.5})
     traces = tmp_path / "traces"
+    traces.mkdir()
     with ServeProcess(
         config, "--record-trace", str(traces / "t.trace"), metrics=False, env=env
     ) as proc:

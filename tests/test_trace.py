@@ -601,6 +601,15 @@ def test_a_path_that_cannot_be_written_is_refused_when_the_writer_opens(tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_dir.trace", "notes"]
 
 
+def test_a_writer_in_a_missing_folder_is_refused_naming_it(tmp_path):
+    """TraceWriter made every missing folder on its way (a typo's whole chain), where the
+    command line makes an output folder only in one that is there and trace_to_npy refuses."""
+    path = tmp_path / "typo" / "runs" / "t.trace"
+    with pytest.raises(TierIOError, match=f"its folder {path.parent} does not exist; expected"):
+        TraceWriter(path)
+    assert list(tmp_path.iterdir()) == []
+
+
 def _chunk_offsets(path):
     with TraceReader(path) as r:
         return [c[0] for c in r.chunk_index], r.n_chunks

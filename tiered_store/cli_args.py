@@ -222,24 +222,40 @@ def _files_bytes(folder: Path) -> int:
 
 
 def output_file(text: str) -> Path:
-    """An argparse ``type``: a file to write when the work is done, checked before it starts: a
-    directory there, a file where a folder on its way should be, or a folder where nothing can be
-    made is refused (a missing folder is made when it is written).
+    """An argparse ``type``: a file to write when the work is done, checked before it starts, in
+    a folder that is there: a missing folder is refused by name, as a typo's would be (not made,
+    with every missing folder above it: the rule of :func:`output_folder`), and so are a
+    directory there, a file where a folder on its way should be, or a folder where nothing can
+    be written.
 
-    >>> output_file("results/run.json").name
+    >>> output_file("run.json").name
     'run.json'
     >>> output_file("/")
     Traceback (most recent call last):
     argparse.ArgumentTypeError: '/' is a directory; expected a file to write (or nothing there)
-    >>> output_file("/proc/results/run.json")  # doctest: +ELLIPSIS
+    >>> output_file("/nonexistent/run.json")
     Traceback (most recent call last):
-    argparse.ArgumentTypeError: '/proc/results/run.json': cannot make '/proc/results' (...); expected a writable folder
+    argparse.ArgumentTypeError: '/nonexistent/run.json': '/nonexistent' does not exist; expected a file in an existing folder
+    >>> output_file("/proc/run.json")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    argparse.ArgumentTypeError: '/proc/run.json': cannot write in '/proc' (...); expected a writable folder
     """
     path = given_path(text)
     if path.is_dir():
         raise argparse.ArgumentTypeError(
             f"{text!r} is a directory; expected a file to write (or nothing there)"
         )
+    if _first_missing(text, path) != path:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: {str(path.parent)!r} does not exist; expected a file in an existing folder"
+        )
+    _check_can_make(str(path), path)  # (~ read as the home folder)
+    return path
+
+
+def _first_missing(text: str, path: Path) -> Path:
+    """What writing ``path`` (given as ``text``) makes first: ``path`` itself, or the highest
+    missing folder on its way; a broken symbolic link or a file on the way is refused by name."""
     for first, parent in zip((path, *path.parents), path.parents, strict=False):
         if parent.is_symlink() and not parent.exists():  # mkdir(exist_ok=True) fails on it
             raise argparse.ArgumentTypeError(
@@ -250,8 +266,7 @@ def output_file(text: str) -> Path:
                 raise argparse.ArgumentTypeError(
                     f"{text!r}: {str(parent)!r} is a file; expected a folder on the way"
                 )
-            _check_can_make(str(path), first)  # (~ read as the home folder)
-            break
+            return first
     return path
 
 
@@ -284,7 +299,6 @@ def folder(text: str) -> Path:
     """
     path = given_path(text)
     if not path.is_dir():
-        output_file(text)  # what is refused on the way to a file is refused on the way to a folder
         if path.is_symlink() and not path.exists():  # mkdir(exist_ok=True) fails on it
             raise argparse.ArgumentTypeError(
                 f"{text!r} is a broken symbolic link; expected a folder (or nothing there)"
@@ -293,6 +307,7 @@ def folder(text: str) -> Path:
             raise argparse.ArgumentTypeError(
                 f"{text!r} is a file; expected a folder (or nothing there)"
             )
+        _check_can_make(str(path), _first_missing(text, path))  # (another run may make it)
     return path
 
 

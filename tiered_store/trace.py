@@ -68,7 +68,7 @@ import zstandard
 from tqdm.auto import tqdm
 
 from .atomic_file import AtomicFile, hidden_temporaries, open_lock, write_step
-from .errors import ConfigError, RowIdError, TierIOError, TraceFormatError, error_text
+from .errors import ConfigError, RowIdError, TierIOError, TraceFormatError
 from .integers import as_integer
 from .npy_files import load_npy
 from .process_locks import open_held, release
@@ -173,7 +173,8 @@ class TraceWriter:
     Parameters
     ----------
     path : str or Path
-        Destination. Nothing appears under this name until :meth:`close` succeeds.
+        Destination, in a folder that is there (a missing one is a ``TierIOError`` naming it,
+        not made). Nothing appears under this name until :meth:`close` succeeds.
     header : dict, optional
         JSON-serialisable description of where the trace came from: ``"tables"`` (layout:
         names or dicts with ``"name"``, ``"rows"``, ``"heads"``, ``"primes"``, ``"offsets"``),
@@ -240,12 +241,14 @@ class TraceWriter:
         self._records = 0
         self._closed = False
         self.chunk_written_at = time.monotonic()  # the last chunk written (or the writer opened)
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
+        if not self.path.parent.is_dir():  # not made: a typo's whole chain of folders
+            what = "is not a folder" if self.path.parent.exists() else "does not exist"
             raise TierIOError(
-                exc.errno, f"cannot write trace {self.path}: {error_text(exc)}", str(self.path)
-            ) from None
+                errno.ENOENT,
+                f"cannot write trace {self.path}: its folder {self.path.parent} {what}; "
+                "expected an existing folder",
+                str(self.path),
+            )
         self._out = AtomicFile(self.path, "wb")
         self._file: BinaryIO = self._out.file
         # held up to the rename (past the file's close): a reader tells this live writer's
