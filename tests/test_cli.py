@@ -296,6 +296,26 @@ def test_an_output_folder_in_a_missing_folder_is_refused_naming_it(tmp_path, cap
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize(
+    ("argv", "default"),
+    [(["analyze", "a.txt"], "analyze-out"), (["replay", "s.yaml", "t.trace"], "replay-out")],
+)
+def test_a_default_output_folder_is_checked_as_a_given_one(
+    tmp_path, monkeypatch, capsys, argv, default
+):
+    """analyze's and replay's --out defaults were Paths, which argparse does not pass through
+    the option's type: a file of that name here went unchecked to the work, refused (or not)
+    somewhere in it. The default is checked as the same value typed would be."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / default).write_text("notes\n")
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument --out: '{default}' is a file; expected a folder (or nothing there)" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == [default]
+
+
 @pytest.mark.parametrize("target", ["d", "d/", "..", "d.npy"])
 def test_init_refuses_a_directory_and_writes_nothing_beside_it(
     tmp_path, monkeypatch, capsys, target

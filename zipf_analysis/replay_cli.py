@@ -103,7 +103,7 @@ def register(sub) -> None:
     p.add_argument(
         "--out",
         type=output_folder,
-        default=Path("replay-out"),
+        default="replay-out",  # a string: argparse checks it with the type, as one typed
         help="directory for replay.json and PNG (made if missing, in a folder that is there)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars")

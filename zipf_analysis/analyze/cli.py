@@ -6,7 +6,6 @@ import argparse
 import dataclasses
 import sys
 import warnings
-from pathlib import Path
 from typing import Any
 
 from tiered_store.cli_args import (
@@ -96,7 +95,7 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--out",
         type=output_folder,
-        default=Path("analyze-out"),
+        default="analyze-out",  # a string: argparse checks it with the type, as one typed
         metavar="DIR",
         help="output folder, made if missing in a folder that is there (default: analyze-out)",
     )
