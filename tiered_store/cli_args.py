@@ -337,13 +337,14 @@ def output_folder(text: str) -> Path:
 
 
 @contextlib.contextmanager
-def saying_made(path: Path, option: str) -> Iterator[None]:
+def saying_made(path: Path, option: str) -> Iterator[bool]:
     """Within the block a command may make the folder ``path`` given as ``option`` (an
     :func:`output_folder`); when it is there after the block and was not before, say so on
-    stderr: ``OPTION: created 'PATH'``."""
+    stderr: ``OPTION: created 'PATH'``. The block gets whether it was not there before (made
+    in it: one to remove when the work fails)."""
     new = not path.is_dir()
     try:
-        yield
+        yield new
     finally:
         if new and path.is_dir():
             print(f"{option}: created {str(path)!r}", file=sys.stderr)

@@ -194,13 +194,6 @@ def _check_args(args) -> list[str | None]:
     return policies
 
 
-def _out_dir(out: Path) -> bool:
-    """Create ``out`` (before any work); whether it was created here. Errors name --out."""
-    existed = out.is_dir()
-    make_named_dir(out, "--out", "a writable directory")
-    return not existed
-
-
 def _replay_and_report(
     args, config: StoreConfig, reader: TraceReader, policies: list[str | None]
 ) -> int:
@@ -220,12 +213,12 @@ def _replay_and_report(
         rows, row_bytes = table_geometry(config, layout, reader.header)
     require_lookups(reader, index)
     caps = _sweep_capacities(args.sweep, rows, row_bytes) if args.sweep else []
-    with saying_made(args.out, "--out"):
-        created = _out_dir(args.out)
+    with saying_made(args.out, "--out") as new:
+        make_named_dir(args.out, "--out", "a writable directory")  # before any work
         try:
             return _replay_into(args, config, reader, table, policies, caps, (rows, row_bytes))
         except BaseException:
-            if created:  # leave no empty folder behind
+            if new:  # leave no empty folder behind
                 with contextlib.suppress(OSError):
                     args.out.rmdir()
             raise
