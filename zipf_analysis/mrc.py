@@ -45,6 +45,7 @@ from tiered_store.profile import FrequencyProfile
 from tiered_store.trace import TraceReader
 
 from . import mrc_kernels as kernels
+from .replay import _whole
 
 __all__ = [
     "MissRatioCurve",
@@ -842,7 +843,7 @@ def belady_misses(
 
 def _check_points(points: object) -> None:
     """A number of capacities to evaluate: a positive integer (not a bool)."""
-    if isinstance(points, bool) or not isinstance(points, int | np.integer) or points < 1:
+    if not _whole(points, 1):
         raise ValueError(f"points: got {points!r}; expected a positive number of capacities")
 
 
