@@ -612,6 +612,33 @@ def test_a_tilde_in_any_path_argument_or_config_path_is_the_home_folder(
     assert list(cwd.iterdir()) == []
 
 
+def test_a_tilde_with_home_set_empty_is_refused_not_read_as_the_root(tmp_path, monkeypatch, capsys):
+    """With HOME set but empty (``HOME= cmd``, a service's bare environment) Python reads ``~``
+    as ``/``: ``init '~/t.npy'`` wrote /t.npy, and a config's ``~/t.npy`` named it. A leading
+    ``~`` is refused then, naming the path and HOME; ``./~`` is still the folder here."""
+    from tiered_store.cli_args import given_path
+    from tiered_store.config import StoreConfig
+    from tiered_store.errors import ConfigError
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", "")
+    with pytest.raises(SystemExit) as exited:  # (read only: init would write in / as it was)
+        main(["info", "~/t.npy"])
+    assert exited.value.code == 2
+    expected = "'~/t.npy': HOME is set but empty, so '~' would be read as '/'; expected HOME"
+    assert expected in capsys.readouterr().err
+    (tmp_path / "s.yaml").write_text("table: {path: ~/t.npy}\n")
+    with pytest.raises(ConfigError, match=expected):
+        StoreConfig.from_yaml(tmp_path / "s.yaml")
+    with pytest.raises(ConfigError, match="'~/s.yaml': HOME is set but empty"):
+        StoreConfig.from_yaml("~/s.yaml")
+    assert given_path("./~/t.npy") == tmp_path / "~" / "t.npy"
+    # a corpus (analyze '~' read every file on the disk)
+    assert main(["analyze", "~/no-corpus", "--out", "out", "--quiet"]) == 2
+    assert "'~/no-corpus': HOME is set but empty" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == [tmp_path / "s.yaml"]
+
+
 def test_a_folder_named_tilde_given_as_dot_slash_is_that_folder_not_the_home_one(
     tmp_path, monkeypatch
 ):

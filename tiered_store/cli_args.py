@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .capacity import CAPACITY_HELP, check_capacity_spec, check_share, format_bytes
-from .config import check_device
+from .config import check_device, expand_home
 from .errors import ConfigError, TieredStoreError, error_text
 
 
@@ -128,7 +128,8 @@ def given_path(text: str) -> Path:
     """An argparse ``type``: a path, any; an empty one (an unset shell variable) is refused
     rather than taken as the current folder, as ``Path("")`` is. A leading ``~`` is the home
     folder, as in a shell and in the store configs (quoted, or from a variable, the shell leaves
-    it); every path type here reads its path with this. A folder named ``~`` here, ``./~``, is
+    it; with HOME set but empty, refused: :func:`~tiered_store.config.expand_home`); every path
+    type here reads its path with this. A folder named ``~`` here, ``./~``, is
     that folder, absolute (as ``Path("~")``, without the ``./``, the config loaders read it as
     the home folder).
 
@@ -142,7 +143,10 @@ def given_path(text: str) -> Path:
     """
     if not text:
         raise argparse.ArgumentTypeError("got ''; expected a path")
-    path = Path(os.path.expanduser(text))
+    try:
+        path = Path(expand_home(text))
+    except ConfigError as exc:  # HOME set but empty
+        raise argparse.ArgumentTypeError(str(exc)) from None
     if str(path).startswith("~") and not text.startswith("~"):  # './~': pathlib drops the './'
         return path.absolute()
     return path

@@ -166,7 +166,7 @@ def load_yaml(path: str | Path, *, what: str = "config file") -> dict[str, Any]:
     """
     if (problem := path_text_problem(str(path))) is not None:  # pathlib's bare errors otherwise
         raise ConfigError(f"{what} {shown(str(path))}: {problem}")
-    path = Path(os.path.expanduser(path))  # ~ is the home folder, as in the paths it holds
+    path = Path(expand_home(path))  # ~ is the home folder, as in the paths it holds
     kind = "JSON" if path.suffix.lower() == ".json" else "YAML"
     try:
         text = path.read_text(encoding="utf-8")
@@ -447,6 +447,23 @@ def no_nul(value: Any) -> Any:
     return value
 
 
+def expand_home(text: str | os.PathLike[str]) -> str:
+    """``text`` with a leading ``~`` or ``~user`` read as that home folder, as in a shell
+    (os.path.expanduser); with HOME set but empty, where Python reads ``~`` as ``/``, a leading
+    ``~`` is a ``ConfigError`` naming the path instead.
+
+    >>> expand_home("./~/t.npy")
+    './~/t.npy'
+    """
+    text = os.fspath(text)
+    if os.environ.get("HOME") == "" and (text == "~" or text.startswith("~/")):
+        raise ConfigError(
+            f"{text!r}: HOME is set but empty, so '~' would be read as '/'; expected HOME to "
+            "name the home folder, or a path without a leading '~'"
+        )
+    return os.path.expanduser(text)
+
+
 def path_text_problem(text: str) -> str | None:
     """What a path's text holds that no file name does (pathlib raises a bare ValueError for a
     NUL character, UnicodeEncodeError for a lone surrogate: one an undecodable byte's, as Python
@@ -468,7 +485,7 @@ def resolved_under(base_dir: Path, text: str) -> str:
     ``~user`` of no user this machine has stays as written); a relative path is under
     ``base_dir`` (the file's folder). os.path.realpath, as Path.resolve raises a bare
     RuntimeError on a symlink loop (the open names the path)."""
-    return os.path.realpath(base_dir / os.path.expanduser(text))
+    return os.path.realpath(base_dir / expand_home(text))
 
 
 def _not_a_number(value: Any) -> Any:
@@ -1034,7 +1051,7 @@ class StoreConfig(ConfigModel):
     @classmethod
     def from_yaml(cls, path: str | Path) -> StoreConfig:
         """Load and validate a YAML file; errors name the file and the key path."""
-        path = Path(os.path.expanduser(path))  # its paths are under its folder, ~ read
+        path = Path(expand_home(path))  # its paths are under its folder, ~ read
         data = load_yaml(path, what="config file")
         return cls.from_dict(data, base_dir=path.parent, source=str(path))
 

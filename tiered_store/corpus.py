@@ -201,8 +201,10 @@ def _file_key(path: Path) -> object:
 
 def _expand(path: str | os.PathLike[str]) -> list[Path]:
     """The files one corpus argument names (a file, a directory, or a glob pattern)."""
+    from .config import expand_home  # (not at import: the corpus reader stays light)
+
     text = os.fspath(path)
-    p = Path(os.path.expanduser(text))  # (Path("./~").expanduser() is the home folder)
+    p = Path(expand_home(text))  # (Path("./~").expanduser() is the home folder)
     if p.is_dir():
         return list(_walk(p))
     if p.is_file():
@@ -215,7 +217,7 @@ def _expand(path: str | os.PathLike[str]) -> list[Path]:
     if _GLOB_CHARS & set(text):
         out: list[Path] = []
         unlisted: list[Path] = []
-        for match in sorted(_glob(os.path.expanduser(text), unlisted)):
+        for match in sorted(_glob(expand_home(text), unlisted)):
             m = Path(match)
             out.extend(_walk(m) if m.is_dir() else [m] if m.is_file() else [])
         out.extend(unlisted)

@@ -33,6 +33,7 @@ from .config import (
     PrefetchConfig,
     TiersConfig,
     checked_by,
+    expand_home,
     int_at_least,
     load_yaml,
     no_nul,
@@ -434,7 +435,7 @@ def _relative_to(folder: Path, data: dict[str, Any]) -> dict[str, Any]:
     def under(text: Any) -> Any:
         if not isinstance(text, str):
             return text  # DemoConfig names what is wrong with it
-        text = os.path.expanduser(text)
+        text = expand_home(text)
         return text if os.path.isabs(text) else os.path.join(folder, text)  # ('./~' kept)
 
     run = data.get("run") or {}
