@@ -569,6 +569,25 @@ def test_recover_trace_refuses_to_replace_a_file_without_overwrite(tmp_path, cap
         assert reader.read_all().tolist() == [i + b for b in range(3) for i in range(5)]
 
 
+def test_recover_trace_out_in_a_missing_folder_is_refused_before_the_scan(tmp_path, capsys):
+    """recover-trace --out in a missing folder read the whole leftover, then failed with "No
+    such file or directory", naming no folder; refused at once, naming it, as every output
+    file's missing folder is."""
+    from tiered_store.trace import TraceWriter
+
+    with TraceWriter(tmp_path / "whole.trace", chunk_ids=5) as writer:
+        writer.write(np.arange(10), "a")
+    left = tmp_path / ".t.trace.0123456789ab.tmp"
+    left.write_bytes((tmp_path / "whole.trace").read_bytes())
+    out = tmp_path / "typo" / "t.trace"
+    with pytest.raises(SystemExit) as exited:
+        main(["recover-trace", str(left), "--out", str(out), "--quiet"])
+    assert exited.value.code == 2
+    expected = f"argument --out: '{out}': '{out.parent}' does not exist; expected a file in an"
+    assert expected in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == [left.name, "whole.trace"]
+
+
 def test_recover_trace_help_says_what_it_keeps_and_writes():
     out = run_python(["-m", "tiered_store.cli", "recover-trace", "--help"])
     assert out.returncode == 0, out.stderr

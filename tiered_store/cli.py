@@ -23,6 +23,7 @@ from .cli_args import (
     command_help,
     device_name,
     given_path,
+    output_file,
     output_folder,
     run_script,
     saying_made,
@@ -221,9 +222,9 @@ def _add_recover_trace(sub) -> None:
     p.add_argument("leftover", type=given_path, help="the killed writer's .NAME.HEX.tmp")
     p.add_argument(
         "--out",
-        type=given_path,
+        type=output_file,
         metavar="TRACE",
-        help="the trace to write (default: NAME, beside LEFTOVER)",
+        help="the trace to write in a folder that is there (default: NAME, beside LEFTOVER)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing TRACE")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
