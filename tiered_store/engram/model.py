@@ -387,20 +387,15 @@ class EngramLM(nn.Module):
                 self._check_v41_table(layer_id, table)
             else:
                 engram._check_backend(table, f"tables[{layer_id}]")
-        swapped: list[tuple[nn.Module, str, Any]] = []  # each layer's old table
+        swapped: list[tuple[Engram | V41Engram, TableBackend]] = []  # each layer's old table
         try:  # checked above: swapped as they are
             for layer_id, table in tables.items():
                 engram = engrams[layer_id]
-                held, name = (
-                    (engram, "table")
-                    if isinstance(engram, V41Engram)
-                    else (engram.multi_head_embedding, "embedding")
-                )
-                swapped.append((held, name, getattr(held, name)))
-                swap_table(held, name, table)  # interrupted: the old one
+                swapped.append((engram, engram.table))
+                _swap(engram, table)  # interrupted: the old one
         except BaseException:  # a Ctrl-C between two layers: every layer's old table again
-            for held, name, kept in reversed(swapped):
-                swap_table(held, name, kept)
+            for engram, kept in reversed(swapped):
+                _swap(engram, kept)
             raise
 
     def dense_parameters(self) -> int:
@@ -825,6 +820,15 @@ def _table_mapping(tables: Any) -> dict[Any, Any]:
             "TableBackend}, e.g. {1: table} (open_tables returns one)"
         )
     return dict(tables)
+
+
+def _swap(engram: Engram | V41Engram, table: TableBackend) -> None:
+    """Give ``engram`` the checked ``table`` (a demo layer's through its embedding's
+    ``set_backend``); interrupted, it keeps its old one."""
+    if isinstance(engram, V41Engram):
+        swap_table(engram, "table", table)
+    else:
+        engram.multi_head_embedding.set_backend(table)
 
 
 def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
