@@ -607,6 +607,37 @@ def test_handle_for_other_ids_or_used_twice_is_an_error(table):
                 store.lookup(buffer, handle)
 
 
+def test_a_store_on_the_cpu_never_asks_whether_prefetched_ids_are_pinned(table):
+    """prefetch asked Tensor.is_pinned() of the caller's ids (and of its snapshot of them) for
+    a store whose tiers are all on the CPU, where no copy to a GPU is made: on a machine with a
+    GPU that may start a CUDA context (torch asks the driver) for nothing. Only a store on a
+    GPU asks; the handle still holds a snapshot the caller's refill does not change."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Asked(TorchDispatchMode):
+        """Counts Tensor.is_pinned() calls."""
+
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.calls += func is torch.ops.aten.is_pinned.default
+            return func(*args, **(kwargs or {}))
+
+    path, data = table
+    with TieredStore(store_config(path)) as store:
+        assert store.device.type == "cpu"
+        buffer = torch.tensor([[1, 2], [3, 4]])
+        with Asked() as asked:
+            handle = store.prefetch(buffer)
+            int32 = store.prefetch(buffer.int())
+        assert asked.calls == 0
+        buffer[:] = 7  # refilled: the handle's snapshot is the ids prefetched
+        with pytest.raises(PrefetchHandleError, match="differ"):
+            store.lookup(buffer, handle)
+        ids = torch.tensor([[1, 2], [3, 4]])
+        assert torch.equal(store.lookup(ids.int(), int32), data[ids])
+
+
 def test_a_handle_looked_up_with_other_ids_names_where_they_differ(table):
     """Other ids of the same shape were refused as "ids (shape (3,)) differ from the ids this
     handle prefetched (shape (3,))": neither where they differ nor the two ids."""

@@ -299,9 +299,12 @@ class TieredStore:
             # allocator reuses its memory only once the copy is done). From pageable ids CUDA
             # stages the copy before it returns. The handle keeps the snapshot: lookup(ids,
             # handle) compares the caller's ids with it on the host, waiting for no device work.
-            host = snapshot_of(flat.to(torch.int64), tensor)
-            if tensor.is_pinned() and not host.is_pinned():  # converted (int32, strided): pinned
-                host = host.pin_memory()  # again, or the copy would stop being asynchronous
+            # A store on the CPU copies its ids to no GPU: it asks no is_pinned() (which may
+            # start a CUDA context).
+            gpu = self.device.type == "cuda"
+            host = snapshot_of(flat.to(torch.int64), tensor, pinnable=gpu)
+            if gpu and tensor.is_pinned() and not host.is_pinned():  # converted (int32, strided):
+                host = host.pin_memory()  # pinned again, or the copy would stop being asynchronous
             flat = self._to_device(host)
         # the writes so far, read before the fetch can start: no write slips between
         return self._prefetcher.submit(
