@@ -725,6 +725,36 @@ def test_a_sharded_stores_prefetches_and_their_stalls_are_in_its_stats_and_metri
     )
 
 
+def test_a_sharded_store_exchanging_on_the_cpu_never_asks_whether_ids_are_pinned(
+    tmp_path, monkeypatch
+):
+    """prefetch's snapshot of the caller's ids asked Tensor.is_pinned() of them, though a store
+    exchanging on the CPU (gloo) copies them to no GPU: on a machine with a GPU that may start
+    a CUDA context for nothing. Only a store exchanging on a GPU asks; the snapshot is still
+    taken (the caller's refill is not what the handle fetched)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Asked(TorchDispatchMode):
+        """Counts Tensor.is_pinned() calls (on this thread)."""
+
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.calls += func is torch.ops.aten.is_pinned.default
+            return func(*args, **(kwargs or {}))
+
+    with ShardedStore.open(_one_rank_sharded_config(tmp_path, monkeypatch)) as store:
+        assert store.exchange_device.type == "cpu"
+        ids = torch.tensor([[5, 5, 400], [0, 462, 7]])
+        want = store.lookup(ids)
+        with Asked() as asked:
+            handle = store.prefetch(ids)
+        assert asked.calls == 0
+        refilled = ids.clone()
+        ids[:] = 1  # refilled: the handle's ids are those prefetched
+        assert torch.equal(store.lookup(refilled, handle), want)
+
+
 def test_the_pipelines_stats_delta_of_a_sharded_table_keeps_its_shard_as_it_is(
     tmp_path, monkeypatch
 ):

@@ -835,7 +835,9 @@ class ShardedStore:
                     f"ids: value {int(flat[pos])} at flat position {pos} is out of range; "
                     f"expected 0 <= id < {self.rows:,} (the table's rows, over {self.world} ranks)"
                 )
-        return snapshot_of(flat, tensor) if snapshot else flat, tuple(tensor.shape)
+        if snapshot:  # pinned kept pinned on a GPU exchange; on the CPU's, is_pinned() unasked
+            flat = snapshot_of(flat, tensor, pinnable=self.exchange_device.type == "cuda")
+        return flat, tuple(tensor.shape)
 
     def _collect(self, ids: Any, handle: PrefetchHandle, packed: bool) -> tuple[int, ...]:
         """Check a handle belongs to ``ids`` and to this call's ``packed``; its shape."""
