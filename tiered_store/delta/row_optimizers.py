@@ -147,19 +147,23 @@ def first_non_finite_row(rows: torch.Tensor) -> int | None:
     return int(torch.nonzero(bad)[0]) if bool(bad.any()) else None
 
 
-def stored_row_fault(row: int, stored: torch.Tensor, dim: int) -> str | None:
-    """What is wrong with row ``row`` as stored (``[weights | optimizer state]``, ``dim``
-    weights) when it holds a NaN or an inf (where, and the value); None where it is finite.
+def stored_row_fault(
+    ids: torch.Tensor, stored: torch.Tensor, dim: int, offset: int = 0
+) -> str | None:
+    """What is wrong with the first row of ``stored`` ``[n, dim + state]`` (rows ``[weights |
+    optimizer state]`` as stored, ``dim`` weights) that holds a NaN or an inf: its id (its
+    ``ids`` plus ``offset``, a shard's first row), where, and the value; None where all are finite.
 
-    >>> stored_row_fault(7, torch.tensor([1.0, 2.0, float("inf")]), 2)
+    >>> stored_row_fault(torch.tensor([3, 7]), torch.tensor([[1.0, 2, 3], [1, 2, float("inf")]]), 2)
     'row 7 as stored holds a non-finite value (inf) in its optimizer state; expected finite stored rows'
     """
-    bad = ~torch.isfinite(stored)
-    if not bool(bad.any()):
+    first = first_non_finite_row(stored)
+    if first is None:
         return None
-    where = int(torch.nonzero(bad)[0])
+    row = stored[first]
+    where = int(torch.nonzero(~torch.isfinite(row))[0])
     part = "weights" if where < dim else "optimizer state"
     return (
-        f"row {row} as stored holds a non-finite value ({stored[where].item()}) in its {part}; "
-        "expected finite stored rows"
+        f"row {int(ids[first]) + offset} as stored holds a non-finite value ({row[where].item()}) "
+        f"in its {part}; expected finite stored rows"
     )

@@ -390,9 +390,8 @@ class TrainableTable:
         if first is None:
             return
         kept = "no row changed; the gradients are kept, zero_grad() drops them"
-        bad = first_non_finite_row(current)  # written past the store's checks, or damaged
-        if bad is not None:
-            fault = stored_row_fault(int(ids[bad]), current[bad], self.dim)
+        fault = stored_row_fault(ids, current, self.dim)  # written past the store's checks
+        if fault is not None:  # or damaged
             raise RowDataError(
                 f"step {step}: {fault} (restore the table, or write the row anew; {kept})"
             )

@@ -1266,10 +1266,8 @@ class ShardedStore:
     def _finite_stored(self, local_ids: torch.Tensor, current: torch.Tensor, dim: int) -> None:
         """``RowDataError`` naming the first of this shard's ``local_ids`` whose row as stored
         (``current``, ``dim`` weights each) is not finite: written past the store's checks."""
-        first = first_non_finite_row(current)
-        if first is not None:
-            row = int(local_ids[first]) + int(self._starts[self.rank])
-            fault = stored_row_fault(row, current[first], dim)
+        fault = stored_row_fault(local_ids, current, dim, int(self._starts[self.rank]))
+        if fault is not None:
             raise RowDataError(f"{fault} (restore the shard, or write the row anew)")
 
     def _local_error(self, fn: Callable, *args: Any) -> str | None:
