@@ -23,7 +23,7 @@ import torch
 from tiered_store import TieredStore
 from tiered_store.cli import main
 from tiered_store.engram.training import TrainSettings, train
-from tiered_store.errors import ConfigError
+from tiered_store.errors import ConfigError, RowDataError
 from tiered_store.serve.client import subprocess_env
 
 TINY = {
@@ -886,6 +886,31 @@ def test_an_fp16_step_whose_dense_gradients_overflow_changes_no_row(tmp_path):
     )
     assert torch.equal(rows, rows_resumed) and not torch.equal(rows, rows2)
     assert dense["scaler"] == dense_resumed["scaler"]
+
+
+def test_an_fp16_run_over_a_stored_row_that_is_not_finite_names_it_rather_than_skipping(
+    tmp_path,
+):
+    """fp16: rows stored NaN (a delta an older, unchecked writer left) make every gradient NaN,
+    the dense ones too, which the run took for an overflow: it skipped every step to its end,
+    silently (the summary's skipped_steps alone said it). The first step names a row as stored,
+    as an fp32 run's does, and the last checkpoint stands."""
+    from tiered_store.delta.row_delta import RowDelta, delta_path
+
+    out = tmp_path / "run"
+    mixed = replace(
+        _settings(ROOT / "tiered_store" / "engram"), steps=1, checkpoint_every=1, precision="fp16"
+    )
+    train(out, mixed, resume=False, progress=False)
+    rows, _ = _final_state(out, 1)
+    nan = rows.numpy().copy()
+    nan[:, 0] = np.nan  # every row's first weight
+    delta = RowDelta(delta_path(out / "tables.npy"), nan.shape[1] * 4)
+    delta.commit(np.arange(len(nan)), nan.view(np.uint8), 1)  # as an unchecked writer left it
+    delta.close()
+    with pytest.raises(RowDataError, match=r"^step 2: row \d+ as stored holds a non-finite value \(nan\) in its weights"):  # fmt: skip
+        train(out, replace(mixed, steps=4), resume=True, progress=False)
+    assert _committed(out) == 1 and sorted(p.name for p in out.glob("dense-*.pt")) == ["dense-1.pt"]
 
 
 def _fp16_adam_run_with_step_3_skipped(tmp_path: Path) -> tuple[Path, TrainSettings]:

@@ -564,6 +564,42 @@ def test_a_stored_row_that_is_not_finite_is_named_though_it_made_every_gradient_
     table.close()
 
 
+def test_an_fp16_step_over_a_stored_row_that_is_not_finite_names_it_rather_than_skipping(tmp_path):
+    """fp16 autocast with a GradScaler: a stored row's NaN weight, looked up, makes every
+    gradient NaN, which the step took for an overflow and skipped, as it did the next step and
+    every one after (silently: the scale halved each time). A stored row that is not finite is
+    no overflow: the step names it, as an fp32 step does, changes no row and keeps the
+    gradients."""
+    from tiered_store.delta.row_delta import RowDelta, delta_path
+
+    sgd = make_row_optimizer("sgd", lr=0.1)
+    path = tmp_path / "t.npy"
+    create_trainable_table(path, np.ones((10, 2)), sgd)
+    stored = np.ones((1, 2), np.float32)
+    stored[0, 1] = np.nan
+    delta = RowDelta(delta_path(path), 8, create=True)
+    delta.commit(np.array([7]), stored.view(np.uint8), 1)  # as an unchecked writer left it
+    delta.close()
+    table = TrainableTable(TieredStore(store_config(path)), sgd)
+    before = table.store.lookup(torch.arange(10)).clone()
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    head = torch.nn.Linear(2, 3)
+    with torch.autocast("cpu", dtype=torch.float16):
+        loss = head(table.lookup(torch.tensor([3, 7]))).float().pow(2).mean()
+    scaler.scale(loss).backward()
+    with pytest.raises(RowDataError) as refused:
+        table.step(2, scaler)
+    assert str(refused.value).startswith(
+        "step 2: row 7 as stored holds a non-finite value (nan) in its weights; expected finite "
+        "stored rows"
+    ), refused.value
+    assert (table.skipped_steps, table.last_step) == (0, 1)
+    assert torch.equal(table.store.lookup(torch.arange(10)).nan_to_num(), before.nan_to_num())
+    with pytest.raises(RowDataError, match="^step 2: row 7 as stored"):  # the gradients kept
+        table.step(2)
+    table.close()
+
+
 def test_ids_changed_in_place_before_backward_are_an_error_as_in_torch(tmp_path):
     """A reused id buffer refilled between lookup and backward: nn.Embedding's backward raises;
     the table's took the ids the buffer held then and updated those rows (7, never looked up)."""

@@ -92,6 +92,9 @@ def create_trainable_table(
     return create_table(path, rows, metadata=meta, progress=progress, overwrite=overwrite)
 
 
+_KEPT = "no row changed; the gradients are kept, zero_grad() drops them"  # a refused step's
+
+
 class _ScalerInfCheck(torch.optim.Optimizer):
     """One inf check (a finite value or an inf) as one parameter's gradient, never stepped: what
     ``GradScaler.unscale_`` takes, so that it records the check (an inf makes its ``update()``
@@ -262,6 +265,8 @@ class TrainableTable:
         grows by one and :attr:`last_step` stays, so the same number can be passed again (to count
         only applied steps in Adam's bias correction, as torch's Adam does, pass
         ``last_step + 1``); the scaler records the overflow, so its ``update()`` lowers the scale.
+        A row they touch that is not finite as stored is no overflow (looked up, its NaN makes
+        every gradient NaN, at every step): ``RowDataError`` names it, as without a scaler.
         A scaler that never scaled a loss is refused (``ConfigError``, the gradients kept); one
         that scaled none since its last ``update()`` cannot be told from one that did (torch keeps
         no such record): its scale divides the gradients all the same.
@@ -321,6 +326,8 @@ class TrainableTable:
                 raise
             skip = updated is None  # this rank's or another's gradients overflowed
         elif skip or not unique.numel():
+            if skip:  # a stored NaN makes every gradient NaN, every step: no overflow to skip
+                self._check_stored(unique, self.store.lookup(unique), number)
             updated = 0
         else:  # the write is the last thing done: when anything fails before, no row changed
             current = self.store.lookup(unique)
@@ -389,26 +396,30 @@ class TrainableTable:
         first = first_non_finite_row(new_rows)
         if first is None:
             return
-        kept = "no row changed; the gradients are kept, zero_grad() drops them"
-        fault = stored_row_fault(ids, current, self.dim)  # written past the store's checks
-        if fault is not None:  # or damaged
-            raise RowDataError(
-                f"step {step}: {fault} (restore the table, or write the row anew; {kept})"
-            )
+        self._check_stored(ids, current, step)
         row, grad = int(ids[first]), summed[first]
         if not bool(torch.isfinite(grad).all()):
             value = grad[~torch.isfinite(grad)][0].item()
             raise RowDataError(
                 f"step {step}: the gradient of row {row} holds a non-finite value ({value}); "
-                f"expected finite gradients ({kept})"
+                f"expected finite gradients ({_KEPT})"
             )
         weights = not bool(torch.isfinite(new_rows[first, : self.dim]).all())
         part = "weights overflow" if weights else "state overflows"
         raise RowDataError(
             f"step {step}: the {self.optimizer.name} update of row {row} is not finite (its "
             f"{part} {str(new_rows.dtype).removeprefix('torch.')}: a gradient too large); "
-            f"expected finite rows ({kept})"
+            f"expected finite rows ({_KEPT})"
         )
+
+    def _check_stored(self, ids: torch.Tensor, current: torch.Tensor, step: int) -> None:
+        """``RowDataError`` naming the first row of ``ids`` whose values as stored (``current``)
+        are not finite: written past the store's checks, or damaged."""
+        fault = stored_row_fault(ids, current, self.dim)
+        if fault is not None:
+            raise RowDataError(
+                f"step {step}: {fault} (restore the table, or write the row anew; {_KEPT})"
+            )
 
     def _refuse(self, step: Any, message: str) -> None:
         """Raise ``ConfigError(message)``; over a sharded store after joining the update round
@@ -437,6 +448,18 @@ class TrainableTable:
 
     def zero_grad(self) -> None:
         """Drop row gradients not yet applied."""
+        self._gradients.clear()
+
+    def skip(self, step: int) -> None:
+        """Drop the row gradients of ``step``, which a loop skips for an overflow it found in
+        other gradients (a model's dense ones, under a ``GradScaler``): no row changes, as in a
+        step :meth:`step` skips. ``RowDataError`` naming the row (the gradients kept) where a
+        row they touch is not finite as stored: looked up, its NaN overflows every step. Over a
+        ``ShardedStore`` it only drops them (its rows are read by a collective)."""
+        if getattr(self.store, "update_rows", None) is None:
+            unique, _ = self._summed_gradients()
+            if unique.numel():
+                self._check_stored(unique, self.store.lookup(unique), step)
         self._gradients.clear()
 
     def commit(self, step: int | None = None) -> int:

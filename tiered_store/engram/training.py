@@ -18,7 +18,7 @@ every step, ``loss.png`` plots it.
 runs the model under ``torch.autocast`` (the tables' rows stay float32); ``fp16`` scales the loss
 with a ``GradScaler`` (saved in the checkpoints) that the tables' steps follow: a step whose
 gradients overflow, the dense weights' or the rows', changes no row and no dense weight, and
-is not counted in Adam's steps (the rows' bias correction counts applied steps, as the dense
+is not counted in Adam's steps (a row stored NaN, not an overflow, stops the run naming it) (the rows' bias correction counts applied steps, as the dense
 Adam does; ``dense-S.pt`` records the count).
 """
 
@@ -281,8 +281,8 @@ def _run(out, settings, model, table, layers, sizes, batches, progress, out_name
                 # scaler's step() would decide for Adam alone)
                 scaler.unscale_(dense)
                 overflowed = scaler.is_enabled() and _overflowed(dense)
-                if overflowed:
-                    table.zero_grad()
+                if overflowed:  # a row stored NaN (not an overflow) makes every step's: named
+                    table.skip(step)
                 else:
                     before = table.skipped_steps
                     table.step(step, scaler, optimizer_step=applied + 1)  # as Adam counts
