@@ -725,6 +725,25 @@ def test_a_resume_of_a_run_killed_in_its_last_checkpoint_finishes_that_checkpoin
     assert main([*common, "--resume"]) == 0 and _committed(out) == 2
 
 
+def test_a_resume_rewrites_the_record_only_when_it_changes(tmp_path):
+    """Every resume rewrote committed.json (a new file renamed over it, synced) though it
+    already held the table's step and run; it is left as it is, and is rewritten where it is a
+    step behind (a kill between the commit and its record)."""
+    settings = replace(_settings(ROOT / "tiered_store" / "engram"), steps=2)
+    out = tmp_path / "run"
+    train(out, settings, resume=False, progress=False)
+    record = out / "committed.json"
+    before = record.stat()
+    train(out, settings, resume=True, progress=False)  # no step to train: only the record's check
+    after = record.stat()
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    behind = json.loads(record.read_text())
+    behind["committed_step"] = 1
+    record.write_text(json.dumps(behind))
+    train(out, settings, resume=True, progress=False)
+    assert json.loads(record.read_text())["committed_step"] == 2
+
+
 def test_train_called_from_python_names_its_out_argument_not_the_option(tmp_path):
     """train() named the command's --out in its errors (a folder it could not make, a folder
     whose recorded steps its table lacks, ...) when called from Python, where there is no such

@@ -402,13 +402,17 @@ def _checkpoint(  # noqa: PLR0913 (the checkpoint's parts)
 
 
 def _recorded(out: Path, store: TieredStore, step: int, resume: str) -> None:
-    """A checkpoint's end, once the table committed ``step``: ``committed.json`` records it,
-    then the older ``dense-S.pt`` go (a resume finishes one a kill cut short: it may train no
+    """A checkpoint's end, once the table committed ``step``: ``committed.json`` records it
+    (written only where it does not already), then the older ``dense-S.pt`` go (a resume finishes one a kill cut short: it may train no
     step, and run no checkpoint). ``resume``: how the caller resumes."""
     kept = f"step {step} is committed: {resume} goes on from it"
     record = out / COMMITTED_FILE
-    with _run_file("checkpoint", record, kept, "w") as f:
-        json.dump({"committed_step": step, RUN_ID_KEY: _run_id(store)}, f)
+    written = None  # damaged: written anew
+    with contextlib.suppress(ConfigError):
+        written = _record(out, str(out))
+    if written != (step, _run_id(store)):  # a resume's holds its step, unless killed before
+        with _run_file("checkpoint", record, kept, "w") as f:
+            json.dump({"committed_step": step, RUN_ID_KEY: _run_id(store)}, f)
     for old in out.glob("dense-*.pt"):
         written = re.fullmatch(DENSE_NAME, old.name)  # train's, not a user's copy
         if written and int(written[1]) < step:
