@@ -687,6 +687,26 @@ def test_a_kill_between_the_commit_and_its_record_resumes_from_the_table(tmp_pat
     assert _committed(out) == 6 and len((out / "loss.csv").read_text().splitlines()) == 7
 
 
+def test_a_new_run_folder_is_said_when_it_is_made_not_when_the_run_ends(tmp_path):
+    """ "--out: created 'RUN'" came when train returned (hours in, for a long run), and never for
+    a run stopped before its end (killed here after its first commit). It comes when the
+    folder is made."""
+    common, small, out = _cli_args(tmp_path)
+    hook, mark = tmp_path / "hook", tmp_path / "committed"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(_WAIT_AFTER_COMMIT)  # imported by the run at start
+    extra = {"PYTHONPATH": str(hook), "WAIT_AFTER_COMMIT": "1", "WAIT_MARK": str(mark)}
+    cmd = [sys.executable, "-m", "tiered_store.cli", *common, *small, "--steps", "3"]
+    proc = subprocess.Popen(cmd, env=subprocess_env(extra), stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not mark.exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.kill()
+    err = proc.communicate(timeout=60)[1]
+    assert proc.returncode == -signal.SIGKILL and mark.exists(), err[-2000:]
+    assert f"--out: created '{out}'" in err
+
+
 _KILLED_RECORDING = r"""
 import json, os, signal, sys
 from tiered_store.cli import main

@@ -140,7 +140,8 @@ def train(
     ignores (default: those that differ from ``TrainSettings()``'s). ``out_name``: how errors
     name ``out``; a command passes its option (``"--out"``), and errors then name its other
     options (``--resume``, ``--batch-size``) where they name parameters and settings
-    (``resume``, ``batch_size``). ``device``: where the model computes and the hot tier lives
+    (``resume``, ``batch_size``), and a folder it makes is said on stderr then
+    (``--out: created 'RUN'``). ``device``: where the model computes and the hot tier lives
     (``cpu``, ``cuda``, ``cuda:N``); not a setting of the run, so a resume may move it."""
     try:
         check_device(device)
@@ -176,7 +177,9 @@ def train(
     per_batch = settings.batch_size * settings.seq_len
     tokens = read_tokens(corpus, model.hasher.tokenizer, max_tokens=per_batch * settings.steps)
     batches = token_batches(tokens, settings.batch_size, settings.seq_len)
-    make_named_dir(out, out_name, "a directory for the run")
+    saying = out_name.startswith("--")  # the command's: said when made (not when the run ends)
+    with saying_made(out, out_name) if saying else contextlib.nullcontext():
+        make_named_dir(out, out_name, "a directory for the run")
     lock = _take_run_lock(out, out_name)  # before anything in out is written; the store adopts it
     try:
         with warnings.catch_warnings():  # said once already
@@ -856,15 +859,14 @@ def _run_train(args) -> int:
     )
     if args.model is not None:
         settings.model = load_yaml(args.model, what="--model")
-    with saying_made(args.out, "--out"):
-        summary = train(
-            args.out,
-            settings,
-            resume=args.resume,
-            progress=not args.quiet,
-            given=getattr(args, "given", set()),
-            out_name="--out",
-            device=args.device,
-        )
+    summary = train(
+        args.out,
+        settings,
+        resume=args.resume,
+        progress=not args.quiet,
+        given=getattr(args, "given", set()),
+        out_name="--out",
+        device=args.device,
+    )
     print(json.dumps(summary, indent=1))
     return 0
