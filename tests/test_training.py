@@ -337,6 +337,23 @@ def test_another_optimizers_table_is_refused_naming_the_optimizer_it_holds(tmp_p
             TrainableTable(store, make_row_optimizer(name, lr=0.1))
 
 
+def test_an_optimizer_that_is_not_a_row_optimizer_is_refused_by_name(tmp_path):
+    """An optimizer's name ("adam", as train's settings take it) or None for the RowOptimizer
+    failed with a bare AttributeError ("'str' object has no attribute 'state_width'"), in
+    create_trainable_table as in TrainableTable; a ConfigError names it and what is expected."""
+    path = tmp_path / "t.npy"
+    for bad in ("adam", None):
+        why = rf"^optimizer: {type(bad).__name__} {bad!r}; expected a RowOptimizer \(make_row_optimizer"
+        with pytest.raises(ConfigError, match=why):
+            create_trainable_table(path, np.zeros((5, 2)), bad)
+        assert not path.exists()
+    create_trainable_table(path, np.zeros((5, 2)), make_row_optimizer("sgd", lr=0.1))
+    for bad in ("adam", None):
+        why = rf"^optimizer: {type(bad).__name__} {bad!r}; expected a RowOptimizer \(make_row_optimizer"
+        with TieredStore(store_config(path)) as store, pytest.raises(ConfigError, match=why):
+            TrainableTable(store, bad)
+
+
 def test_step_numbers_are_checked_before_the_gradients_are_used(tmp_path):
     from tiered_store.errors import ConfigError
 

@@ -58,6 +58,7 @@ def create_trainable_table(
     >>> create_trainable_table(path, np.ones((5, 4)), make_row_optimizer("adam", lr=0.1)).dim
     12
     """
+    _check_optimizer(optimizer)
     if isinstance(weights, torch.Tensor):  # a model's parameter (grad), bf16, on a GPU: as is
         dtype = str(weights.dtype).removeprefix("torch.")
         desc = f"weights (torch.Tensor {describe_tensor(weights)})"
@@ -90,6 +91,15 @@ def create_trainable_table(
         meta["trainable"]["run_id"] = run_id
     rows = torch.cat([weights, state], 1)
     return create_table(path, rows, metadata=meta, progress=progress, overwrite=overwrite)
+
+
+def _check_optimizer(optimizer: Any) -> None:
+    """``ConfigError`` unless ``optimizer`` is a ``RowOptimizer`` (an optimizer's name is not)."""
+    if not isinstance(optimizer, RowOptimizer):
+        raise ConfigError(
+            f"optimizer: {type(optimizer).__name__} {optimizer!r}; expected a RowOptimizer "
+            "(make_row_optimizer(name, lr))"
+        )
 
 
 _KEPT = "no row changed; the gradients are kept, zero_grad() drops them"  # a refused step's
@@ -172,6 +182,7 @@ class TrainableTable:
     keeps_stats = True
 
     def __init__(self, store: Any, optimizer: RowOptimizer) -> None:
+        _check_optimizer(optimizer)
         if store.cold.manifest.quantization is not None:  # its step() could never write
             raise ConfigError(
                 f"table: {store.cold.path.name} holds packed quantised rows (fp8 codes and "
