@@ -406,11 +406,16 @@ def test_a_damaged_settings_file_is_named_and_the_run_kept(tmp_path, capsys, sav
         ("not train's", "not train's dense checkpoint"),
         ("weights not tensors", "not train's dense checkpoint"),
         ("weights not a dict", "not train's dense checkpoint"),
+        (
+            "a weight missing",
+            "its weights or Adam state do not fit the model \\(embed.weight: missing",
+        ),
     ],
 )
 def test_a_missing_or_damaged_dense_checkpoint_is_named_on_resume(tmp_path, capsys, damage, why):
     """The committed step's dense-S.pt gone or damaged: --resume names the file and the step (it
-    was a raw FileNotFoundError or UnpicklingError traceback); the run's table is left as it was."""
+    was a raw FileNotFoundError or UnpicklingError traceback; one missing a weight went on
+    silently from the weight's initial value); the run's table is left as it was."""
     common, small, out = _cli_args(tmp_path)
     assert main([*common, *small, "--steps", "2"]) == 0
     dense = out / "dense-2.pt"
@@ -418,6 +423,10 @@ def test_a_missing_or_damaged_dense_checkpoint_is_named_on_resume(tmp_path, caps
         dense.unlink()
     elif damage == "not train's":
         torch.save({"weights": torch.zeros(2)}, dense)
+    elif damage == "a weight missing":  # loaded without it: the run went on from its init
+        state = torch.load(dense, weights_only=True)
+        del state["model"]["embed.weight"]
+        torch.save(state, dense)
     elif damage.startswith("weights not"):  # an AttributeError, a RuntimeError traceback before
         weights = [1] if damage.endswith("a dict") else {"embed.weight": 1}
         torch.save({"model": weights, "optimizer": {}}, dense)

@@ -361,12 +361,12 @@ def _load_dense(path: Path, step: int, model, dense, scaler, out_name: str) -> i
             why = f"its {APPLIED_KEY!r} is {applied!r}, expected an integer in [0, {step}]"
     if why is None:
         try:
-            model.load_state_dict(state["model"], strict=False)  # another model's: ConfigError
+            model.load_state_dict(state["model"])  # another model's, a weight missing: ConfigError
             dense.load_state_dict(state["optimizer"])
             if state.get("scaler"):  # fp16's scale (none before --precision, or disabled)
                 scaler.load_state_dict(state["scaler"])
         except (ValueError, KeyError, TypeError) as exc:  # Adam state of other parameters
-            why = f"its Adam state does not fit the model ({exc})"
+            why = f"its weights or Adam state do not fit the model ({exc})"
     if why is None and applied is None:  # written before the count: the dense Adam's own, which
         # counts the steps applied (fp16: fewer than ``step`` where one was skipped)
         applied = max((int(s["step"]) for s in dense.state.values() if "step" in s), default=0)
