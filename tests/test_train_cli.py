@@ -167,6 +167,8 @@ def test_a_negative_seed_is_refused_before_any_work(tmp_path, capsys):
         ("--steps", "0", "argument --steps: expected at least 1 step, got '0'"),
         ("--corpus", "/nonexistent", "corpus path '/nonexistent': no such file or directory"),
         ("--seq-len", "100000", "do not fill one batch of 2 x 100000"),
+        # a next-token loss needs two tokens: refused at the first step, the run made and stuck
+        ("--seq-len", "1", "--seq-len: expected an integer >= 2 (a next-token loss), got 1"),
         ("--dense-lr", "-1", "argument --dense-lr: expected a number > 0, got '-1'"),
         ("--table-lr", "nan", "argument --table-lr: expected a number > 0, got 'nan'"),
     ],

@@ -672,9 +672,10 @@ def _settings(
         )
     for name in ("steps", "batch_size", "seq_len", "checkpoint_every"):
         count = as_integer(getattr(given, name))  # saved as a JSON integer (True is no count)
-        if count is None or count < 1:
+        least, why = (2, " (a next-token loss)") if name == "seq_len" else (1, "")
+        if count is None or count < least:
             raise ConfigError(
-                f"{_option(name, out_name)}: expected an integer >= 1, got "
+                f"{_option(name, out_name)}: expected an integer >= {least}{why}, got "
                 f"{shown(getattr(given, name))}"
             )
         given = replace(given, **{name: count})
