@@ -1440,3 +1440,83 @@ def test_a_close_without_timeout_waits_through_its_rechecks_for_a_long_call():
     inside.wait()
     assert calls.close() and ended == [True]
     reader.join()
+
+
+def test_a_close_from_a_signal_handler_inside_a_reads_count_waits_for_another_threads_read(
+    tmp_path,
+):
+    """A signal handler's close, run on the main thread as its read entered the count (the
+    count's lock held there), waited for another thread's read, which could not end: its exit
+    waited for that lock, for good. In a child process, a real signal is handled inside the
+    main thread's enter while a second thread reads: the close returns once that read ended,
+    the main thread's read is refused (it was not counted yet: its file is closed), and the
+    second thread's read returns the table's rows."""
+    path = tmp_path / "t.npy"
+    data = np.arange(4096 * 16, dtype=np.float32).reshape(4096, 16)
+    create_table(path, data, progress=False)
+    script = textwrap.dedent(
+        f"""
+        import faulthandler, signal, sys, threading
+        import numpy as np
+        from tiered_store.cold_table import ColdTable
+        from tiered_store.errors import TierIOError
+        from tiered_store.store_lock import InFlight
+
+        faulthandler.dump_traceback_later(30, exit=True)  # a hang: the stack, and a failure
+
+        table = ColdTable({str(path)!r}, io="pread", threads=1, verify_pages=False)
+        inside, go, got = threading.Event(), threading.Event(), []
+
+        def other():
+            def hold(frame, event, arg):  # counted: it waits inside its read for the close
+                if event == "call" and frame.f_code.co_name == "_read_sorted":
+                    sys.setprofile(None)
+                    inside.set()
+                    go.wait()
+            sys.setprofile(hold)
+            got.append(table.read_rows(np.arange(0, 4096, 7)).numpy())
+
+        reader = threading.Thread(target=other)
+        reader.start()
+        inside.wait()
+
+        def close(signum, frame):
+            go.set()
+            print("closed", table.close() is None)
+
+        signal.signal(signal.SIGUSR1, close)
+
+        def signal_in_enter(frame, event, arg):  # inside the enter's count, in its lock
+            if (
+                event == "c_call"
+                and frame.f_code is InFlight.__enter__.__code__
+                and getattr(arg, "__name__", "") == "get"
+            ):
+                sys.setprofile(None)
+                signal.raise_signal(signal.SIGUSR1)
+
+        sys.setprofile(signal_in_enter)
+        try:
+            table.read_rows(np.arange(3))
+            print("read")
+        except TierIOError as exc:
+            print("refused", exc.errno)
+        finally:
+            sys.setprofile(None)
+        reader.join()
+        print("rows", np.array_equal(got[0], np.load({str(path)!r})[::7]), table._fd)
+        """
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == [
+        "closed",
+        "True",
+        "refused",
+        str(errno.EBADF),
+        "rows",
+        "True",
+        "-1",
+    ], proc.stdout

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .errors import StoreClosedError, warn_at_caller
+from .prefetch import take_once
 
 if TYPE_CHECKING:
     from .cache_plan import CacheHierarchy
@@ -234,19 +235,21 @@ class InFlight:
     its own (two closes at once each wait for the other's thread's calls): a Ctrl-C
     handled as a call's ``with`` is left (``__exit__`` entered, the count not yet down) leaves
     its thread counted for good, and a close by that thread (the main one, where a Ctrl-C is
-    raised) would wait for it without end. The lock is an ``RLock``, only ever taken by ``with``
-    (entered and left in C), and ``close()`` checks the counts under it every ``CLOSE_POLL_S``
-    (nothing wakes it, so no wake-up can be lost): a Ctrl-C cannot leave the lock held, as it
-    could inside a ``Condition``'s Python enter, exit and wait; and a signal handler's close, run
-    on a thread inside a call's enter or exit (the lock held there), takes it again rather than
-    waiting for it for good (each step under it leaves the counts whole)."""
+    raised) would wait for it without end. No lock: each thread changes only its own count (one
+    dict operation at a time, atomic under the GIL), a call counts itself before it checks for a
+    close and a close marks itself before it checks the counts, so either the call is refused or
+    the close sees it; ``then``'s action is taken once (``take_once``) by whichever of it and the
+    last call's exit finds the other done. A lock held there let a signal handler's close, run
+    on a thread inside a call's enter or exit, wait for another thread's call that waited for
+    that lock to leave its own, for good. ``close()`` checks the counts every ``CLOSE_POLL_S``
+    (nothing wakes it, so no wake-up can be lost)."""
 
     def __init__(self, refusal: Callable[[], BaseException] | None = None) -> None:
         self._refusal = refusal or _store_closed
-        self._lock = threading.RLock()
-        self._calls: dict[int, int] = {}  # thread ident -> its calls under way
+        self._calls: dict[int, int] = {}  # thread ident -> its calls under way (its own to change)
         self._closing = False
-        self._then: tuple[int | None, Callable[[], None]] | None = None  # run by the last call
+        # run by the last call: (the closer not waited for, the action, its token: take_once)
+        self._then: tuple[int | None, Callable[[], None], list] | None = None
 
     def entered(self) -> InFlight:
         """One call's passage (``with in_flight.entered():``); ``StoreClosedError`` (or the
@@ -256,35 +259,30 @@ class InFlight:
 
     def __enter__(self) -> None:
         me = threading.get_ident()
-        with self._lock:
-            if self._closing:
-                raise self._refusal()
-            self._calls[me] = self._calls.get(me, 0) + 1
+        self._calls[me] = self._calls.get(me, 0) + 1  # counted, then checked (see the class)
+        if self._closing:
+            self.__exit__()
+            raise self._refusal()
 
     def __exit__(self, *exc: object) -> None:
         me = threading.get_ident()
-        with self._lock:
-            if self._calls.get(me, 0) > 1:
-                self._calls[me] -= 1
-            else:
-                self._calls.pop(me, None)
-            then = self._then  # set only after close(): a call ending may run it
-            if then is None or self._running(then[0]):
-                return
-            self._then = None
-        then[1]()
+        if self._calls.get(me, 0) > 1:
+            self._calls[me] -= 1
+        else:
+            self._calls.pop(me, None)
+        then = self._then  # set only after close(): a call ending may run it
+        if then is not None and not self._running(then[0]) and take_once(then[2]):
+            then[1]()
 
     def close(self, timeout: float | None = None) -> bool:
         """Refuse new calls; return once those under way in other threads have ended (True), or
         after ``timeout`` seconds with some still running (False)."""
         me = threading.get_ident()
         end = None if timeout is None else time.monotonic() + max(timeout, 0)
-        with self._lock:
-            self._closing = True
+        self._closing = True
         while True:
-            with self._lock:
-                if not self._running(me):
-                    return True
+            if not self._running(me):
+                return True
             left = CLOSE_POLL_S if end is None else end - time.monotonic()
             if left <= 0:
                 return False
@@ -292,25 +290,21 @@ class InFlight:
 
     def then_pending(self) -> bool:
         """Whether ``then``'s action waits for calls still under way (not run yet)."""
-        with self._lock:
-            return self._then is not None
+        then = self._then
+        return then is not None and bool(then[2])
 
     def then(self, action: Callable[[], None], *, own: bool = False) -> None:
         """After ``close()``: run ``action`` once no call of another thread than the caller's
         (close()'s) is under way (``own``: nor of the caller's, a signal handler's close inside
         one): now, or as the last one ends."""
-        me = None if own else threading.get_ident()
-        with self._lock:
-            if not self._closing:  # a call ending before close() would never run it
-                raise RuntimeError("InFlight.then() before close()")
-            if self._running(me):
-                self._then = (me, action)
-                return
-        action()
+        if not self._closing:  # a call ending before close() would never run it
+            raise RuntimeError("InFlight.then() before close()")
+        then = self._then = (None if own else threading.get_ident(), action, [True])
+        if not self._running(then[0]) and take_once(then[2]):
+            action()
 
     def _running(self, closer: int | None) -> bool:
-        """Whether calls of other threads than ``closer`` (None: any) are under way (the lock
-        held)."""
+        """Whether calls of other threads than ``closer`` (None: any) are under way."""
         return bool(self._calls.keys() - {closer})
 
 
