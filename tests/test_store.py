@@ -1679,6 +1679,56 @@ def test_close_from_a_signal_handler_inside_a_lookup_is_an_error_not_a_deadlock(
     assert proc.stdout.splitlines()[-1] == "closed True", proc.stdout
 
 
+def test_close_from_a_signal_handler_as_a_lookup_takes_the_lock_is_an_error_not_a_deadlock(
+    tmp_path,
+):
+    """The store's lock noted its holder only after it was taken: a signal handler's close run on
+    the main thread just then found the lock not held there, and waited for it (its save, under
+    it) for good. In a child process, a real signal is handled as the lock's acquire returns in
+    a lookup: the close raises the RuntimeError of a close inside a lookup, and a close after
+    the lookup closes the store."""
+    path, _ = make_table(tmp_path, rows=100, dim=4)
+    script = textwrap.dedent(
+        f"""
+        import faulthandler, signal, sys
+        import torch
+        from tiered_store import TieredStore
+        from tiered_store.config import StoreConfig
+
+        faulthandler.dump_traceback_later(30, exit=True)  # a hang: the stack, and a failure
+        store = TieredStore(StoreConfig.from_dict({{"table": {{"path": {str(path)!r}}}}}))
+
+        def close_on_signal(signum, frame):
+            store.close()
+
+        signal.signal(signal.SIGUSR1, close_on_signal)
+
+        def signal_as_taken(frame, event, arg):  # handled as the acquire returns
+            if (
+                event == "c_return"
+                and getattr(arg, "__name__", "") == "acquire"
+                and frame.f_code.co_filename.endswith("store_lock.py")
+            ):
+                sys.setprofile(None)
+                signal.raise_signal(signal.SIGUSR1)
+
+        sys.setprofile(signal_as_taken)
+        try:
+            store.lookup(torch.arange(10))
+        except RuntimeError as exc:
+            print("raised:", exc)
+        sys.setprofile(None)
+        print("closed", store.close(), flush=True)
+        """
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "raised: close: called on a thread inside a call that holds" in proc.stdout, proc.stdout
+    assert proc.stdout.splitlines()[-1] == "closed True", proc.stdout
+
+
 def test_close_from_a_signal_handler_inside_the_same_threads_close_returns_at_once(tmp_path):
     """A SIGTERM handler that closes the store, run on the main thread while that thread's own
     close was under way (a script closing at its end), waited for that close to finish: for

@@ -90,8 +90,8 @@ class StoreLock:
     """``with lock:`` takes the store's lock with the tiers up to date with the queue."""
 
     def __init__(self, caches: CacheHierarchy, stream: torch.cuda.Stream | None = None) -> None:
-        self._lock = threading.Lock()
-        self._holder: int | None = None  # the thread holding it (held_here)
+        # an RLock for its owner, noted as it is taken (held_here); never taken twice (_take)
+        self._lock = threading.RLock()
         self._caches = caches
         self._stream = stream
         self._on_stream: contextlib.AbstractContextManager | None = None  # the holder's
@@ -115,13 +115,20 @@ class StoreLock:
 
     def _take(self, *, after_caller: bool) -> StoreLock:
         """Take the lock, on the store's stream, and tell the tiers the news waiting."""
-        self._lock.acquire()
-        try:  # a failure (a CUDA error, Ctrl-C) lets it go: held, every later call would wait
+        if self.held_here():
+            raise RuntimeError(
+                "store lock: taken again on a thread that holds it (a signal handler's call "
+                "inside a call?): it would wait for itself for good; expected the store's calls "
+                "outside its calls (set a flag in the handler and call after the call)"
+            )
+        try:  # a failure (a CUDA error, Ctrl-C, as soon as the acquire returns) lets it go:
+            self._lock.acquire()  # held, every later call would wait
             self._enter_stream(after_caller)
             if self._news:
                 self._tell_tiers()
         except BaseException:
-            self._let_go()
+            if self.held_here():
+                self._let_go()
             raise
         return self
 
@@ -150,20 +157,22 @@ class StoreLock:
         news posted faster than the tiers take it in would otherwise grow without end. A failure
         telling the announce of ``own`` is raised (it is dropped: the caller withdraws it)."""
         for _ in range(TELL_PASSES):
-            if not self._news or not self._lock.acquire(blocking=len(self._news) > NEWS_BACKLOG):
+            if not self._news or self.held_here():  # (a handler's, inside a call: its holder)
                 return
             try:
+                if not self._lock.acquire(blocking=len(self._news) > NEWS_BACKLOG):
+                    return
                 self._enter_stream(after_caller=False)  # the news is on the host (its rows)
                 told = self._tell_tiers(own)
             finally:
-                self._let_go()
+                if self.held_here():
+                    self._let_go()
             if not told:  # failed: the next holder tries again
                 return
 
     def _enter_stream(self, after_caller: bool) -> None:
-        """Just taken: the holder noted (``held_here``), its work on the store's stream
-        (``after_caller``: after what the holder queued on its own)."""
-        self._holder = threading.get_ident()
+        """Just taken: the holder's work on the store's stream (``after_caller``: after what the
+        holder queued on its own)."""
         if self._stream is None:
             return
         current = torch.cuda.current_stream(self._stream.device)
@@ -180,13 +189,13 @@ class StoreLock:
             if on_stream is not None:
                 on_stream.__exit__(None, None, None)
         finally:
-            self._holder = None
             self._lock.release()
 
     def held_here(self) -> bool:
         """Whether the calling thread holds the lock (a signal handler's code inside a call):
-        taking it there would wait for good."""
-        return self._holder == threading.get_ident() and self._lock.locked()
+        taking it there would wait for good. Its owner is noted as it is taken, in one step:
+        noted after, a handler run just then found it not held there, and waited for it."""
+        return self._lock._is_owned()
 
     def _tell_tiers(self, own: QueuedRequest | None = None) -> bool:
         """Under the lock: the tiers learn the news so far, in the order it came (what comes
