@@ -1520,3 +1520,20 @@ def test_a_close_from_a_signal_handler_inside_a_reads_count_waits_for_another_th
         "True",
         "-1",
     ], proc.stdout
+
+
+def test_a_table_read_by_its_runner_threads_and_dropped_unclosed_is_collected(tmp_path):
+    """A runner thread waiting for its next call still held its last one, a read's closure
+    over the table: a table read with ``threads`` > 1 and dropped without ``close()`` was never
+    collected, its descriptor and runner threads kept for good. Dropped, it is collected and
+    its descriptor closed."""
+    path = tmp_path / "t.npy"
+    create_table(path, np.ones((4096, 256), np.float32), progress=False)
+    table = ColdTable(path, threads=4)
+    assert torch.equal(table.read_rows(np.arange(0, 4096, 3)), torch.ones(1366, 256))
+    fd, dropped = table._fd, weakref.ref(table)
+    del table
+    gc.collect()
+    assert dropped() is None, "the dropped table was kept"
+    with pytest.raises(OSError):
+        os.fstat(fd)

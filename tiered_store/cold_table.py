@@ -936,10 +936,13 @@ class _RunnerPool:
                 thread.join()
 
     def _work(self) -> None:
-        """A thread's loop: run calls until the stop marker (a call's error is its own to keep)."""
+        """A thread's loop: run calls until the stop marker (a call's error is its own to keep).
+        Kept while it waited for the next, the last call kept its table from being collected
+        (an open table dropped: its descriptor and threads for good)."""
         while (fn := self._queue.get()) is not None:
             with contextlib.suppress(Exception):
                 fn()
+            fn = None  # an idle thread keeps nothing of the last call (its table, say)
 
 
 class _UringReader:
