@@ -1831,6 +1831,46 @@ def test_close_from_a_signal_handler_inside_a_save_restart_of_its_thread_saves_a
     assert not list(tmp_path.glob(".*.tmp")), "the interrupted save left its temporary file"
 
 
+def test_a_read_hung_in_the_prefetch_worker_does_not_hold_the_exit_after_close_gave_up(
+    tmp_path,
+):
+    """A prefetch's fetch runs on the store's prefetch worker: a ``ThreadPoolExecutor``'s,
+    which the interpreter joins at exit, so one hung in a read (a dead disk: its read is made to
+    wait for good here) kept the process from exiting after ``close(wait_s=...)`` had given up
+    on it. In a child process: the close returns False and the process exits."""
+    path, _ = make_table(tmp_path, rows=400, dim=1024)
+    script = textwrap.dedent(
+        f"""
+        import os, threading, warnings
+        import torch
+        from tiered_store import TieredStore
+        from tiered_store.config import StoreConfig
+
+        config = {{"table": {{"path": {str(path)!r}}}, "tiers": {{
+            "hot": {{"capacity": 0}}, "warm": {{"capacity": 0}}, "cold": {{"threads": 1}}}}}}
+        store = TieredStore(StoreConfig.from_dict(config))
+        hung, preadv = threading.Event(), os.preadv
+
+        def dead_disk(*args):  # the prefetch worker's read never returns
+            if threading.current_thread().name.startswith("tiered-store-prefetch"):
+                hung.set()
+                threading.Event().wait()
+            return preadv(*args)
+
+        os.preadv = dead_disk
+        handle = store.prefetch(torch.arange(0, 400, 3))
+        assert hung.wait(30)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # "still under way after 0.3 s"
+            print("closed", store.close(wait_s=0.3), handle.done(), flush=True)
+        """
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=30
+    )
+    assert (proc.returncode, proc.stdout.split()) == (0, ["closed", "False", "False"]), proc.stderr
+
+
 def test_a_prefetch_that_races_close_is_refused_as_the_store_closed(tmp_path):
     """close() can shut the fetch pool between a prefetch's open check and its submit: the
     prefetch is refused as a call to a closed store (a server answers 503 "closed"), not as a bad

@@ -56,7 +56,6 @@ import errno
 import itertools
 import mmap
 import os
-import queue
 import threading
 import time
 import weakref
@@ -78,6 +77,7 @@ from tiered_store.page_checksums import (
     crc32c_backend,
     load_page_checksums,
 )
+from tiered_store.prefetch import RunnerPool
 from tiered_store.store_lock import InFlight
 from tiered_store.table_format import (
     PAGE_BYTES,
@@ -212,7 +212,7 @@ class ColdTable:
         self._mmap: mmap.mmap | None = None
         self._array: np.ndarray | None = None
         self._bytes: np.ndarray | None = None  # mmap: the whole file as uint8 (page checks)
-        self._pool = _RunnerPool(threads - 1, "cold-read") if threads > 1 else None
+        self._pool = RunnerPool(threads - 1, "cold-read") if threads > 1 else None
         self._readers: list[_UringReader] = []  # idle rings with their buffers (io="uring"),
         # the most recently given back last; at most `threads`, none idle past URING_IDLE_S
         self._clock = time.monotonic  # what a reader's idle time is measured by
@@ -897,54 +897,6 @@ class ColdTable:
 _HINT = "the file system refuses O_DIRECT here; use io='pread'"
 
 
-class _RunnerPool:
-    """Up to ``size`` daemon threads running the calls submitted, each started by a submit while
-    fewer run. Not a ``ThreadPoolExecutor``: its workers are joined at the interpreter's exit, so
-    one hung in a read (a dead disk) kept the process from exiting after a ``close(wait_s=...)``
-    gave up on it."""
-
-    def __init__(self, size: int, name: str) -> None:
-        self._size, self._name = size, name
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._threads: list[threading.Thread] = []
-        self._lock = threading.Lock()
-        self._shutdown = False
-
-    def submit(self, fn: Any) -> None:
-        """Queue ``fn()``; RuntimeError when shut down, or when a thread it starts cannot start
-        (a process limit, no memory for its stack: ``fn`` stays queued for the running ones)."""
-        with self._lock:
-            if self._shutdown:
-                raise RuntimeError(f"{self._name} pool is shut down")
-            self._queue.put(fn)
-            if len(self._threads) < self._size:
-                thread = threading.Thread(
-                    target=self._work, name=f"{self._name}_{len(self._threads)}", daemon=True
-                )
-                thread.start()
-                self._threads.append(thread)
-
-    def shutdown(self, wait: bool = True) -> None:
-        """Let the threads end once the calls queued have run; ``wait``: wait for them."""
-        with self._lock:
-            self._shutdown = True
-            threads = list(self._threads)
-            for _ in threads:
-                self._queue.put(None)
-        if wait:
-            for thread in threads:
-                thread.join()
-
-    def _work(self) -> None:
-        """A thread's loop: run calls until the stop marker (a call's error is its own to keep).
-        Kept while it waited for the next, the last call kept its table from being collected
-        (an open table dropped: its descriptor and threads for good)."""
-        while (fn := self._queue.get()) is not None:
-            with contextlib.suppress(Exception):
-                fn()
-            fn = None  # an idle thread keeps nothing of the last call (its table, say)
-
-
 class _UringReader:
     """An io_uring and the page-aligned buffer its reads land in."""
 
@@ -1028,7 +980,7 @@ def _row_pages(ids: np.ndarray, row_bytes: int) -> np.ndarray:
     return pages[keep]
 
 
-def _release_fd_pool(fd: int, pool: _RunnerPool | None, wait: bool = False) -> None:
+def _release_fd_pool(fd: int, pool: RunnerPool | None, wait: bool = False) -> None:
     """Shut the pool down and close the descriptor (used by close() and the GC finalizer)."""
     if pool is not None:
         pool.shutdown(wait=wait)

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import functools
 import itertools
+import queue
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from concurrent import futures
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from typing import TypeVar
 
 import torch
@@ -20,7 +22,7 @@ T = TypeVar("T")
 
 
 def single_intra_op_thread() -> None:
-    """Run this thread's torch ops on one intra-op thread (a ``ThreadPoolExecutor`` initializer).
+    """Run this thread's torch ops on one intra-op thread (a worker's start).
 
     The store's workers (prefetch, cold readers) do small, latency-bound ops beside the caller's
     model; with the default intra-op team each of them would also start one OpenMP team as wide as
@@ -37,6 +39,69 @@ def take_once(token: list) -> bool:
     except IndexError:
         return False
     return True
+
+
+class RunnerPool:
+    """Up to ``size`` daemon threads running the calls submitted (in order, with one), each
+    started by a submit while fewer run, ``started()`` first. Not a ``ThreadPoolExecutor``: its
+    workers are joined at the interpreter's exit, so one hung in a read (a dead disk) kept the
+    process from exiting after a ``close(wait_s=...)`` gave up on it."""
+
+    def __init__(self, size: int, name: str, started: Callable[[], None] | None = None) -> None:
+        self._size, self._name, self._started = size, name, started
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._threads: list[threading.Thread] = []
+        self._lock = threading.Lock()
+        self._shutdown = False
+
+    def submit(self, fn: Callable[..., T], *args: object) -> Future:
+        """Queue ``fn(*args)``, its outcome in the future returned; RuntimeError when shut down,
+        or when a thread it starts cannot start (a process limit, no memory for its stack: the
+        call stays queued for the running ones)."""
+        with self._lock:
+            if self._shutdown:
+                raise RuntimeError(f"{self._name} pool is shut down")
+            future: Future = Future()
+            self._queue.put((future, fn, args))
+            if len(self._threads) < self._size:
+                thread = threading.Thread(
+                    target=self._work, name=f"{self._name}_{len(self._threads)}", daemon=True
+                )
+                thread.start()
+                self._threads.append(thread)
+        return future
+
+    def shutdown(self, wait: bool = True) -> None:
+        """Let the threads end once the calls queued have run; ``wait``: wait for them."""
+        with self._lock:
+            self._shutdown = True
+            threads = list(self._threads)
+            for _ in threads:
+                self._queue.put(None)
+        if wait:
+            for thread in threads:
+                thread.join()
+
+    def _work(self) -> None:
+        """A thread's loop: run calls until the stop marker. It lets go of each call once run:
+        kept while it waited for the next, the last kept its owner (a dropped table) for good."""
+        if self._started is not None:
+            self._started()
+        while (call := self._queue.get()) is not None:
+            _run_into(*call)
+            call = None  # an idle thread keeps nothing of the last call (its owner, say)
+
+
+def _run_into(future: Future, fn: Callable[..., T], args: tuple) -> None:
+    """``fn(*args)`` with its result or error set in ``future`` (unless it was cancelled)."""
+    if not future.set_running_or_notify_cancel():
+        return
+    try:
+        result = fn(*args)
+    except BaseException as exc:  # noqa: BLE001 (the future's to raise, as an executor's)
+        future.set_exception(exc)
+    else:
+        future.set_result(result)
 
 
 class PrefetchHandleError(TieredStoreError, ValueError):
@@ -129,11 +194,10 @@ class Prefetcher:
     def __init__(self, fetch: Callable[[torch.Tensor, bool], tuple], depth: int) -> None:
         self._fetch = fetch
         self._workers: list[threading.Thread] = []  # the pool's one worker, once started
-        self._pool = ThreadPoolExecutor(
-            max_workers=1,
-            thread_name_prefix="tiered-store-prefetch",
-            initializer=functools.partial(_worker_started, self._workers),
+        self._pool = RunnerPool(
+            1, "tiered-store-prefetch", functools.partial(_worker_started, self._workers)
         )
+        weakref.finalize(self, self._pool.shutdown, False)  # one never closed: its worker ends
         self._in_flight = threading.BoundedSemaphore(depth)
         self.wait_histogram = LatencyHistogram()
         self.handles = 0
@@ -232,8 +296,7 @@ class Prefetcher:
         return threading.current_thread() in self._workers
 
     def _queue_last(self) -> Future:
-        """A no-op queued behind every fetch; done at once at interpreter exit (an atexit close),
-        when the pool takes no more work: its worker was joined, every fetch ended."""
+        """A no-op queued behind every fetch; done at once when the pool takes no more work."""
         try:
             return self._pool.submit(_nothing)
         except RuntimeError:
@@ -244,8 +307,8 @@ class Prefetcher:
 
 def _worker_started(workers: list[threading.Thread]) -> None:
     """A prefetch worker's start: noted in ``workers`` (a close() from it must not wait for the
-    queue behind it), on one intra-op thread. Not a bound method: the worker keeps its
-    initializer, which would keep the prefetcher, and the pool with it, for good."""
+    queue behind it), on one intra-op thread. Not a bound method: the worker keeps its pool,
+    which would keep the prefetcher for good."""
     workers.append(threading.current_thread())
     single_intra_op_thread()
 

@@ -129,7 +129,8 @@ def run_serve(args: argparse.Namespace) -> int:
 def _exit_past_hung_calls(status: int, tables: list[str]) -> None:
     """Exit at once with ``status`` (``os._exit``, the logs flushed): the stop left ``tables``'
     stores to close under calls hung in them (a read on a dead disk), which the interpreter's
-    exit would wait for without end (it joins the prefetch pools' workers)."""
+    exit may wait for without end (it joins the threads that are not daemons: a request's
+    hung in one, say; the stores' prefetch workers and cold readers are daemons)."""
     log.warning(
         "exiting with calls to %s still under way after the stop (hung: a read on a dead "
         "disk, say); not waiting for them",
