@@ -1729,6 +1729,59 @@ def test_close_from_a_signal_handler_as_a_lookup_takes_the_lock_is_an_error_not_
     assert proc.stdout.splitlines()[-1] == "closed True", proc.stdout
 
 
+def test_close_from_a_signal_handler_inside_a_readers_delta_read_does_not_hang(tmp_path):
+    """A store reading a table another store wrote reads its delta through one pinned
+    transaction, under the delta's lock; a signal handler's close, run on the main thread inside
+    such a read, let go of that transaction under the same lock, and waited for it for good. In
+    a child process, a real signal is handled as ``read_committed`` reads the delta (off the
+    store's lock): the close returns, the read fails as a read of the closed delta (or returns
+    the rows), and the store is closed."""
+    path, _ = make_table(tmp_path, rows=100, dim=4)
+    script = textwrap.dedent(
+        f"""
+        import faulthandler, signal, sys
+        import torch
+        from tiered_store import TieredStore
+        from tiered_store.config import StoreConfig
+        from tiered_store.errors import TierIOError
+
+        faulthandler.dump_traceback_later(30, exit=True)  # a hang: the stack, and a failure
+        config = StoreConfig.from_dict({{"table": {{"path": {str(path)!r}}}}})
+        with TieredStore(config) as writer:
+            writer.write(torch.arange(10), torch.full((10, 4), 7.0))
+            writer.commit()
+        store = TieredStore(config)
+        signal.signal(signal.SIGTERM, lambda *_: print("closed", store.close(), flush=True))
+
+        def signal_in_read(frame, event, arg):  # handled as the delta's transaction reads
+            if (
+                event == "c_call"
+                and frame.f_code.co_name == "snapshot"
+                and getattr(arg, "__name__", "") == "get"
+            ):
+                sys.setprofile(None)
+                signal.raise_signal(signal.SIGTERM)
+
+        sys.setprofile(signal_in_read)
+        try:
+            step, rows = store.read_committed(torch.arange(10))
+            print("rows", bool((rows == 7).all()))
+        except TierIOError as exc:
+            print("failed", "was closed during a read" in str(exc))
+        finally:
+            sys.setprofile(None)
+        print("closed", store.closed)
+        """
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split()[:2] == ["closed", "True"], proc.stdout + proc.stderr
+    assert proc.stdout.split()[2:4] in (["rows", "True"], ["failed", "True"]), proc.stdout
+    assert proc.stdout.split()[-2:] == ["closed", "True"], proc.stdout
+
+
 def test_close_from_a_signal_handler_inside_the_same_threads_close_returns_at_once(tmp_path):
     """A SIGTERM handler that closes the store, run on the main thread while that thread's own
     close was under way (a script closing at its end), waited for that close to finish: for

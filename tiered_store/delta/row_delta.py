@@ -153,7 +153,10 @@ class RowDelta:
         self.readonly = False
         self._released = False
         self._pinned: lmdb.Transaction | None = None
-        self._pin_lock = threading.Lock()  # LMDB: one thread at a time in a transaction
+        # LMDB: one thread at a time in a transaction. An RLock: a signal handler's close, run
+        # on a thread reading through the pinned one, takes it again (the read then fails)
+        # rather than waiting for that read for good
+        self._pin_lock = threading.RLock()
         self._pid = os.getpid()
         self.commits = 0  # commits made through this handle
         self.map_grows = 0  # times a commit found the map full and doubled it
@@ -442,6 +445,12 @@ class RowDelta:
                 step = _int_value(txn.get(b"step", db=self.meta_db))
                 pairs = txn.cursor(db=self.rows_db).getmulti(keys)
         except lmdb.Error as exc:
+            if self._released:  # a signal handler's close, run inside this read
+                raise TierIOError(
+                    errno.EBADF,
+                    f"delta: {self.path} was closed during a read of it; expected it open "
+                    "until the read ended",
+                ) from None
             self.read_errors += 1
             raise TierIOError(f"delta: reading {self.path} failed ({exc})") from None
         found = np.zeros(ids.size, dtype=bool)
