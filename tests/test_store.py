@@ -1924,6 +1924,44 @@ def test_a_read_hung_in_the_prefetch_worker_does_not_hold_the_exit_after_close_g
     assert (proc.returncode, proc.stdout.split()) == (0, ["closed", "False", "False"]), proc.stderr
 
 
+def test_a_prefetch_whose_worker_cannot_start_says_so_not_that_the_store_closed(tmp_path):
+    """The prefetch worker starts with the first prefetch: one that could not start (no memory
+    for its stack, a process limit) was reported as "the store is closed; open a new
+    TieredStore", though the store stays open. In a child process under an address-space limit
+    that a 256 MiB stack does not fit: the prefetch raises a RuntimeError naming the prefetch
+    worker and why, and the store still looks up."""
+    path, _ = make_table(tmp_path, rows=100, dim=4)
+    script = textwrap.dedent(
+        f"""
+        import resource, threading
+        import torch
+        from tiered_store import TieredStore
+        from tiered_store.config import StoreConfig
+
+        config = {{"table": {{"path": {str(path)!r}}}, "tiers": {{"cold": {{"threads": 1}}}}}}
+        store = TieredStore(StoreConfig.from_dict(config))
+        store.lookup(torch.arange(10))  # everything loaded
+        threading.stack_size(256 << 20)
+        status = open("/proc/self/status").read()
+        vm = int(status.split("VmSize:")[1].split()[0]) * 1024
+        resource.setrlimit(resource.RLIMIT_AS, (vm + (64 << 20), resource.RLIM_INFINITY))
+        try:
+            store.prefetch(torch.arange(10))
+        except Exception as exc:
+            print(type(exc).__name__, exc)
+        print("open", not store.closed, len(store.lookup(torch.arange(3))))
+        """
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("RuntimeError prefetch: cannot start the prefetch worker"), lines
+    assert "can't start new thread" in lines[0], lines
+    assert lines[1] == "open True 3", lines
+
+
 def test_a_prefetch_that_races_close_is_refused_as_the_store_closed(tmp_path):
     """close() can shut the fetch pool between a prefetch's open check and its submit: the
     prefetch is refused as a call to a closed store (a server answers 503 "closed"), not as a bad

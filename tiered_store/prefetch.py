@@ -228,7 +228,12 @@ class Prefetcher:
             with self._submitting:  # else a fetch could be queued behind close()'s no-op
                 try:
                     future = self._pool.submit(self._run, number, flat, packed, slot)
-                except RuntimeError:
+                except RuntimeError as exc:
+                    if self._closed is None:  # open: its worker could not start
+                        raise RuntimeError(
+                            f"prefetch: cannot start the prefetch worker ({exc}); expected room "
+                            "for one more thread (a process limit, memory for its stack)"
+                        ) from exc
                     raise StoreClosedError(
                         "prefetch: the store is closed; open a new TieredStore"
                     ) from None
