@@ -1751,13 +1751,19 @@ def test_a_rank_behind_in_a_round_other_than_a_lookup_is_not_said_to_skip_lookup
     """A rank that did not call commit() (or a write, a training step) while the others did was
     said to have "entered only 4 collective lookup(s): it is not calling lookup/prefetch as
     often as the others", sending its user to look for a missing lookup. Every kind of round
-    counts, and the round this rank is in is named."""
+    counts, and the round this rank is in is named. That was said as "only 4 collective
+    round(s), this rank more (it is in a commit): it is not calling ...", where the first "it"
+    was this rank and the second rank 1: read as rank 1 in a commit."""
     from tiered_store.distributed.liveness import Diagnosis
 
     assert Diagnosis(behind=((1, 4),), kind="commit").describe(0.6) == (
-        "rank 1 is alive but has entered only 4 collective round(s), this rank more (it is in a "
-        "commit): it is not calling lookup/prefetch, write, commit and training steps as often "
-        "as the others"
+        "rank 1 is alive but has entered only 4 collective round(s), fewer than this rank, which "
+        "is in a commit: rank 1 is not calling lookup/prefetch, write, commit and training steps "
+        "as often as the others"
+    )
+    assert Diagnosis(behind=((2, 0),)).describe(0.6) == (
+        "rank 2 is alive but has entered only 0 collective round(s), fewer than this rank: rank 2 "
+        "is not calling lookup/prefetch, write, commit and training steps as often as the others"
     )
 
 

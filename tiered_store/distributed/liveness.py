@@ -88,12 +88,12 @@ class Diagnosis:
         if self.closed:
             their = "its store" if len(self.closed) == 1 else "their stores"
             parts.append(f"{ranks_named(self.closed)} closed {their}")
-        now = f" (it is in {_a(self.kind)})" if self.kind else ""
+        now = f", which is in {_a(self.kind)}" if self.kind else ""
         for rank, entered in self.behind:  # every kind of round counts
             parts.append(
-                f"rank {rank} is alive but has entered only {entered} collective round(s), this "
-                f"rank more{now}: it is not calling lookup/prefetch, write, commit and training "
-                "steps as often as the others"
+                f"rank {rank} is alive but has entered only {entered} collective round(s), fewer "
+                f"than this rank{now}: rank {rank} is not calling lookup/prefetch, write, commit "
+                "and training steps as often as the others"
             )
         for rank, kind in self.elsewhere:
             parts.append(
