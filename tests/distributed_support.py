@@ -874,6 +874,40 @@ def failed_update_write_worker(rank: int, world: int, port: int, trainable: str,
     _report(out, rank, result)
 
 
+def unknown_update_write_worker(
+    rank: int, world: int, port: int, trainable: str, out: Path
+) -> None:
+    """Every rank: a training step whose shard write fails (the test's OSError) and whose lookup
+    of its rows after it fails too (the test's OSError): what the step raised."""
+    _join_group(rank, world, port)
+    result: dict[str, Any] = {}
+    try:
+        table = _adam_over_row_shards(trainable, world)
+        ids = torch.tensor([1, TRAIN_ROWS - 2])  # one row on each rank's shard
+        shard = table.store.local
+        real_write, real_lookup = shard.write, shard.lookup
+
+        def lookup(*args: Any, **kwargs: Any) -> None:
+            shard.lookup = real_lookup
+            raise OSError(5, "read failed (the test's)")
+
+        def write(*args: Any, **kwargs: Any) -> None:
+            shard.write, shard.lookup = real_write, lookup
+            raise OSError(28, "no space left on device (the test's)")
+
+        table.lookup(ids).sum().backward()
+        shard.write = write
+        try:
+            result["step"] = table.step(1)
+        except Exception as exc:  # noqa: BLE001 (recorded for the test)
+            result["step"] = f"{type(exc).__name__}: {exc}"
+        table.close()
+        dist_destroy()
+    except BaseException:
+        result["crash"] = traceback.format_exc()
+    _report(out, rank, result)
+
+
 def interrupted_update_worker(rank: int, world: int, port: int, trainable: str, out: Path) -> None:
     """Every rank: a training step whose write goes through on rank 0's shard and fails on rank
     1's (the test's OSError), rank 0 interrupted (Ctrl-C) while it waits for the round; once

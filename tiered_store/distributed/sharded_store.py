@@ -1217,7 +1217,8 @@ class ShardedStore:
         unknown = [r for r, (_, held) in enumerate(outcomes) if held == _UNKNOWN]
         if not lacks or not (wrote or unknown):
             return None
-        partly = f" ({ranks_named(unknown)}: partly, or its lookup failed)" if unknown else ""
+        failed = "its lookup" if len(unknown) == 1 else "their lookups"
+        partly = f" ({ranks_named(unknown)}: partly, or {failed} failed)" if unknown else ""
         applied = ranks_named(wrote) if wrote else "no rank"
         apart = (
             f"the step applied on the shards of {applied} and not on those of "
