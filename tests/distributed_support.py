@@ -947,6 +947,51 @@ def interrupted_update_worker(rank: int, world: int, port: int, trainable: str, 
     _report(out, rank, result)
 
 
+def interrupted_update_then_lookup_worker(
+    rank: int, world: int, port: int, trainable: str, out: Path
+) -> None:
+    """Every rank: a training step whose write goes through on rank 0's shard and fails on rank
+    1's (the test's OSError), rank 0 interrupted (Ctrl-C) while it waits for the round and
+    calling a lookup at once, queued before the round ends (its write waits for that): what
+    the step and the lookup did on each rank."""
+    _join_group(rank, world, port)
+    result: dict[str, Any] = {}
+    try:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        table = _adam_over_row_shards(trainable, world)
+        ids = torch.tensor([1, TRAIN_ROWS - 2])  # one row on each rank's shard
+        shard = table.store.local
+        real = shard.write
+        queue = table.store._thread._queue
+
+        def write(*args: Any, **kwargs: Any) -> None:
+            shard.write = real
+            if rank == 1:
+                raise OSError(28, "no space left on device (the test's)")
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)  # a Ctrl-C
+            deadline = time.monotonic() + 30
+            while queue.empty() and time.monotonic() < deadline:  # the lookup is queued
+                time.sleep(0.01)
+            real(*args, **kwargs)
+
+        shard.write = write
+        table.lookup(ids).sum().backward()
+        try:
+            result["step"] = table.step(1)
+        except BaseException as exc:  # noqa: BLE001 (recorded for the test: KeyboardInterrupt)
+            result["step"] = f"{type(exc).__name__}: {exc}"
+        try:
+            with torch.no_grad():
+                result["lookup"] = table.lookup(ids).tolist()
+        except Exception as exc:  # noqa: BLE001 (recorded for the test)
+            result["lookup"] = f"{type(exc).__name__}: {exc}"
+        table.close()
+        dist_destroy()
+    except BaseException:
+        result["crash"] = traceback.format_exc()
+    _report(out, rank, result)
+
+
 def unchanged_shard_update_worker(
     rank: int, world: int, port: int, trainable: str, out: Path
 ) -> None:

@@ -1986,6 +1986,20 @@ def test_a_rank_interrupted_during_a_torn_update_round_refuses_further_calls_too
         assert result["lookup"].startswith(f"TierIOError: [Errno 5] rank {rank}: this sharded store refuses further calls: an update_rows round: the step applied on the shards of rank 0 and not on those of rank 1"), results  # fmt: skip
 
 
+def test_a_call_an_interrupted_rank_makes_before_its_torn_update_round_ends_is_refused(tmp_path):
+    """Rank 0, interrupted (Ctrl-C) while it waited for an update round that applied on its
+    shard and not on rank 1's, looked up at once: its lookup, queued before the round ended
+    (and recorded the shards a step apart), ran as a collective that rank 1 (refusing every
+    call) never joined, and failed after the timeout as a RankFailureError naming rank 1 as
+    one that "has entered only" fewer rounds. It is refused as on rank 1."""
+    from tests.distributed_support import interrupted_update_then_lookup_worker
+
+    results = _on_two_trainable_row_shards(tmp_path, interrupted_update_then_lookup_worker)
+    assert results[0]["step"] == "KeyboardInterrupt: ", results
+    for rank, result in enumerate(results):
+        assert result["lookup"].startswith(f"TierIOError: [Errno 5] rank {rank}: this sharded store refuses further calls: an update_rows round: the step applied on the shards of rank 0 and not on those of rank 1"), results  # fmt: skip
+
+
 def test_a_shard_the_step_leaves_as_it_was_is_not_read_as_one_that_took_it(tmp_path):
     """A row with a zero gradient under fresh Adam state is the same after the step: a shard
     holding only such rows holds the step and the row before alike. It was read as one that

@@ -424,9 +424,9 @@ class ShardedStore:
         ``UpdateRefusedError`` (no row changed); when every shard holds the step all the same,
         every rank warns and returns; when some shards hold it and some do not, every rank raises
         ``TierIOError`` naming them, and the store refuses every further call (a rank interrupted
-        meanwhile too) until every rank closes it without committing and reopens it (each shard
-        at its last commit). A shard
-        whose rows the step leaves as they were (a zero gradient) counts for neither.
+        meanwhile too, and a call it made before the round ended) until every rank closes it
+        without committing and reopens it (each shard at its last commit). A shard whose rows the
+        step leaves as they were (a zero gradient) counts for neither.
 
         ``skip``: this rank's gradients overflowed under a ``GradScaler`` (``ids`` and ``grads``
         are not read): when any rank passes it, no shard changes and every rank returns None."""
@@ -895,7 +895,7 @@ class ShardedStore:
         """One collective round: route unique ids to their owners, serve theirs, gather the rows.
         ``queued``: recorded where the caller made ``flat`` on the GPU (this thread waits for it);
         rows on the GPU are ready when this returns, for a caller on any stream."""
-        self._heartbeat.enter("lookup")
+        self._enter("lookup")
         start = time.perf_counter()
         if queued is not None:
             torch.cuda.current_stream(flat.device).wait_event(queued)
@@ -1017,7 +1017,7 @@ class ShardedStore:
 
     def _write_round(self, ids: torch.Tensor, rows: torch.Tensor) -> list[str | None]:
         """One write: route the rows, write them to this shard; every rank's error (or None)."""
-        self._heartbeat.enter("write")
+        self._enter("write")
         local_ids, received = self._route(ids, rows)
         return self._all_gather(self._local_error(self.local.write, local_ids, received))
 
@@ -1027,7 +1027,7 @@ class ShardedStore:
         """Agree on the step, stage this shard's writes, then (every shard staged) commit them;
         (the step, every rank's error of each phase or None: no second phase, none; this rank's
         error dropping what it staged after a failed first phase, or None)."""
-        self._heartbeat.enter("commit")
+        self._enter("commit")
         asked = self._all_gather((self.local.committed_step, step))
         if len({s for _, s in asked}) > 1:  # raised on every rank: they stay in step
             raise StepMismatchError(
@@ -1083,7 +1083,7 @@ class ShardedStore:
         row as stored that is not finite first (its NaN, looked up, made them). Returns the rows
         this rank updated, every rank's (write error, what its shard holds: ``_holds``, read
         only once a shard's write failed) and ``_record_torn``'s account."""
-        self._heartbeat.enter("update")
+        self._enter("update")
         # the width from the shape: [n, 0] gradients are refused before, never read as "none"
         asked = self._all_gather((grads.shape[1] if len(grads) else None, step, skip, nonfinite))
         refused = _disagreeing([(width, s) for width, s, _, _ in asked])
@@ -1361,16 +1361,27 @@ class ShardedStore:
         """Raise once closed or after a failure (the group's collectives are then out of step)."""
         if self._closed:
             raise StoreClosedError("sharded store is closed; open a new ShardedStore")
-        if self._torn_update is not None:
-            raise TierIOError(
-                errno.EIO,
-                f"rank {self.rank}: this sharded store refuses further calls: {self._torn_update}",
-            )
+        self._refuse_torn()
         if self._failure is not None:
             raise RankFailureError(
                 f"rank {self.rank}: this sharded store failed earlier ({self._failure}); close it "
                 "and reopen on a restarted group"
             )
+
+    def _refuse_torn(self) -> None:
+        """``TierIOError`` once an update round left the shards a step apart (``_record_torn``)."""
+        if self._torn_update is not None:
+            raise TierIOError(
+                errno.EIO,
+                f"rank {self.rank}: this sharded store refuses further calls: {self._torn_update}",
+            )
+
+    def _enter(self, kind: str) -> None:
+        """Start this rank's collective round of ``kind``: refused before any collective once an
+        update round left the shards a step apart, so that a call queued before that round ended
+        (its caller interrupted, by Ctrl-C) is refused as the other ranks refuse theirs."""
+        self._refuse_torn()
+        self._heartbeat.enter(kind)
 
     def _shutdown(self, deadline: float | None = None) -> bool:
         """Stop the threads, close the shard, destroy a group this store created, waiting until
