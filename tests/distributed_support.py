@@ -1278,6 +1278,47 @@ def torn_commit_worker(rank: int, world: int, port: int, plain: str, out: Path) 
     _report(out, rank, result)
 
 
+def interrupted_commit_over_torn_shards_worker(
+    rank: int, world: int, port: int, plain: str, out: Path
+) -> None:
+    """Every rank, over shards committed at different steps (a torn commit): the step redone,
+    rank 0 interrupted (Ctrl-C) as its shard commits it, after every shard staged it; once the
+    round is over, what the commit did and the committed step on each rank."""
+    from tiered_store.distributed import ShardedStore
+
+    _join_group(rank, world, port)
+    result: dict[str, Any] = {}
+    try:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the torn commit's warning (tested elsewhere)
+            store = ShardedStore.open(_store_config(Path(plain), world, "rows"))
+        result["torn step"] = store.committed_step
+        shard = store.local
+        real = shard.finish_commit
+
+        def finish_commit(*args: Any, **kwargs: Any) -> None:
+            shard.finish_commit = real
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)  # a Ctrl-C
+            real(*args, **kwargs)
+
+        mine = torch.tensor([3 if rank == 0 else 460])  # a row of this rank's shard
+        store.write(mine, torch.full((1, store.row_width), 3.0))  # the step redone
+        if rank == 0:
+            shard.finish_commit = finish_commit
+        try:
+            result["commit"] = store.commit(result["torn step"] + 1)
+        except BaseException as exc:  # noqa: BLE001 (recorded for the test: KeyboardInterrupt)
+            result["commit"] = f"{type(exc).__name__}: {exc}"
+        store._thread.submit(lambda: None).result(timeout=30)  # the round is over
+        result["step"] = store.committed_step
+        store.close()
+        dist_destroy()
+    except BaseException:
+        result["crash"] = traceback.format_exc()
+    _report(out, rank, result)
+
+
 def killed_in_commit_worker(
     rank: int, world: int, port: int, plain: str, out: Path, phase: str
 ) -> None:

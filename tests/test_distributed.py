@@ -2161,6 +2161,31 @@ def test_shards_opened_at_different_steps_warn_report_the_oldest_and_take_the_re
     _check_torn_commit_is_found_and_redone(plain, out)
 
 
+def test_a_rank_interrupted_in_a_commit_over_torn_shards_reports_the_committed_step(tmp_path):
+    """Over shards a torn commit left at steps 1 and 2, rank 0 interrupted (Ctrl-C) in the
+    commit of the redone step 2, after every shard staged it: the round committed it on every
+    shard, yet rank 0 went on reporting committed_step 1 (the oldest torn step, forgotten only
+    by a caller that returned) where rank 1 reported 2. The round forgets it."""
+    from tests.distributed_support import interrupted_commit_over_torn_shards_worker
+
+    plain = make_plain_table(tmp_path)
+    shards = write_shards(plain, 2, "rows", template=shards_template(plain, "rows"), progress=False)
+    start = shards[1].shard_map.shard_range(1)[0]
+    for shard, row, steps in ((shards[0], 3, 1), (shards[1], 460 - start, 2)):  # 2: rank 1 only
+        with TieredStore.open({"table": {"path": str(shard.path)}}) as store:
+            for value in range(1, steps + 1):
+                store.write([row], torch.full((1, store.row_width), float(value)))
+                store.commit()
+    out = tmp_path / "out"
+    out.mkdir()
+    codes = run_ranks(interrupted_commit_over_torn_shards_worker, 2, (str(plain), out), 60)
+    results = _results(out, 2)
+    assert codes == [0, 0] and not any("crash" in r for r in results), results
+    assert [r["torn step"] for r in results] == [1, 1], results
+    assert [r["commit"] for r in results] == ["KeyboardInterrupt: ", 2], results
+    assert [r["step"] for r in results] == [2, 2], results
+
+
 def _mixed_shard_set(table: Path, template: str) -> list[Path]:
     """The shards a `shard --overwrite` of ``table`` killed after its first rename leaves over
     shards of the same table cut by an earlier run and trained to step 2 on rank 1: rank 0's new

@@ -388,7 +388,6 @@ class ShardedStore:
             )
             + ") and the writes are kept: commit again",
         )
-        self._torn_steps = None  # every shard is at ``result`` now, or finishes it
         self._raise_failed(
             f"commit of step {result} (its second phase)",
             finished,
@@ -1044,6 +1043,8 @@ class ShardedStore:
             if staged[self.rank] is None:
                 undropped = self._local_error(self.local.abort_commit)
             return step, staged, [None] * self.world, undropped
+        # every shard is at ``step`` now, or finishes it (in the round: a caller interrupted too)
+        self._torn_steps = None
         return step, staged, self._all_gather(self._local_error(self._finish_shard, step)), None
 
     def _prepare_shard(self, step: int) -> None:
