@@ -110,6 +110,37 @@ def test_served_without_ids_serves_the_ids_announced_from_those_served_so_far_on
         store.release(request)
 
 
+def test_served_without_ids_serves_every_lookup_left_whatever_the_batches_before(tmp_path):
+    """The no-ids form took the ids announced from the count of ids served so far on: after a
+    batch holding an id the request did not announce (or one more often than it did), or
+    batches out of order, it skipped lookups left, whose rows kept the request's standing
+    until its release (outliving rows the requests behind it need). It serves every lookup
+    left: the same news as its explicit ids."""
+    for before in (t(50, 0, 1), t(3, 3, 3, 3), torch.arange(5, 10), torch.arange(10)):
+        explicit, rebuilt = QueuedRequests(), QueuedRequests()
+        outs = []
+        for queue in (explicit, rebuilt):
+            request = queue.add(torch.arange(10))
+            queue.add(torch.arange(0, 12, 2))
+            queue.served(request, before)
+            rest = torch.from_numpy(np.repeat(request.rows.numpy(), request.left))
+            outs.append(queue.served(request, rest if queue is explicit else None))
+            outs.append(queue.next_use(torch.arange(12)))
+            assert not request.left.any() and queue.rows == 6, before
+        for got, want in zip(outs[2:], outs[:2], strict=True):
+            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), before
+    path, _ = make_table(tmp_path, rows=ROWS, dim=4)
+    with TieredStore(store_config(path, warm={"capacity": 30})) as store:
+        store.lookup(torch.arange(30))
+        request = store.announce(torch.arange(20))
+        store.served(request, t(25, 0, 1, 2, 3))  # 25: not announced
+        store.served(request)  # the other 16
+        store.lookup(torch.arange(30, 32))  # the news told
+        assert int(store.stats()["queue"]["rows"]) == 0
+        assert bool((store.warm._next_use == NOT_QUEUED).all())
+        store.release(request)
+
+
 def test_add_and_remove_say_which_rows_change_their_earliest_request():
     """``first_rows``: the rows no earlier request looks up; ``remove``: the rows the request was
     the earliest for and their next request, against the queue's own ``next_use``."""

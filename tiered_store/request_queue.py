@@ -191,13 +191,13 @@ class QueuedRequests:
         self, request: QueuedRequest, ids: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``request``'s lookups of ``ids`` (any shape; ids it did not announce are not counted;
-        None: the ids it announced from those served so far on, rebuilt from ``where``: all of
-        them at its first batch) are made now: the rows none of its lookups left looks up lose
-        its standing. Returns those
-        it was the earliest request for, and the token of the request that now looks each up
-        first (``NOT_QUEUED`` where none does), as ``remove``. A compiled pass over the batch, and a
-        search for each finished row's pair (at the request's second batch since the queue's
-        pairs last changed, one pass over them finds all of its pairs instead)."""
+        None: every lookup it has left, its last batch, rebuilt from ``left``: all of them at
+        its first) are made now: the rows none of its lookups left looks up lose its standing.
+        Returns those it was the earliest request for, and the token of the request that now
+        looks each up first (``NOT_QUEUED`` where none does), as ``remove``. A compiled pass over
+        the batch, and a search for each finished row's pair (at the request's second batch
+        since the queue's pairs last changed, one pass over them finds all of its pairs
+        instead)."""
         from . import request_queue_kernels as kernels
 
         if ids is not None:
@@ -205,8 +205,10 @@ class QueuedRequests:
         with self._changing:
             self._check_queued(request, "served")
             rows = request.rows.numpy()
-            if ids is None:  # each found where ``where`` says: no search
-                flat = rows[request.where[request.served_ids :]]
+            where, start = request.where, request.served_ids
+            if ids is None:  # each lookup left, at its place in ``rows``: no search
+                where = np.repeat(np.arange(rows.size, dtype=np.int32), request.left)
+                flat, start = rows[where], 0
             # where its pairs are: searched for at its first batch since the pairs were replaced
             # (a request served in one batch pays no pass over the queue), found in one pass at
             # its second (then kept while they stay)
@@ -221,8 +223,8 @@ class QueuedRequests:
             moved, next_use = kernels.serve_batch(
                 rows,
                 request.left,
-                request.where,
-                request.served_ids,
+                where,
+                start,
                 flat,
                 _SEARCH if request.pair_at is None else request.pair_at,
                 self._pair_rows,
@@ -230,7 +232,7 @@ class QueuedRequests:
                 request.token,
                 NOT_QUEUED,
             )
-            request.served_ids += flat.size
+            request.served_ids = request.where.size if ids is None else start + flat.size
         return torch.from_numpy(moved), torch.from_numpy(next_use)
 
     def next_use(self, ids: torch.Tensor) -> torch.Tensor:

@@ -399,10 +399,10 @@ class TieredStore:
         ``ids`` just before looking them up. The rows none of its later batches look up lose its
         standing (they wait for the next request that looks them up, if any), so this batch's
         admissions evict them before rows the requests behind it need. Ids it did not announce
-        are not counted. ``ids`` omitted: the ids it announced from those served so far on (its
-        whole lookup, at its first batch), taken from the queue (no check nor copy of the ids;
-        on CUDA, no wait for the device). ``release`` it after its last batch, as usual. A
-        no-op once the store is closed.
+        are not counted. ``ids`` omitted: every lookup it has left, for its last batch (its
+        whole lookup, served in one), whatever the batches before took; taken from the queue (no
+        check nor copy of the ids; on CUDA, no wait for the device). ``release`` it after its
+        last batch, as usual. A no-op once the store is closed.
 
         Examples
         --------
