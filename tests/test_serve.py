@@ -285,6 +285,20 @@ def test_a_home_folder_in_paths_is_expanded(tmp_path, monkeypatch):
     assert rows == str((tmp_path / "home" / "rows.npy").resolve())
 
 
+def test_a_config_named_from_the_home_folder_has_its_paths_under_it(tmp_path, monkeypatch):
+    """``ServeConfig.from_yaml("~/serve.yaml")`` read the file in the home folder but took its
+    folder as ``~`` (not read): its relative paths were under a folder named ``~`` here."""
+    home, cwd = tmp_path / "home", tmp_path / "cwd"
+    home.mkdir()
+    cwd.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(cwd)
+    write_config(home)
+    config = ServeConfig.from_yaml("~/serve.yaml")
+    assert config.base_dir == home
+    assert config.checkpoint_dir == (home / "checkpoint").resolve()
+
+
 def test_store_section_errors_and_warnings_at_open_name_the_file_and_layer(tmp_path):
     """A store section that validates but not against a layer's table (a capacity past it), or
     a setting its policy ignores: the error or warning named the key alone, neither serve.yaml
