@@ -141,6 +141,25 @@ def test_an_out_in_a_missing_folder_is_refused_naming_it(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_an_out_that_is_a_fifo_or_a_device_is_refused_not_replaced(tmp_path):
+    """--out naming a FIFO, a socket or a device (``--out /dev/null`` to keep nothing) passed the
+    check, and the report's rename replaced it with a regular file: run as root, /dev/null was
+    a JSON file after. It is refused before the work, and left as it was."""
+    import stat
+
+    from tiered_store.cli_args import output_file
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    done = run_python([ROOT / "bench" / "bench_mrc.py", "--out", fifo], timeout=60)
+    assert done.returncode == 2 and done.stdout == "", done.stderr[-3000:]
+    expected = f"argument --out: '{fifo}' is not a regular file (a device, FIFO or socket)"
+    assert expected in done.stderr and "expected a file to write" in done.stderr
+    assert stat.S_ISFIFO(fifo.lstat().st_mode) and [p.name for p in tmp_path.iterdir()] == ["pipe"]
+    with pytest.raises(argparse.ArgumentTypeError, match="'/dev/null' is not a regular file"):
+        output_file("/dev/null")
+
+
 def test_an_output_folder_another_run_makes_meanwhile_is_accepted_and_left_alone(
     tmp_path, monkeypatch
 ):
