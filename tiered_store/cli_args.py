@@ -229,9 +229,9 @@ def output_file(text: str) -> Path:
     """An argparse ``type``: a file to write when the work is done, checked before it starts, in
     a folder that is there: a missing folder is refused by name, as a typo's would be (not made,
     with every missing folder above it: the rule of :func:`output_folder`), and so are a
-    directory there, a device, FIFO or socket there (``/dev/null``: the write's rename would
-    replace it), a file where a folder on its way should be, or a folder where nothing can be
-    written.
+    directory there or a folder's name (``results/``), a device, FIFO or socket there
+    (``/dev/null``: the write's rename would replace it), a file where a folder on its way
+    should be, or a folder where nothing can be written.
 
     >>> output_file("run.json").name
     'run.json'
@@ -249,6 +249,10 @@ def output_file(text: str) -> Path:
     if path.is_dir():
         raise argparse.ArgumentTypeError(
             f"{text!r} is a directory; expected a file to write (or nothing there)"
+        )
+    if text.endswith(os.sep):  # Path drops the '/': a file of the folder's name was written
+        raise argparse.ArgumentTypeError(
+            f"{text!r} ends in {os.sep!r}, a folder's name; expected a file to write"
         )
     if path.exists() and not path.is_file():  # the write's rename would replace it
         raise argparse.ArgumentTypeError(
