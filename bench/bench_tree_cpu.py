@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> dict:
     """Run the rounds; returns (and prints) the JSON report."""
     args = parse_args(argv)
     with tempfile.TemporaryDirectory(dir=args.dir, prefix="bench-tree-cpu-") as tmp:
-        work = Path(tmp)
+        work = Path(tmp).resolve()  # (a linked folder: the children import resolved paths)
         base_rev = None
         if args.trees is not None:
             trees = {"base": args.trees[0].resolve(), "new": args.trees[1].resolve()}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 
 from tests.bench_support import ROOT, run_bench
 
@@ -34,3 +35,24 @@ def test_a_revision_git_does_not_know_is_refused_before_any_work():
     done = run_bench("bench_tree_cpu.py", "--rev", "no-such-rev", timeout=120)
     assert done.returncode == 2 and done.stdout == ""
     assert "--rev 'no-such-rev': not a commit of" in done.stderr
+
+
+def test_a_worktree_base_under_a_linked_folder_is_its_own_library_and_is_removed(tmp_path):
+    """The base worktree made under ``--dir`` (or a temporary directory) reached through a
+    symbolic link (macOS's /var -> /private/var) failed the check that each process imports its
+    own tree: the imported files, resolved, were not under the unresolved worktree path. The
+    worktree of --rev replays as this tree does, and is removed at the end."""
+    real = tmp_path / "real"
+    real.mkdir()
+    (tmp_path / "link").symlink_to(real)
+    args = ("--rev", "HEAD", *TINY[:4], "--rounds", "1", "--replays", "1")
+    done = run_bench("bench_tree_cpu.py", *args, "--dir", str(tmp_path / "link"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout)
+    assert report["base"]["rev"] == "HEAD" and len(report["base"]["commit"]) == 40
+    assert report["trees"]["base"]["fetch_ratio"] == report["trees"]["new"]["fetch_ratio"]
+    assert list(real.iterdir()) == []
+    listed = subprocess.run(
+        ["git", "-C", str(ROOT), "worktree", "list"], capture_output=True, text=True, check=True
+    )
+    assert str(real) not in listed.stdout
