@@ -227,16 +227,17 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     with tempfile.TemporaryDirectory(dir=args.dir, prefix="bench-tree-cpu-") as tmp:
         work = Path(tmp).resolve()  # (a linked folder: the children import resolved paths)
-        base_rev = None
-        if args.trees is not None:
-            trees = {"base": args.trees[0].resolve(), "new": args.trees[1].resolve()}
-        else:
-            base = work / "base"
-            added = _git("worktree", "add", "--detach", str(base), args.commit)
-            if added.returncode != 0:
-                raise RuntimeError(f"git worktree add {base} {args.rev}: {added.stderr.strip()}")
-            trees, base_rev = {"base": base, "new": HERE}, args.commit
-        try:
+        base_rev = None if args.trees is not None else args.commit
+        try:  # the worktree removed even when its add failed once it had registered it
+            if base_rev is None:
+                trees = {"base": args.trees[0].resolve(), "new": args.trees[1].resolve()}
+            else:
+                base = work / "base"
+                added = _git("worktree", "add", "--detach", str(base), base_rev)
+                if added.returncode != 0:
+                    why = added.stderr.strip()
+                    raise RuntimeError(f"git worktree add {base} {args.rev}: {why}")
+                trees = {"base": base, "new": HERE}
             report = measure(args, trees, work)
         finally:
             if base_rev is not None:

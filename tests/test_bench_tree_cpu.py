@@ -56,3 +56,26 @@ def test_a_worktree_base_under_a_linked_folder_is_its_own_library_and_is_removed
         ["git", "-C", str(ROOT), "worktree", "list"], capture_output=True, text=True, check=True
     )
     assert str(real) not in listed.stdout
+
+
+def test_a_worktree_whose_add_failed_is_not_left_registered(tmp_path):
+    """``git worktree add`` failing once it had registered the worktree (its post-checkout hook
+    failing: git-lfs's, without git-lfs) left the repository a worktree entry for a folder the
+    run then removed. The worktree is removed whatever the add's outcome."""
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "post-checkout").write_text("#!/bin/sh\necho 'the hook refuses' >&2\nexit 1\n")
+    (hooks / "post-checkout").chmod(0o755)
+    git_env = {
+        "GIT_CONFIG_COUNT": "1",
+        "GIT_CONFIG_KEY_0": "core.hooksPath",
+        "GIT_CONFIG_VALUE_0": str(hooks),
+    }
+    done = run_bench("bench_tree_cpu.py", *TINY, "--dir", str(tmp_path), env=git_env)
+    assert done.returncode != 0 and done.stdout == ""
+    assert "git worktree add" in done.stderr and "the hook refuses" in done.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["hooks"]
+    listed = subprocess.run(
+        ["git", "-C", str(ROOT), "worktree", "list"], capture_output=True, text=True, check=True
+    )
+    assert str(tmp_path) not in listed.stdout
