@@ -3855,6 +3855,60 @@ def test_a_closed_table_that_cannot_reopen_holds_back_no_other_table_s_reload(
         served.close()
 
 
+def test_a_closed_table_is_reopened_though_another_table_s_refusal_is_remembered(
+    tmp_path, monkeypatch
+):
+    """A table left closed, waiting for its retry, is left out of the others' reload: one of
+    them refused for what its files hold was then remembered (no table closed among those
+    tried), and every check after it held back the closed table with it, which stayed closed
+    (every request 503) until the refused table's files changed. A table left closed is
+    reopened alone while another's refusal holds."""
+    import errno
+
+    from tiered_store.engram.checkpoint import table_metadata
+    from tiered_store.engram.hashing import NgramHasher
+    from tiered_store.engram.model import ModelConfig
+    from tiered_store.page_checksums import sidecar_path
+    from tiered_store.table_format import create_table, table_paths
+
+    config = ServeConfig.from_yaml(make_checkpoint(tmp_path))
+    table = config.table_path(3)
+    served = ServedModel(config)
+    try:
+        served.reload_check_seconds = 0.0  # every call checks, as if a second had passed
+        served.stores["engram_layer1"].close()  # what a refused reload may leave
+        real = served._open_checked
+
+        def failing_open(name, old):  # layer 1's reopen fails (a read error)
+            if name == "engram_layer1":
+                raise TierIOError(errno.EIO, f"{name}: injected open failure")
+            return real(name, old)
+
+        monkeypatch.setattr(served, "_open_checked", failing_open)
+        assert served.reload_if_stale() == []  # layer 1 waits for its retry
+        seeded = ModelConfig.from_dict(
+            {**CONFIG["model"], "engram": {**CONFIG["model"]["engram"], "seed": 7}}
+        )
+        store = served.stores["engram_layer3"]
+        rows = np.ones((store.rows, store.dim), np.float32)
+        other = table_metadata(NgramHasher(seeded.engram), 3)
+        create_table(table, rows, progress=False, overwrite=True, metadata=other)
+        then = time.time_ns() - 10**10  # written a while ago: a refusal of them is remembered
+        for path in (*table_paths(table), sidecar_path(table)):
+            os.utime(path, ns=(then, then))
+        assert served.reload_if_stale() == []  # layer 3 refused without layer 1
+        assert "expects seed=0" in (served.reload_refused or "")
+        monkeypatch.setattr(served, "_open_checked", real)  # layer 1 would open now
+        assert served.reload_if_stale(force_check=True) == ["engram_layer1"]
+        assert not served.stores["engram_layer1"].closed
+        assert served.model.tables[1].table is served.stores["engram_layer1"]
+        assert served.closed_tables() == []
+        assert "expects seed=0" in (served.reload_refused or ""), served.reload_refused
+        assert "engram_layer1" not in served.reload_refused, served.reload_refused
+    finally:
+        served.close()
+
+
 def test_a_refused_reload_with_every_table_closed_names_no_other_table(tmp_path, monkeypatch):
     """Every table's store left closed, the reopens refused: /healthz's warning (and the log)
     said the other tables were on the version open now, though there were none, and "its

@@ -406,11 +406,17 @@ class ServedModel:
             if name in self._refusals and self._refusals[name][0] != files[name][0]:
                 del self._refusals[name]  # its files changed: opened again
         held = [self._refusals[name][1] for name in stale if name in self._refusals]
-        if held:  # refused as they are: no store opened beside the old ones again
-            for name in stale:
+        if held:  # refused as they are: no store opened beside the old ones again; a table
+            # left closed (no version of it open) is reopened alone, as after a refused swap
+            kept = [name for name in stale if not self.stores[name].closed]
+            for name in kept:
                 self.health[name].reload_failures += 1
-            self._refused([*unreadable, f"{', '.join(stale)} ({'; '.join(held)})"])
-            return []
+            if kept:
+                unreadable = [*unreadable, f"{', '.join(kept)} ({'; '.join(held)})"]
+            stale = [name for name in stale if name not in kept]
+            if not stale:
+                self._refused(unreadable)
+                return []
         # a table left closed whose files changed (a repair), or whose old store's hung calls
         for name in stale:  # ended (``left_closing``): tried at once, though another still waits
             retry = self._closed_retry.get(name)
