@@ -1197,6 +1197,44 @@ def test_a_ctrl_c_as_a_reload_closes_the_old_stores_closes_every_one(tmp_path, m
         served.close()
 
 
+def test_an_old_store_whose_close_and_carry_both_fail_logs_both(tmp_path, monkeypatch, caplog):
+    """An old store whose close raised, then whose last counts could not be carried to its
+    table's metrics: the carry's error replaced the close's, and was logged as the close's
+    failure, the close's own error lost. Each is logged as what it is."""
+    from tiered_store.serve import served_model
+
+    config = ServeConfig.from_yaml(make_checkpoint(tmp_path))
+    served = ServedModel(config)
+    try:
+        served.reload_check_seconds = 3600.0  # checks only when the test asks
+        _commit_a_new_version(config.table_path(3))
+        old = served.stores["engram_layer3"]
+        real_close, real_counts = old.close, served_model.store_counts
+
+        def failed_close(**kwargs):  # an error as it ends (a device's, say): the swap is done
+            real_close(**kwargs)
+            raise RuntimeError("injected close failure")
+
+        def counts(table, store):  # the closed store's last counts cannot be read
+            if store is old and store.closed:
+                raise RuntimeError("injected counts failure")
+            return real_counts(table, store)
+
+        monkeypatch.setattr(old, "close", failed_close)
+        monkeypatch.setattr(served_model, "store_counts", counts)
+        with caplog.at_level(logging.ERROR, logger="tiered_store.serve"):
+            assert served.reload_if_stale(force_check=True) == ["engram_layer3"]
+        assert old.closed and served.health["engram_layer3"].reloads == 1
+        assert (
+            "closing engram_layer3's store of the version swapped out failed: "
+            "injected close failure" in caplog.text
+        ), caplog.text
+        assert "engram_layer3" in caplog.text and "injected counts failure" in caplog.text
+        assert "swapped out failed: injected counts failure" not in caplog.text, caplog.text
+    finally:
+        served.close()
+
+
 def test_a_reload_leaves_an_old_store_whose_read_hangs_to_close_under_it(tmp_path, monkeypatch):
     """An old store with a prefetch's cold read hung for good (a dead disk) held the reload in
     its close after the gate, without end: no reload came after, and a stop waited for it past

@@ -743,7 +743,8 @@ class ServedModel:
     ) -> None:
         """Close the stores ``_swap_in`` replaced (``old``, by table name) and carry to their
         tables' metrics what lookups in flight counted in them since ``carried``; every one,
-        though a close raised: an error is logged (the new versions are served), a Ctrl-C
+        though a close (or a carry) raised: an error is logged (the new versions are served),
+        each failure as what it is, a Ctrl-C
         raised once the others closed too. They wait for their calls under way (a prefetch) at
         most ``server.request_timeout_s`` in all (each ``CLOSE_GRACE_S`` at least): one hung
         for good (a dead disk) is left to
@@ -756,7 +757,15 @@ class ServedModel:
             try:
                 self._close_or_leave(name, store, _close_wait(deadline))
             finally:  # its carry too (interrupted, the others still close)
-                self._carry_rest(name, store, carried.get(name, {}))
+                try:
+                    self._carry_rest(name, store, carried.get(name, {}))
+                except Exception as exc:  # noqa: BLE001 (not the close's error, which goes on)
+                    log.error(
+                        "carrying the last counts of %s's store of the version swapped out to "
+                        "its metrics failed: %s",
+                        name,
+                        error_text(exc),
+                    )
 
         try:  # swapped out: the new versions are served
             _close_each(old, close, "store of the version swapped out")
