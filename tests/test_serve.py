@@ -3711,7 +3711,10 @@ def test_a_refused_reload_of_two_closed_tables_logs_them_as_several(tmp_path, mo
         with caplog.at_level(logging.ERROR, logger="tiered_store.serve"):
             assert served.reload_if_stale(force_check=True) == []
         [logged] = [r.getMessage() for r in caplog.records if "trying again" in r.getMessage()]
-        assert logged.startswith("could not reopen engram_layer1, engram_layer3"), logged
+        assert logged.startswith(  # each with its own error (engram_layer3's reopened alone)
+            "could not reopen engram_layer1 (engram_layer1: injected open failure); "
+            "engram_layer3 (engram_layer3: injected open failure) on a new version"
+        ), logged
         for singular in ("its new version", "while it fails", "its files"):
             assert singular not in logged, logged
         assert "while they fail" in logged and "their files change" in logged, logged
@@ -3943,6 +3946,36 @@ def test_a_closed_table_is_reopened_though_another_table_s_refusal_is_remembered
         assert served.closed_tables() == []
         assert "expects seed=0" in (served.reload_refused or ""), served.reload_refused
         assert "engram_layer1" not in served.reload_refused, served.reload_refused
+    finally:
+        served.close()
+
+
+def test_a_closed_table_waiting_for_its_retry_is_named_with_its_own_error(tmp_path, monkeypatch):
+    """A table left closed whose reopen failed (its own error) in a swap refused for another
+    table waited for its retry under the refused table's error: /healthz's warning then named
+    it with the other table's failure ("engram_layer3 (engram_layer1: ...)"). It is named with
+    its own reopen's error."""
+    import errno
+
+    config = ServeConfig.from_yaml(make_checkpoint(tmp_path))
+    served = ServedModel(config)
+    try:
+        served.reload_check_seconds = 0.0  # every call checks, as if a second had passed
+        served.stores["engram_layer3"].close()  # what a refused reload may leave
+        _commit_a_new_version(config.table_path(1))  # layer 1 stale, its new version refused
+
+        def failing_open(name, old):  # both fail, each with its own error
+            raise TierIOError(errno.EIO, f"{name}: injected open failure")
+
+        monkeypatch.setattr(served, "_open_checked", failing_open)
+        assert served.reload_if_stale(force_check=True) == []
+        reasons = [served.reload_refused or ""]  # as refused
+        assert served.reload_if_stale() == []  # layer 3 waits for its retry, layer 1 refused
+        reasons.append(served.reload_refused or "")
+        for refused in reasons:
+            assert "engram_layer3 (engram_layer3: injected open failure" in refused, refused
+            assert "engram_layer3 (engram_layer1" not in refused, refused
+            assert "engram_layer1 (engram_layer1: injected open failure" in refused, refused
     finally:
         served.close()
 

@@ -493,7 +493,7 @@ class ServedModel:
                     self._serve_or_close(ahead)
                     raise
                 # the refused one's open was just tried (its old store closed): not again now
-                reopened = self._reopen_closed([n for n in stale if n != refused], ahead)
+                reopened, failed = self._reopen_closed([n for n in stale if n != refused], ahead)
                 for name in stale:  # counted at every check that refuses it, as it is retried
                     if name not in reopened:  # (one reopened alone is counted as a reload)
                         self.health[name].reload_failures += 1
@@ -513,10 +513,12 @@ class ServedModel:
                     and not any(self.stores[name].closed for name in stale)
                 ):
                     self._refusals[refused] = (files[refused][0], error_text(exc))
-                kept = [name for name in stale if name not in reopened]  # not on the new version
-                why = f"{', '.join(kept)} ({error_text(exc)})"
-                self._retry_closed_later(stale, files, error_text(exc))
-                self._refused([*unreadable, why] if kept else unreadable)
+                # not on the new version: for the refusal, or (left closed) for their own failure
+                kept = [name for name in stale if name not in reopened and name not in failed]
+                why = [f"{', '.join(kept)} ({error_text(exc)})"] if kept else []
+                why += [f"{name} ({error})" for name, error in failed.items()]
+                self._retry_closed_later(stale, files, error_text(exc), failed)
+                self._refused([*unreadable, *why])
                 return reopened
             except BaseException:  # Ctrl-C: it goes on, no store it opened left open
                 self._undo_swap(opened)
@@ -602,10 +604,13 @@ class ServedModel:
         settled = all(i is None or now - i[3] >= SETTLED_NS for i in identities)
         return (generation, *identities), settled
 
-    def _retry_closed_later(self, stale: list[str], files: dict[str, Any], error: str) -> None:
-        """After a refused reload of ``stale`` (``error``: why): each of them it left closed is
-        tried again ``CLOSED_RETRY_FIRST_S`` later, the wait doubling at each failure in a row up
-        to ``CLOSED_RETRY_MOST_S``, unless its ``files`` change first; one whose old store calls
+    def _retry_closed_later(
+        self, stale: list[str], files: dict[str, Any], error: str, failed: dict[str, str]
+    ) -> None:
+        """After a refused reload of ``stale`` (``error``: why; ``failed``: why a table's reopen
+        alone failed, by table, its reason while it waits): each of them it left closed is tried
+        again ``CLOSED_RETRY_FIRST_S`` later, the wait doubling at each failure in a row up to
+        ``CLOSED_RETRY_MOST_S``, unless its ``files`` change first; one whose old store calls
         hung in still hold open (``left_closing``: no new store opens beside it) once they end.
         Meanwhile the other tables reload without it."""
         for name in stale:
@@ -615,7 +620,8 @@ class ServedModel:
             last = self._closed_retry.get(name)
             wait = CLOSED_RETRY_FIRST_S if last is None else min(2 * last[2], CLOSED_RETRY_MOST_S)
             at = math.inf if self.stores[name].calls_left else time.monotonic() + wait
-            self._closed_retry[name] = (files[name][0], at, wait, f"{name} ({error})")
+            why = failed.get(name, error)
+            self._closed_retry[name] = (files[name][0], at, wait, f"{name} ({why})")
 
     def _refused(self, reasons: list[str]) -> None:
         """Note why tables keep the version open now (``reasons``; none: every table is on its
@@ -669,14 +675,15 @@ class ServedModel:
 
     def _reopen_closed(
         self, names: list[str], ahead: dict[str, TieredStore] | None = None
-    ) -> list[str]:
+    ) -> tuple[list[str], dict[str, str]]:
         """After a refused swap: each table whose old store is closed (a map grown elsewhere, or
         a reload before) on its new version alone, so that another table's failure does not take
         it down: the store the swap opened for it (``ahead``, by table), else one opened now; one
         that does not open answers 503 until a check opens it. Interrupted (Ctrl-C), each store
-        it has is served once the model took it, else closed. Returns the tables reopened."""
+        it has is served once the model took it, else closed. Returns the tables reopened, and
+        why each of those that did not failed."""
         ahead = dict(ahead or {})
-        reopened = []
+        reopened, failed = [], {}
         try:
             for name in names:
                 old = self.stores[name]
@@ -688,7 +695,8 @@ class ServedModel:
                         new = self._open_checked(name, old)
                     self.model.set_tables(self._guarded({name: new}))
                 except Exception as exc:  # noqa: BLE001 (out of memory too: the others go on)
-                    log.error("could not reopen %s (%s); it answers 503", name, error_text(exc))
+                    failed[name] = error_text(exc)
+                    log.error("could not reopen %s (%s); it answers 503", name, failed[name])
                 finally:
                     if new is not None:
                         self._serve_or_close({name: new})
@@ -696,7 +704,7 @@ class ServedModel:
                     reopened.append(name)
         finally:  # interrupted: those not reached
             self._serve_or_close(ahead)
-        return reopened
+        return reopened, failed
 
     def _guarded(self, stores: dict[str, TieredStore]) -> dict[int, GuardedTable]:
         """The model's tables for ``stores`` (table name -> store), by Engram layer."""
