@@ -1436,7 +1436,7 @@ def _close_all(stores: dict[str, TieredStore]) -> None:
     """Close every one of ``stores`` (table name -> a new store a reload does not serve), though
     a close raised (``_close_each``: it would stand in for a Ctrl-C under way, or fail the
     check)."""
-    _close_each(stores, lambda name, store: store.close(), "new store, not served")
+    _close_each(stores, lambda name, store: store.close(), "new store (not served)")
 
 
 def _close_each(
