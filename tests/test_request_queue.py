@@ -141,6 +141,27 @@ def test_served_without_ids_serves_every_lookup_left_whatever_the_batches_before
         store.release(request)
 
 
+def test_served_without_ids_after_a_batch_makes_no_pass_over_the_queues_pairs():
+    """A request's second batch since the queue's pairs changed finds all of its pairs in one
+    pass over them (``pairs_of``), for its later batches; the no-ids form, its last batch
+    (no lookup left after it), made that pass too: over the whole queue, for places no batch
+    reads again. It searches for its finished rows' pairs, as a first batch does."""
+    queue = QueuedRequests()
+    for _ in range(3):
+        queue.add(torch.arange(0, 400, 3))
+    request = queue.add(torch.arange(200).repeat(2))
+    queue.served(request, torch.arange(20))  # its first batch: its pairs searched for
+    want = queue.next_use(torch.arange(400)).clone()
+    want[:200] = torch.where(want[:200] == request.token, NOT_QUEUED, want[:200])
+    queue.served(request)  # its last
+    assert request.pair_at is None  # no pass over the pairs
+    assert not request.left.any() and torch.equal(queue.next_use(torch.arange(400)), want)
+    second = queue.add(torch.arange(50))
+    queue.served(second, torch.arange(10))
+    queue.served(second, torch.arange(10, 20))  # a second explicit batch: the pass, as before
+    assert second.pair_at is not None
+
+
 def test_add_and_remove_say_which_rows_change_their_earliest_request():
     """``first_rows``: the rows no earlier request looks up; ``remove``: the rows the request was
     the earliest for and their next request, against the queue's own ``next_use``."""

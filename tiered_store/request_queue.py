@@ -197,7 +197,7 @@ class QueuedRequests:
         looks each up first (``NOT_QUEUED`` where none does), as ``remove``. A compiled pass over
         the batch, and a search for each finished row's pair (at the request's second batch
         since the queue's pairs last changed, one pass over them finds all of its pairs
-        instead)."""
+        instead; not at the no-ids form's: no batch follows it)."""
         from . import request_queue_kernels as kernels
 
         if ids is not None:
@@ -211,10 +211,10 @@ class QueuedRequests:
                 flat, start = rows[where], 0
             # where its pairs are: searched for at its first batch since the pairs were replaced
             # (a request served in one batch pays no pass over the queue), found in one pass at
-            # its second (then kept while they stay)
+            # its second (then kept while they stay), but at its last (no ids: no batch after)
             if request.pairs_version != self._version:
                 request.pair_at, request.pairs_version = None, self._version
-            elif request.pair_at is None:
+            elif request.pair_at is None and ids is not None:
                 request.pair_at = kernels.pairs_of(
                     self._pair_rows, self._pair_tokens, rows, request.token
                 )
