@@ -162,6 +162,50 @@ def test_served_without_ids_after_a_batch_makes_no_pass_over_the_queues_pairs():
     assert second.pair_at is not None
 
 
+def test_a_batch_holding_ids_not_announced_leaves_the_next_ones_at_their_announced_places(
+    monkeypatch,
+):
+    """``served`` looks for each of a batch's ids first at its place among the ids announced,
+    from the count the batches before took (a batch in order: no search); that count took
+    every id of a batch, so after one holding an id the request did not announce (or one more
+    often than it did) every later id was looked for a place off, and searched for. It counts
+    the ids taken at their places: a later batch in order is searched for no id."""
+    from tiered_store import request_queue_kernels as kernels
+
+    ids = torch.arange(100, 140)
+    first = torch.cat([ids[:10], t(7, 109)])  # 7: not announced; 109: once more than announced
+    queue = QueuedRequests()
+    request = queue.add(ids)
+    queue.served(request, first)
+    assert request.served_ids == 10
+    queue.served(request, ids[10:20])
+    assert request.served_ids == 20
+    queue.served(request)
+    assert request.served_ids == 40 and not request.left.any()
+    # the compiled pass's Python body, its searches counted (its pairs' places given)
+    queue = QueuedRequests()
+    request = queue.add(ids)
+    rows, pairs = request.rows.numpy(), (queue._pair_rows, queue._pair_tokens)
+    pair_at = kernels.pairs_of(*pairs, rows, request.token)
+    searched: list[int] = []
+    lower_bound = kernels._lower_bound.py_func
+
+    def counted(values, value, low, high):
+        searched.append(int(value))
+        return lower_bound(values, value, low, high)
+
+    monkeypatch.setattr(kernels, "_lower_bound", counted)
+    taken, searches = 0, []
+    for batch in (first, ids[10:20], ids[20:]):
+        searched.clear()
+        *_, taken = kernels.serve_batch.py_func(
+            rows, request.left, request.where, taken, batch.numpy(), pair_at, *pairs,
+            request.token, NOT_QUEUED,
+        )  # fmt: skip
+        searches.append(list(searched))
+    assert searches == [[7, 109], [], []] and taken == 40 and not request.left.any()
+
+
 def test_add_and_remove_say_which_rows_change_their_earliest_request():
     """``first_rows``: the rows no earlier request looks up; ``remove``: the rows the request was
     the earliest for and their next request, against the queue's own ``next_use``."""

@@ -38,7 +38,8 @@ class QueuedRequest:
     first_rows: torch.Tensor = field(repr=False)  # of ``rows``, those no earlier request queued
     left: np.ndarray = field(repr=False)  # lookups of each of ``rows`` not yet served
     # the position in ``rows`` of each id announced, in order (int32), and how many of those
-    # the batches served so far took: where ``served`` looks first for a batch's ids
+    # the batches served so far took at their places (ids not announced not counted): where
+    # ``served`` looks first for a batch's ids
     where: np.ndarray = field(repr=False)
     served_ids: int = field(default=0, repr=False)
     # the position of its pair of each of ``rows`` in the queue's pairs of version
@@ -220,7 +221,7 @@ class QueuedRequests:
                 )
             # the pairs' tokens are negated in place: a reader sees a pair finished or not, and
             # sets what the news that follows corrects (``left`` is read only here and in ``add``)
-            moved, next_use = kernels.serve_batch(
+            moved, next_use, taken = kernels.serve_batch(
                 rows,
                 request.left,
                 where,
@@ -232,7 +233,7 @@ class QueuedRequests:
                 request.token,
                 NOT_QUEUED,
             )
-            request.served_ids = request.where.size if ids is None else start + flat.size
+            request.served_ids = request.where.size if ids is None else taken
         return torch.from_numpy(moved), torch.from_numpy(next_use)
 
     def next_use(self, ids: torch.Tensor) -> torch.Tensor:

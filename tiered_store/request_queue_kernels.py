@@ -143,7 +143,7 @@ def serve_batch(
     pair_tokens: np.ndarray,
     token: np.int64,
     none: np.int64,
-) -> tuple[np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, int]:
     """Request ``token``'s lookups of ``ids`` made: each of ``ids`` in its ``rows`` (sorted,
     distinct) takes one off its ``left`` (in place, down to 0; other ids count for nothing), and
     the rows whose last lookup that was finish their pair (its token negated in place): at
@@ -151,15 +151,19 @@ def serve_batch(
     (a request served in one batch pays no pass over the queue). ``where``: the position in
     ``rows`` of each id the request announced, in order; ``ids`` are first taken for those from
     ``start`` on (a request served in order, batch after batch: no search), an id that is not
-    searched for. Returns the rows the request was the earliest unfinished pair of (ascending),
-    and each one's next unfinished pair's token (``none`` where none). ``ValueError`` (before
-    any pair changes) where a finished row has no pair of ``token``."""
+    the next one announced searched for (and not taken: an id not announced, or one more often
+    than announced, leaves the next id its place). Returns the rows the request was the
+    earliest unfinished pair of (ascending), each one's next unfinished pair's token (``none``
+    where none), and ``start`` past the ids taken at their places. ``ValueError`` (before any
+    pair changes) where a finished row has no pair of ``token``."""
     m = rows.size
     finished = np.empty(min(ids.size, m), dtype=np.int64)  # positions in ``rows``, each once
     done = 0
     for k in range(ids.size):
-        at = where[start + k] if start + k < where.size else m
-        if at == m or rows[at] != ids[k]:  # not the id announced there
+        at = where[start] if start < where.size else m
+        if at < m and rows[at] == ids[k]:  # the id announced next
+            start += 1
+        else:
             at = _lower_bound(rows, ids[k], 0, m)
         if at < m and rows[at] == ids[k] and left[at] > 0:
             left[at] -= 1
@@ -199,7 +203,7 @@ def serve_batch(
             moved_rows[moved] = pair_rows[i]
             moved_next[moved] = _next_unfinished(pair_rows, pair_tokens, i, none)
             moved += 1
-    return moved_rows[:moved], moved_next[:moved]
+    return moved_rows[:moved], moved_next[:moved], start
 
 
 @numba.njit(cache=True, nogil=True)
