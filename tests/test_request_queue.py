@@ -206,6 +206,65 @@ def test_a_batch_holding_ids_not_announced_leaves_the_next_ones_at_their_announc
     assert searches == [[7, 109], [], []] and taken == 40 and not request.left.any()
 
 
+class _NumpyFailingAt:
+    """numpy, but for its ``n``-th allocation (``empty``, ``sort``), which fails as out of
+    memory does."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __getattr__(self, name: str):
+        value = getattr(np, name)
+        if name not in ("empty", "sort"):
+            return value
+
+        def allocation(*args, **kwargs):
+            self.n -= 1
+            if self.n == 0:
+                raise MemoryError(f"np.{name}: out of memory")
+            return value(*args, **kwargs)
+
+        return allocation
+
+
+def test_a_batch_served_that_fails_part_way_changes_nothing(monkeypatch):
+    """``serve_batch`` took a batch's lookups off the request's lookups left, then allocated
+    what it returns: a failure there (out of memory) left rows at no lookup left with their
+    pairs unfinished, keeping the request's standing until its release (no later batch could
+    finish them), and the batch served again took its lookups off twice (rows finishing before
+    their last batch). It allocates before it changes anything: a failure changes nothing,
+    and the batch served again is served once (its Python body, each allocation failing)."""
+    from tiered_store import request_queue_kernels as kernels
+
+    def served(numpy) -> tuple[QueuedRequests, object, list]:
+        queue = QueuedRequests()
+        queue.add(torch.arange(5, 15))
+        request = queue.add(torch.arange(10).repeat(2))
+        monkeypatch.setattr(kernels, "np", numpy)
+        try:
+            return queue, request, [queue.served(request, torch.arange(15) % 10)]
+        except MemoryError:
+            return queue, request, []
+        finally:
+            monkeypatch.setattr(kernels, "np", np)
+
+    monkeypatch.setattr(kernels, "serve_batch", kernels.serve_batch.py_func)
+    _, clean, (want,) = served(np)
+    assert clean.left.tolist() == [0] * 5 + [1] * 5
+    failures = 0
+    while True:
+        queue, request, out = served(_NumpyFailingAt(failures + 1))
+        if out:
+            break
+        failures += 1
+        assert request.left.tolist() == [2] * 10, failures
+        assert (queue._pair_tokens > 0).all() and queue.rows == 15, failures
+        again = queue.served(request, torch.arange(15) % 10)  # served again: once
+        assert request.left.tolist() == clean.left.tolist(), failures
+        assert all(torch.equal(a, b) for a, b in zip(again, want, strict=True)), failures
+    assert failures >= 2
+
+
 def test_add_and_remove_say_which_rows_change_their_earliest_request():
     """``first_rows``: the rows no earlier request looks up; ``remove``: the rows the request was
     the earliest for and their next request, against the queue's own ``next_use``."""

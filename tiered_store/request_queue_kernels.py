@@ -7,7 +7,8 @@ the GIL, on a server's threads. Both run without the GIL (``nogil``: the queue's
 replaced, never changed in place but for a pair's finishing, and its readers do not wait for a
 pass): a server's lookups, those that admit rows included, its compute and event loop go on
 during a pass over a large queue. Each allocates what it returns at its exact size (the
-queue holds the bytes it counts, a release's moved rows take its request's rows' size), inside
+queue holds the bytes it counts, a release's moved rows take its request's rows' size; a batch
+served's, at its batch's size, before it changes anything: out of memory changes nothing), inside
 the pass: arrays numba allocated there alias nothing, which it compiles into a faster loop than
 over arrays a caller passed in. A request served in batches finishes a pair once its last
 lookup of the row is made (``serve_batch``): the pair stays, its token negated in place (only
@@ -154,10 +155,15 @@ def serve_batch(
     the next one announced searched for (and not taken: an id not announced, or one more often
     than announced, leaves the next id its place). Returns the rows the request was the
     earliest unfinished pair of (ascending), each one's next unfinished pair's token (``none``
-    where none), and ``start`` past the ids taken at their places. ``ValueError`` (before any
-    pair changes) where a finished row has no pair of ``token``."""
+    where none), and ``start`` past the ids taken at their places. Allocates (up to the batch's
+    size) before anything changes: a failure (out of memory) changes nothing. ``ValueError``
+    (before any pair changes) where a finished row has no pair of ``token``."""
     m = rows.size
-    finished = np.empty(min(ids.size, m), dtype=np.int64)  # positions in ``rows``, each once
+    size = min(ids.size, m)
+    finished = np.empty(size, dtype=np.int64)  # positions in ``rows``, each once
+    at_pairs = np.empty(size, dtype=np.int64)
+    moved_rows = np.empty(size, dtype=np.int64)
+    moved_next = np.empty(size, dtype=np.int64)
     done = 0
     for k in range(ids.size):
         at = where[start] if start < where.size else m
@@ -170,9 +176,9 @@ def serve_batch(
             if left[at] == 0:
                 finished[done] = at
                 done += 1
-    finished = np.sort(finished[:done])  # the pairs in order: a pass, not a jump each
+    finished = finished[:done]
+    finished.sort()  # the pairs in order: a pass, not a jump each (in place)
     n = pair_rows.size
-    at_pairs = np.empty(done, dtype=np.int64)
     for k in range(done):
         if pair_at.size:
             at_pairs[k] = pair_at[finished[k]]
@@ -187,8 +193,6 @@ def serve_batch(
                 + "; expected one for each of its rows"
             )  # fmt: skip
         at_pairs[k] = i
-    moved_rows = np.empty(done, dtype=np.int64)
-    moved_next = np.empty(done, dtype=np.int64)
     moved = 0
     for k in range(done):
         i = at_pairs[k]
