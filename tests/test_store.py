@@ -1337,6 +1337,30 @@ def test_prefetch_worker_runs_one_intra_op_thread_and_leaves_the_callers():
         torch.set_num_threads(saved)
 
 
+def test_a_runner_pool_whose_start_hook_fails_fails_its_calls_not_hangs():
+    """A pool thread's start hook (the prefetch worker's: one intra-op thread) that raised ended
+    the thread, still counted as running: the calls queued, and every later one (no thread is
+    started for it), never completed, so a lookup collecting its prefetch, and the close
+    waiting for the queue, waited for good. Each call fails with the pool's error naming the
+    hook's, as a ThreadPoolExecutor's initializer failure breaks its pool."""
+    from tiered_store.prefetch import RunnerPool
+
+    def hook():
+        raise OSError(12, "no memory for the thread's arena")
+
+    pool = RunnerPool(1, "tiered-store-prefetch", hook)
+    first, second = pool.submit(int, "1"), pool.submit(int, "2")
+    for future in (first, second, pool.submit(int, "3")):
+        with pytest.raises(RuntimeError) as failed:
+            future.result(timeout=60)  # a hang: a TimeoutError, and a failure
+        assert str(failed.value) == (
+            "tiered-store-prefetch pool: its thread's start failed (OSError: [Errno 12] no "
+            "memory for the thread's arena); expected it to start, so no call of it runs"
+        )
+        assert isinstance(failed.value.__cause__, OSError)
+    pool.shutdown()
+
+
 def test_a_missing_table_or_manifest_is_named(tmp_path):
     with pytest.raises(ConfigError) as missing:
         TieredStore.open({"table": {"path": str(tmp_path / "nope.npy")}})

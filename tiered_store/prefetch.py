@@ -43,9 +43,10 @@ def take_once(token: list) -> bool:
 
 class RunnerPool:
     """Up to ``size`` daemon threads running the calls submitted (in order, with one), each
-    started by a submit while fewer run, ``started()`` first. Not a ``ThreadPoolExecutor``: its
-    workers are joined at the interpreter's exit, so one hung in a read (a dead disk) kept the
-    process from exiting after a ``close(wait_s=...)`` gave up on it."""
+    started by a submit while fewer run, ``started()`` first (failing, its calls fail). Not a
+    ``ThreadPoolExecutor``: its workers are joined at the interpreter's exit, so one hung in a
+    read (a dead disk) kept the process from exiting after a ``close(wait_s=...)`` gave up on
+    it."""
 
     def __init__(self, size: int, name: str, started: Callable[[], None] | None = None) -> None:
         self._size, self._name, self._started = size, name, started
@@ -84,11 +85,25 @@ class RunnerPool:
 
     def _work(self) -> None:
         """A thread's loop: run calls until the stop marker. It lets go of each call once run:
-        kept while it waited for the next, the last kept its owner (a dropped table) for good."""
+        kept while it waited for the next, the last kept its owner (a dropped table) for good.
+        A start hook that fails fails every call the thread takes (ended, it stayed counted: the
+        calls queued, and later ones, never completed)."""
+        failed: Exception | None = None
         if self._started is not None:
-            self._started()
+            try:
+                self._started()
+            except Exception as exc:  # noqa: BLE001 (each call's future raises it)
+                failed = exc
         while (call := self._queue.get()) is not None:
-            _run_into(*call)
+            if failed is None:
+                _run_into(*call)
+            elif call[0].set_running_or_notify_cancel():  # an error each (each raise grows
+                error = RuntimeError(  # the traceback of the one raised)
+                    f"{self._name} pool: its thread's start failed ({type(failed).__name__}: "
+                    f"{failed}); expected it to start, so no call of it runs"
+                )
+                error.__cause__ = failed
+                call[0].set_exception(error)
             call = None  # an idle thread keeps nothing of the last call (its owner, say)
 
 
