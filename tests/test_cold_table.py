@@ -1537,3 +1537,54 @@ def test_a_table_read_by_its_runner_threads_and_dropped_unclosed_is_collected(tm
     assert dropped() is None, "the dropped table was kept"
     with pytest.raises(OSError):
         os.fstat(fd)
+
+
+def test_a_read_refused_as_the_table_closes_does_not_leave_the_close_to_it(tmp_path):
+    """A read entered after close() began counted itself before it found the table closing, so
+    the close, checking the count just then, left closing the file to that refused read:
+    close() returned with the file still open. A read on another thread enters just as the
+    close has waited for the reads under way (held as it is refused): the close returns with
+    the file closed, and the read is refused."""
+    from tiered_store.store_lock import InFlight
+
+    path = tmp_path / "t.npy"
+    create_table(path, np.zeros((64, 4), np.float32), progress=False)
+    table = ColdTable(path, io="pread", threads=1, verify_pages=False)
+    enter, refused, go, errors = threading.Event(), threading.Event(), threading.Event(), []
+
+    def read() -> None:
+        def hold(frame, event, arg):  # refused, not yet uncounted
+            if event == "call" and frame.f_code is InFlight.__exit__.__code__:
+                sys.setprofile(None)
+                refused.set()
+                go.wait(30)
+
+        enter.wait(30)
+        sys.setprofile(hold)
+        try:
+            table.read_rows(np.arange(3))
+        except TierIOError as exc:
+            errors.append(exc.errno)
+        finally:
+            sys.setprofile(None)
+            refused.set()
+
+    def read_as_then_starts(frame, event, arg):  # the close has waited for the reads
+        if event == "call" and frame.f_code is InFlight.then.__code__:
+            sys.setprofile(None)
+            enter.set()
+            refused.wait(30)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    sys.setprofile(read_as_then_starts)
+    try:
+        table.close()
+        fd = table._fd
+    finally:
+        sys.setprofile(None)
+        enter.set()
+        go.set()
+        reader.join(30)
+    assert fd == -1
+    assert errors == [errno.EBADF]

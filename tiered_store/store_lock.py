@@ -247,11 +247,13 @@ class InFlight:
     raised) would wait for it without end. No lock: each thread changes only its own count (one
     dict operation at a time, atomic under the GIL), a call counts itself before it checks for a
     close and a close marks itself before it checks the counts, so either the call is refused or
-    the close sees it; ``then``'s action is taken once (``take_once``) by whichever of it and the
-    last call's exit finds the other done. A lock held there let a signal handler's close, run
-    on a thread inside a call's enter or exit, wait for another thread's call that waited for
-    that lock to leave its own, for good. ``close()`` checks the counts every ``CLOSE_POLL_S``
-    (nothing wakes it, so no wake-up can be lost)."""
+    the close sees it (one entered once the close began is refused before it counts: only one
+    racing its start can still leave ``then``'s action to its refusal); ``then``'s action is
+    taken once (``take_once``) by whichever of it and the last call's exit finds the other done.
+    A lock held there let a signal handler's close, run on a thread inside a call's enter or
+    exit, wait for another thread's call that waited for that lock to leave its own, for good.
+    ``close()`` checks the counts every ``CLOSE_POLL_S`` (nothing wakes it, so no wake-up can be
+    lost)."""
 
     def __init__(self, refusal: Callable[[], BaseException] | None = None) -> None:
         self._refusal = refusal or _store_closed
@@ -267,6 +269,8 @@ class InFlight:
         return self
 
     def __enter__(self) -> None:
+        if self._closing:  # refused uncounted: counted, a close's then() just then left its
+            raise self._refusal()  # action to this call (close() returned, the files open)
         me = threading.get_ident()
         self._calls[me] = self._calls.get(me, 0) + 1  # counted, then checked (see the class)
         if self._closing:
