@@ -52,6 +52,7 @@ TINY = (
 
 def test_runs_without_fio_against_the_python_probe(tmp_path):
     out = tmp_path / "report" / "cold.json"
+    out.parent.mkdir()  # --out names a file in an existing folder
     env = {"PATH": str(tmp_path)}  # an empty PATH: no fio
     args = ("--no-fio", "--dir", str(tmp_path), *TINY, "--out", str(out))
     done = run_bench("bench_cold_path.py", *args, env=env, timeout=300)
