@@ -1075,27 +1075,36 @@ def nonfinite_gradient_worker(
     _report(out, rank, result)
 
 
-def stored_nan_step_worker(
-    rank: int, world: int, port: int, trainable: str, out: Path, squared: bool = False
+def stored_nan_step_worker(  # noqa: PLR0913 (the test's choices)
+    rank: int,
+    world: int,
+    port: int,
+    trainable: str,
+    out: Path,
+    squared: bool = False,
+    scaled: bool = False,
 ) -> None:
     """Every rank: a training step over one row of each shard, whose row on rank 1's shard holds
     a NaN as stored (the test put it there), the gradients finite (of a sum) or, ``squared``,
-    each one NaN (of the sum squared, as a model's loss makes them); the error and the rows
-    after."""
+    each one NaN (of the sum squared, as a model's loss makes them), ``scaled`` by a GradScaler
+    (its step taken for an overflow); the error, the rows and the table's steps after."""
     _join_group(rank, world, port)
     result: dict[str, Any] = {}
     try:
         table = _adam_over_row_shards(trainable, world)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10) if scaled else None
         ids = torch.tensor([1, TRAIN_ROWS - 2])  # one row on each rank's shard
         with torch.no_grad():
             before = table.lookup(ids)
-        (table.lookup(ids).sum() ** (2 if squared else 1)).backward()
+        loss = table.lookup(ids).sum() ** (2 if squared else 1)
+        (loss if scaler is None else scaler.scale(loss)).backward()
         try:
-            table.step(2)  # the shards' commit is step 1
+            result["updated"] = table.step(2, scaler)  # the shards' commit is step 1
         except Exception as exc:  # noqa: BLE001 (recorded for the test)
             result["nan"] = f"{type(exc).__name__}: {exc}"
         with torch.no_grad():
             result["unchanged"] = torch.equal(table.lookup(ids).nan_to_num(), before.nan_to_num())
+        result["steps"] = (table.skipped_steps, table.last_step)
         table.close()
         dist_destroy()
     except BaseException:

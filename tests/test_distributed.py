@@ -2092,14 +2092,21 @@ def test_an_optimizer_update_overflowing_on_one_shard_is_refused_on_all_before_a
     assert [r["retried"] for r in results] == [1, 1]  # rank 1's row, on rank 1's gradient
 
 
-@pytest.mark.parametrize("squared", [False, True])
-def test_a_step_over_a_stored_row_that_is_not_finite_on_a_shard_names_the_row(tmp_path, squared):
+@pytest.mark.parametrize(
+    ("squared", "scaled"),
+    [(False, False), (True, False), (True, True)],
+    ids=["sum", "squared", "fp16"],
+)
+def test_a_step_over_a_stored_row_that_is_not_finite_on_a_shard_names_the_row(
+    tmp_path, squared, scaled
+):
     """A row on rank 1's shard holding a NaN as stored (a delta an older, unchecked writer left):
     a step with finite gradients blamed them ("its weights or optimizer state overflow float32:
     a gradient too large"); and where its NaN, looked up, made every gradient NaN (squared: as
     a model's loss does), each rank blamed its own NaN gradients ("grads: the gradient of row 1
-    holds a non-finite value"). It names the row as stored, where its NaN is, on every rank,
-    and no shard changes (as the unsharded step does)."""
+    holds a non-finite value"), and under a GradScaler (scaled) every rank skipped the step as
+    an overflow, as it would every step after, no shard reading its rows. It names the row as
+    stored, where its NaN is, on every rank, and no shard changes (as the unsharded step does)."""
     from tests.distributed_support import make_trainable, stored_nan_step_worker
     from tiered_store.delta.row_delta import RowDelta, delta_path
 
@@ -2116,12 +2123,12 @@ def test_a_step_over_a_stored_row_that_is_not_finite_on_a_shard_names_the_row(tm
         delta.close()
     out = tmp_path / "out"
     out.mkdir()
-    codes = run_ranks(stored_nan_step_worker, 2, (str(trainable), out, squared), 60)
+    codes = run_ranks(stored_nan_step_worker, 2, (str(trainable), out, squared, scaled), 60)
     results = _results(out, 2)
     assert codes == [0, 0] and not any("crash" in r for r in results), results
     for rank, result in enumerate(results):
-        assert result["nan"].startswith(f"RowDataError: rank {rank}: update_rows: rank 1: RowDataError: row 95 as stored holds a non-finite value (nan) in its weights; expected finite stored rows"), result  # fmt: skip
-        assert result["unchanged"], result
+        assert result.get("nan", "").startswith(f"RowDataError: rank {rank}: update_rows: rank 1: RowDataError: row 95 as stored holds a non-finite value (nan) in its weights; expected finite stored rows"), result  # fmt: skip
+        assert result["unchanged"] and result["steps"] == [0, 1], result
 
 
 def test_a_shard_that_cannot_read_its_rows_for_a_step_leaves_every_rank_its_gradients(

@@ -427,20 +427,15 @@ class ShardedStore:
         without committing and reopens it (each shard at its last commit). A shard whose rows the
         step leaves as they were (a zero gradient) counts for neither.
 
-        ``skip``: this rank's gradients overflowed under a ``GradScaler`` (``ids`` and ``grads``
-        are not read): when any rank passes it, no shard changes and every rank returns None."""
+        ``skip``: this rank's gradients overflowed under a ``GradScaler`` (their values are not
+        read): when any rank passes it, no shard changes and every rank returns None, once the
+        owners read the rows as stored (a NaN there, looked up, makes every step's gradients
+        NaN: named as above, never skipped)."""
         self._check_usable()
         self._check_float_rows("update_rows")
         self._write_rounds += 1
         if optimizer_step is not None and optimizer_step != step:  # the ranks agree on both
             step = f"{step} (optimizer_step {optimizer_step})"
-        if skip:
-            updated, outcomes, apart = self._wait(
-                self._thread.submit(self._update_round, *_NO_GRADIENTS, update, step, True),
-                "update_rows",
-            )
-            self._raise_failed_update(outcomes, apart)
-            return updated
         try:
             flat, _ = self._validate_write_ids(ids)
             try:
@@ -462,7 +457,7 @@ class ShardedStore:
             # refused on every rank in the round, once the owners named a row as stored whose
             # NaN (looked up, it makes a model's every gradient NaN) is behind it
             nonfinite = None
-            pos = first_non_finite_row(grads)
+            pos = None if skip else first_non_finite_row(grads)  # skipped: the ranks' overflow
             if pos is not None:
                 value = grads[pos][~torch.isfinite(grads[pos])][0].item()
                 nonfinite = (
@@ -474,7 +469,7 @@ class ShardedStore:
             raise
         grads = grads.to("cpu", torch.float32)
         updated, outcomes, apart = self._wait(
-            self._thread.submit(self._update_round, flat, grads, update, step, False, nonfinite),
+            self._thread.submit(self._update_round, flat, grads, update, step, skip, nonfinite),
             "update_rows",
         )
         self._raise_failed_update(outcomes, apart)
@@ -1080,8 +1075,8 @@ class ShardedStore:
     ) -> tuple[int | None, list[tuple[str | None, str | None]], str | None]:
         """Agree on the gradients' width and the step, route the gradients, sum them per row,
         apply ``update`` to this shard's rows; when any rank skips, nothing (None rows). When
-        any rank's gradients are not finite (``nonfinite``: why), every rank raises, naming a
-        row as stored that is not finite first (its NaN, looked up, made them). Returns the rows
+        any rank's gradients are not finite (``nonfinite``: why) or any rank skips, every rank
+        raises naming a row as stored that is not finite first (its NaN, looked up, made them). Returns the rows
         this rank updated, every rank's (write error, what its shard holds: ``_holds``, read
         only once a shard's write failed) and ``_record_torn``'s account."""
         self._enter("update")
@@ -1094,9 +1089,7 @@ class ShardedStore:
                 f"rank {self.rank}: update_rows: {named}; nothing was updated on any shard"
             )
         bad = [why for *_, why in asked]
-        if any(skipped for _, _, skipped, _ in asked):  # a rank's gradients overflowed
-            self._refuse_nonfinite(bad)  # as refused input: no rank skips
-            return None, [(None, None)] * self.world, None
+        skipped = any(s for _, _, s, _ in asked)  # a rank's gradients overflowed: rows only read
         order = torch.argsort(ids, stable=True)  # grouped by owner
         local_ids, received = self._route(ids[order], grads[order])
         unique, inverse, _ = unique_inverse_counts(local_ids)
@@ -1108,7 +1101,7 @@ class ShardedStore:
         def compute() -> None:
             if unique.numel():
                 current = self.local.lookup(unique)
-                if any(bad):  # no update: a row as stored behind the NaN gradients is named
+                if skipped or any(bad):  # no update: a row as stored behind NaN gradients
                     self._finite_stored(unique, current, summed.shape[1])
                     return
                 rows = update(current, summed.to(current))
@@ -1132,7 +1125,9 @@ class ShardedStore:
                 UpdateRefusedError,
                 then="nothing was updated on any shard",
             )
-        self._refuse_nonfinite(bad)
+        self._refuse_nonfinite(bad)  # as refused input: no rank skips
+        if skipped:
+            return None, [(None, None)] * self.world, None
 
         def write() -> None:
             if new_rows:
