@@ -408,10 +408,16 @@ def test_a_damaged_settings_file_is_named_and_the_run_kept(tmp_path, capsys, sav
         ("not train's", "not train's dense checkpoint"),
         ("weights not tensors", "not train's dense checkpoint"),
         ("weights not a dict", "not train's dense checkpoint"),
+        # named as the model's keys, not with load_state_dict's hint ("strict=False loads the
+        # keys it has": the silent resume refused here, and an option train does not have)
         (
             "a weight missing",
-            "its weights or Adam state do not fit the model \\(embed.weight: missing",
-        ),
+            "its weights do not fit the model \\(embed.weight: missing; 1 key missing, 0 unknown\\); expected",
+        ),  # fmt: skip
+        (
+            "an unknown weight",
+            "its weights do not fit the model \\(extra.weight: not the model's; 0 keys missing, 1 unknown\\); expected",
+        ),  # fmt: skip
     ],
 )
 def test_a_missing_or_damaged_dense_checkpoint_is_named_on_resume(tmp_path, capsys, damage, why):
@@ -425,9 +431,12 @@ def test_a_missing_or_damaged_dense_checkpoint_is_named_on_resume(tmp_path, caps
         dense.unlink()
     elif damage == "not train's":
         torch.save({"weights": torch.zeros(2)}, dense)
-    elif damage == "a weight missing":  # loaded without it: the run went on from its init
-        state = torch.load(dense, weights_only=True)
-        del state["model"]["embed.weight"]
+    elif damage in ("a weight missing", "an unknown weight"):  # missing: the run went on
+        state = torch.load(dense, weights_only=True)  # from its init
+        if damage == "a weight missing":
+            del state["model"]["embed.weight"]
+        else:
+            state["model"]["extra.weight"] = torch.zeros(1)
         torch.save(state, dense)
     elif damage.startswith("weights not"):  # an AttributeError, a RuntimeError traceback before
         weights = [1] if damage.endswith("a dict") else {"embed.weight": 1}

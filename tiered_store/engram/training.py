@@ -359,9 +359,18 @@ def _load_dense(path: Path, step: int, model, dense, scaler, out_name: str) -> i
             )
         ):
             why = f"its {APPLIED_KEY!r} is {applied!r}, expected an integer in [0, {step}]"
+    if why is None:  # its keys named here: load_state_dict's error advises strict=False
+        own = model.state_dict().keys()
+        missing, unknown = sorted(own - weights.keys()), sorted(weights.keys() - own)
+        if missing or unknown:
+            first = f"{missing[0]}: missing" if missing else f"{unknown[0]}: not the model's"
+            why = (
+                f"its weights do not fit the model ({first}; {len(missing)} "
+                f"key{'' if len(missing) == 1 else 's'} missing, {len(unknown)} unknown)"
+            )
     if why is None:
         try:
-            model.load_state_dict(state["model"])  # another model's, a weight missing: ConfigError
+            model.load_state_dict(state["model"])  # another model's shapes: ConfigError
             dense.load_state_dict(state["optimizer"])
             if state.get("scaler"):  # fp16's scale (none before --precision, or disabled)
                 scaler.load_state_dict(state["scaler"])
