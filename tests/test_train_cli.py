@@ -384,12 +384,18 @@ def test_a_corpus_given_in_python_as_one_path_is_that_path(tmp_path):
         ('{"precision": "fp64"}', "precision: got 'fp64', expected one of fp32, bf16, fp16"),
         ('{"optimizer": "lion"}', "optimizer: got 'lion', expected one of sgd, rowwise_adagrad"),
         ('{"io": "mmapx"}', "io: got 'mmapx', expected one of mmap, pread"),
+        # saved by a version before --seq-len 1 was refused (its run stuck at its first step)
+        ('{"seq_len": 1}', "seq_len: expected an integer >= 2 \\(a next-token loss\\), got 1"),
+        ('{"batch_size": 0}', "batch_size: expected an integer >= 1, got 0"),
+        ('{"seed": -1}', "seed: expected an integer in \\[0, 2\\*\\*64\\), got -1"),
+        ('{"table_lr": -1.0}', "table_lr: got -1.0; expected a positive finite learning rate"),
     ],
 )
 def test_a_damaged_settings_file_is_named_and_the_run_kept(tmp_path, capsys, saved, why):
     """A train.json that is damaged or not one `train` saved: a clear error naming the file (it
-    was a raw traceback; a value none of the choices blamed the option, not given); the run's
-    table is left as it was."""
+    was a raw traceback; a value none of the choices, or out of its range, blamed the option,
+    not given, or given with another value that the resume ignores); the run's table is left as
+    it was."""
     common, small, out = _cli_args(tmp_path)
     assert main([*common, *small, "--steps", "1"]) == 0
     (out / "train.json").write_text(saved)

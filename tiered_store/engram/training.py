@@ -620,6 +620,7 @@ def _settings(
     (None: those not at their default) it ignores. Reads ``out`` (named ``out_name`` in
     errors), writes nothing."""
     path = out / SETTINGS_FILE
+    saved_in = None  # the run's saved settings file, once they are the ones checked (a resume)
     if not _holds_a_run(out, out_name):  # the table of a run that committed steps gone: refused
         _check_progress(out, None, None, out_name)
     if resume and not path.exists() and _holds_a_run(out, out_name):
@@ -653,7 +654,7 @@ def _settings(
                 stacklevel=3,
             )
         saved.steps = max(saved.steps, given.steps)
-        given = saved
+        given, saved_in = saved, path
     elif resume:
         warnings.warn(
             f"{_option('resume', out_name)}: no run in {out} to resume; starting a new one",
@@ -679,20 +680,32 @@ def _settings(
         raise ConfigError(
             f"{_option('io', out_name)}: {given.io!r}; expected one of {', '.join(IO_MODES)}"
         )
+
+    def named(name: str, expected: str) -> str:
+        """An error's subject and remedy: the option given, or the run's saved setting (one an
+        older version took, or an edit), which no option given with a resume changes."""
+        if saved_in is None:
+            return f"{_option(name, out_name)}: {expected}"
+        return (
+            f"{_option('resume', out_name)}: {saved_in}: {name}: {expected}; expected the "
+            f"settings `train` saved there (restore them, or choose another {out_name})"
+        )
+
     for name in ("steps", "batch_size", "seq_len", "checkpoint_every"):
         count = as_integer(getattr(given, name))  # saved as a JSON integer (True is no count)
         least, why = (2, " (a next-token loss)") if name == "seq_len" else (1, "")
         if count is None or count < least:
             raise ConfigError(
-                f"{_option(name, out_name)}: expected an integer >= {least}{why}, got "
-                f"{shown(getattr(given, name))}"
+                named(
+                    name,
+                    f"expected an integer >= {least}{why}, got {shown(getattr(given, name))}",
+                )
             )
         given = replace(given, **{name: count})
     seed = as_integer(given.seed)  # torch's and NumPy's generators take [0, 2**64)
     if seed is None or not 0 <= seed < 2**64:
         raise ConfigError(
-            f"{_option('seed', out_name)}: expected an integer in [0, 2**64), got "
-            f"{shown(given.seed)}"
+            named("seed", f"expected an integer in [0, 2**64), got {shown(given.seed)}")
         )
     given = replace(given, seed=seed)
     for name in ("hot", "warm"):  # a NumPy row count saved as a JSON integer
@@ -707,9 +720,7 @@ def _settings(
             and math.isfinite(lr)
             and lr > 0
         ):
-            raise ConfigError(
-                f"{_option(name, out_name)}: got {lr!r}; expected a positive finite learning rate"
-            )
+            raise ConfigError(named(name, f"got {lr!r}; expected a positive finite learning rate"))
         given = replace(given, **{name: lr if isinstance(lr, int | float) else float(lr)})
     return given
 
