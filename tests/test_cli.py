@@ -663,6 +663,34 @@ def test_a_tilde_with_home_set_empty_is_refused_not_read_as_the_root(tmp_path, m
     assert list(tmp_path.iterdir()) == [tmp_path / "s.yaml"]
 
 
+def test_a_tilde_in_a_config_with_home_set_empty_names_the_file_and_the_key(tmp_path, monkeypatch):
+    """A config's ``~/rows.npy`` with HOME set but empty was refused naming the path alone, not
+    the file nor the key (StoreConfig.from_yaml's errors name both, so does a serve.yaml's)."""
+    from tiered_store.config import StoreConfig
+    from tiered_store.errors import ConfigError
+    from tiered_store.serve.config import ServeConfig
+
+    monkeypatch.setenv("HOME", "")
+    store = tmp_path / "s.yaml"
+    store.write_text("table: {path: t.npy}\ntiers: {hot: {capacity: 10, static_rows: ~/r.npy}}\n")
+    refused = "'~/r.npy': HOME is set but empty"
+    with pytest.raises(
+        ConfigError, match=f"^{re.escape(str(store))}: tiers.hot.static_rows: {refused}"
+    ):
+        StoreConfig.from_yaml(store)
+    serve = tmp_path / "serve.yaml"
+    serve.write_text("checkpoint: {path: ~/ckpt}\n")
+    with pytest.raises(
+        ConfigError, match=f"^{re.escape(str(serve))}: checkpoint.path: '~/ckpt': HOME is set"
+    ):
+        ServeConfig.from_yaml(serve)
+    serve.write_text("checkpoint: {path: ckpt}\nstore: {tiers: {warm: {profile: ~/r.npy}}}\n")
+    with pytest.raises(
+        ConfigError, match=f"^{re.escape(str(serve))}: store.tiers.warm.profile: {refused}"
+    ):
+        ServeConfig.from_yaml(serve)
+
+
 def test_a_folder_named_tilde_given_as_dot_slash_is_that_folder_not_the_home_one(
     tmp_path, monkeypatch
 ):

@@ -480,12 +480,16 @@ def path_text_problem(text: str) -> str | None:
     return None
 
 
-def resolved_under(base_dir: Path, text: str) -> str:
+def resolved_under(base_dir: Path, text: str, where: str | None = None) -> str:
     """A config file's path ``text``, absolute: ``~`` is the user's home, as in a shell (a
     ``~user`` of no user this machine has stays as written); a relative path is under
     ``base_dir`` (the file's folder). os.path.realpath, as Path.resolve raises a bare
-    RuntimeError on a symlink loop (the open names the path)."""
-    return os.path.realpath(base_dir / expand_home(text))
+    RuntimeError on a symlink loop (the open names the path). ``where``: the file and key that
+    gave ``text`` (``s.yaml: table.path``), put before :func:`expand_home`'s refusal."""
+    try:
+        return os.path.realpath(base_dir / expand_home(text))
+    except ConfigError as exc:  # HOME set but empty
+        raise ConfigError(str(exc) if where is None else f"{where}: {exc}") from None
 
 
 def _not_a_number(value: Any) -> Any:
@@ -1046,7 +1050,7 @@ class StoreConfig(ConfigModel):
     ) -> StoreConfig:
         """Validate a plain dict; relative paths are resolved against ``base_dir``."""
         cfg = super().from_dict(data, source=source, ignore_unknown=ignore_unknown)
-        return cfg._resolve_paths(base_dir) if base_dir is not None else cfg
+        return cfg._resolve_paths(base_dir, source) if base_dir is not None else cfg
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> StoreConfig:
@@ -1055,28 +1059,30 @@ class StoreConfig(ConfigModel):
         data = load_yaml(path, what="config file")
         return cls.from_dict(data, base_dir=path.parent, source=str(path))
 
-    def _resolve_paths(self, base_dir: Path) -> StoreConfig:
-        """A copy with the table and the tiers' row/profile files resolved against ``base_dir``."""
+    def _resolve_paths(self, base_dir: Path, source: str | None) -> StoreConfig:
+        """A copy with the table and the tiers' row/profile files resolved against ``base_dir``
+        (an error names ``source`` and the key)."""
 
-        def resolve(p: str | None) -> str | None:
-            return None if p is None else resolved_under(base_dir, p)
+        def resolve(p: str | None, key: str) -> str | None:
+            where = key if source is None else f"{source}: {key}"
+            return None if p is None else resolved_under(base_dir, p, where)
 
         hot, warm = self.tiers.hot, self.tiers.warm
         tiers = self.tiers.model_copy(
             update={
                 name: tier.model_copy(
                     update={
-                        key: resolve(getattr(tier, key))
+                        key: resolve(getattr(tier, key), f"tiers.{name}.{key}")
                         for key in ("static_rows", "preload_rows", "profile")
                     }
                 )
                 for name, tier in (("hot", hot), ("warm", warm))
             }
         )
-        table = self.table.model_copy(update={"path": resolve(self.table.path)})
+        table = self.table.model_copy(update={"path": resolve(self.table.path, "table.path")})
         update = {"table": table, "tiers": tiers}
         if self.sharding is not None and self.sharding.shards is not None:
             update["sharding"] = self.sharding.model_copy(
-                update={"shards": resolve(self.sharding.shards)}
+                update={"shards": resolve(self.sharding.shards, "sharding.shards")}
             )
         return self.model_copy(update=update)

@@ -249,7 +249,8 @@ class ServeConfig:
     @property
     def checkpoint_dir(self) -> Path:
         """The converted checkpoint's directory."""
-        return Path(resolved_under(self.base_dir, self.checkpoint.path))
+        where = f"{self.source}: checkpoint.path"
+        return Path(resolved_under(self.base_dir, self.checkpoint.path, where))
 
     @property
     def dense_path(self) -> Path:
@@ -268,14 +269,16 @@ class ServeConfig:
     def store_spec(self, layer: int) -> dict[str, Any]:
         """The store section for layer ``layer`` (``{layer}`` replaced, tier files absolute)."""
         spec = _replace_layer(copy.deepcopy(dict(self.store)), layer)
-        for tier in (spec.get("tiers") or {}).values():
+        for name, tier in (spec.get("tiers") or {}).items():
             if isinstance(tier, dict):
                 for key in ("static_rows", "preload_rows", "profile"):
                     if isinstance(tier.get(key), str):
-                        tier[key] = _under(self.base_dir, tier[key])
+                        where = f"{self.source}: store.tiers.{name}.{key}"
+                        tier[key] = _under(self.base_dir, tier[key], where)
         sharding = spec.get("sharding")
         if isinstance(sharding, dict) and isinstance(sharding.get("shards"), str):
-            sharding["shards"] = _under(self.base_dir, sharding["shards"])
+            where = f"{self.source}: store.sharding.shards"
+            sharding["shards"] = _under(self.base_dir, sharding["shards"], where)
         return spec
 
     @property
@@ -318,13 +321,13 @@ class ServeConfig:
         )
 
 
-def _under(base_dir: Path, text: str) -> str:
+def _under(base_dir: Path, text: str, where: str) -> str:
     """The path ``text`` resolved against ``base_dir``; an empty one, or one with a NUL character
     or a lone surrogate (which pathlib refuses with a bare ValueError), as it is, for the store
-    section's check to name."""
+    section's check to name (``where``: its file and key, for an error of its own)."""
     if not text or path_text_problem(text) is not None:
         return text
-    return resolved_under(base_dir, text)
+    return resolved_under(base_dir, text, where)
 
 
 def _replace_layer(value: Any, layer: int) -> Any:
