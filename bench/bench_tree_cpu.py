@@ -12,7 +12,9 @@ to tell 20%; CPU time per process, the trees alternating, is not.
 
 Prints the JSON report on stdout: per tree its CPU times and their median, the fetch ratio
 (a change that should not alter what replay decides leaves it equal), the ratio of the medians
-(new / base) and the median of the rounds' ratios; each round is said on stderr as it ends.
+(new / base) and the median of the rounds' ratios; each round is said on stderr as it ends. A
+replay or git that fails ends the run with one line, ``bench_tree_cpu.py: error: ...`` (and what
+the replay printed on stderr), exit 2.
 The base tree, by default, is a ``git worktree`` of ``--rev`` (HEAD: what this tree's changes
 cost), made in the temporary folder and removed at the end; the new tree is this one.
 
@@ -48,6 +50,7 @@ from tiered_store.cli_args import (
     run_script,
     wrote,
 )
+from tiered_store.errors import TieredStoreError
 from tiered_store.trace import TraceWriter
 from tiered_store.versions import machine_info
 from tiered_store.workload import ZipfWorkload
@@ -136,8 +139,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _git(*args: str) -> subprocess.CompletedProcess:
-    """``git ARGS`` in this tree."""
-    return subprocess.run(["git", "-C", str(HERE), *args], capture_output=True, text=True)
+    """``git ARGS`` in this tree; no git is an error naming it."""
+    try:
+        return subprocess.run(["git", "-C", str(HERE), *args], capture_output=True, text=True)
+    except OSError as exc:
+        raise TieredStoreError(
+            f"git: cannot run it ({exc.strerror or exc}); expected git on PATH (or --trees)"
+        ) from None
 
 
 def write_trace(path: Path, args: argparse.Namespace) -> int:
@@ -162,14 +170,22 @@ def run_child(tree: Path, job: dict) -> dict:
         text=True,
     )
     if done.returncode != 0:
-        raise RuntimeError(
+        raise TieredStoreError(
             f"the replay under {tree} ended with exit status {done.returncode}; expected a JSON "
             f"line of its CPU times. Its stderr ends:\n{done.stderr[-3000:]}"
         )
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    try:
+        result = json.loads(done.stdout.strip().splitlines()[-1])
+    except (IndexError, ValueError):  # no line, or not JSON
+        raise TieredStoreError(
+            f"the replay under {tree} printed {done.stdout[-200:]!r}; expected a JSON line of "
+            "its CPU times last"
+        ) from None
     wrong = [f for f in result["imported"] if not Path(f).resolve().is_relative_to(tree)]
     if wrong:
-        raise RuntimeError(f"the replay under {tree} imported {wrong}; expected its own library")
+        raise TieredStoreError(
+            f"the replay under {tree} imported {wrong}; expected its own library"
+        )
     return result
 
 
@@ -197,7 +213,7 @@ def measure(args: argparse.Namespace, trees: dict[str, Path], work: Path) -> dic
         for name in order:
             result = run_child(trees[name], job)
             if result["lookups"] != lookups:
-                raise RuntimeError(
+                raise TieredStoreError(
                     f"the replay under {trees[name]} counted {result['lookups']} lookups; "
                     f"expected the trace's {lookups}"
                 )
@@ -236,7 +252,7 @@ def main(argv: list[str] | None = None) -> dict:
                 added = _git("worktree", "add", "--detach", str(base), base_rev)
                 if added.returncode != 0:
                     why = added.stderr.strip()
-                    raise RuntimeError(f"git worktree add {base} {args.rev}: {why}")
+                    raise TieredStoreError(f"git worktree add {base} {args.rev}: {why}")
                 trees = {"base": base, "new": HERE}
             report = measure(args, trees, work)
         finally:

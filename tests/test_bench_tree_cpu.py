@@ -73,9 +73,28 @@ def test_a_worktree_whose_add_failed_is_not_left_registered(tmp_path):
     }
     done = run_bench("bench_tree_cpu.py", *TINY, "--dir", str(tmp_path), env=git_env)
     assert done.returncode != 0 and done.stdout == ""
-    assert "git worktree add" in done.stderr and "the hook refuses" in done.stderr
+    first = f"bench_tree_cpu.py: error: git worktree add {tmp_path.resolve()}/"
+    assert done.stderr.startswith(first), done.stderr[-3000:]  # one line, not a traceback
+    assert done.returncode == 2 and "the hook refuses" in done.stderr
     assert [p.name for p in tmp_path.iterdir()] == ["hooks"]
     listed = subprocess.run(
         ["git", "-C", str(ROOT), "worktree", "list"], capture_output=True, text=True, check=True
     )
     assert str(tmp_path) not in listed.stdout
+
+
+def test_a_replay_that_fails_ends_the_run_with_one_line_naming_its_tree(tmp_path):
+    """A tree whose replay failed (an older tree that cannot run it, a broken checkout) ended the
+    run in a traceback, exit 1, not the one-line error (exit 2) every other command gives. It
+    names the tree and shows the end of the replay's stderr; the work folder is removed."""
+    broken = tmp_path / "broken"
+    for package in ("tiered_store", "zipf_analysis"):
+        (broken / package).mkdir(parents=True)
+    (broken / "tiered_store" / "__init__.py").write_text("raise ImportError('a broken tree')\n")
+    args = ("--trees", str(broken), str(ROOT), *TINY[:4], "--rounds", "1", "--replays", "1")
+    done = run_bench("bench_tree_cpu.py", *args, "--dir", str(tmp_path))
+    assert done.returncode == 2 and done.stdout == "", done.stderr[-3000:]
+    first = f"bench_tree_cpu.py: error: the replay under {broken} ended with exit status 1; "
+    assert done.stderr.startswith(first), done.stderr[-3000:]
+    assert "ImportError: a broken tree" in done.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["broken"]
