@@ -12,9 +12,10 @@ to tell 20%; CPU time per process, the trees alternating, is not.
 
 Prints the JSON report on stdout: per tree its CPU times and their median, the fetch ratio
 (a change that should not alter what replay decides leaves it equal), the ratio of the medians
-(new / base) and the median of the rounds' ratios; each round is said on stderr as it ends. A
-replay or git that fails ends the run with one line, ``bench_tree_cpu.py: error: ...`` (and what
-the replay printed on stderr), exit 2.
+(new / base) and the median of the rounds' ratios, and which trees they were (``base``, ``new``:
+the commit each is at and whether it had changes not committed, null where git knows no
+commit); each round is said on stderr as it ends. A replay or git that fails ends the run with
+one line, ``bench_tree_cpu.py: error: ...`` (and what the replay printed on stderr), exit 2.
 The base tree, by default, is a ``git worktree`` of ``--rev`` (HEAD: what this tree's changes
 cost), made in the temporary folder and removed at the end; the new tree is this one.
 
@@ -138,14 +139,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _git(*args: str) -> subprocess.CompletedProcess:
-    """``git ARGS`` in this tree; no git is an error naming it."""
+def _git(*args: str, tree: Path = HERE) -> subprocess.CompletedProcess:
+    """``git ARGS`` in ``tree`` (this one by default); no git is an error naming it."""
     try:
-        return subprocess.run(["git", "-C", str(HERE), *args], capture_output=True, text=True)
+        return subprocess.run(["git", "-C", str(tree), *args], capture_output=True, text=True)
     except OSError as exc:
         raise TieredStoreError(
             f"git: cannot run it ({exc.strerror or exc}); expected git on PATH (or --trees)"
         ) from None
+
+
+def tree_state(tree: Path) -> dict:
+    """The commit ``tree`` is at and whether it has changes not committed (files git does not
+    ignore, new ones too); both None where git knows no commit there."""
+    head = _git("rev-parse", "--verify", "--quiet", "HEAD", tree=tree)
+    status = _git("status", "--porcelain", tree=tree)
+    if head.returncode != 0 or status.returncode != 0:
+        return {"commit": None, "dirty": None}
+    return {"commit": head.stdout.strip(), "dirty": bool(status.stdout.strip())}
 
 
 def write_trace(path: Path, args: argparse.Namespace) -> int:
@@ -254,6 +265,7 @@ def main(argv: list[str] | None = None) -> dict:
                     why = added.stderr.strip()
                     raise TieredStoreError(f"git worktree add {base} {args.rev}: {why}")
                 trees = {"base": base, "new": HERE}
+            states = {name: tree_state(tree) for name, tree in trees.items()}  # as measured
             report = measure(args, trees, work)
         finally:
             if base_rev is not None:
@@ -263,7 +275,8 @@ def main(argv: list[str] | None = None) -> dict:
             "bench/bench_tree_cpu.py", sys.argv[1:] if argv is None else argv
         ),
         "machine": machine_info(),
-        "base": {"rev": args.rev, "commit": base_rev} if base_rev else "the first of --trees",
+        "base": {"rev": args.rev, "commit": base_rev} if base_rev else states["base"],
+        "new": states["new"],
         "settings": {
             k: v for k, v in vars(args).items() if k not in ("trees", "rev", "dir", "out", "commit")
         },

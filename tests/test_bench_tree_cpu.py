@@ -10,10 +10,19 @@ from tests.bench_support import ROOT, run_bench
 TINY = ("--rows", "50000", "--tokens", "16384", "--rounds", "2")
 
 
+def tree_state(tree) -> dict:
+    """What the report says of a tree: its commit, and whether git sees changes in it."""
+    git = ["git", "-C", str(tree)]
+    head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
+    status = subprocess.run([*git, "status", "--porcelain"], capture_output=True, text=True)
+    return {"commit": head.stdout.strip(), "dirty": status.stdout.strip() != ""}
+
+
 def test_one_tree_against_itself_gives_a_ratio_near_one_and_the_same_replay(tmp_path):
     """The same tree twice: the processes replay the same trace to the same fetch ratio, each
     round times one process per tree, and the ratio of the medians is about 1 (a shared machine
-    swings a process's CPU time, not by 5x)."""
+    swings a process's CPU time, not by 5x). The report names each tree's commit and whether it
+    had changes (it named the base's alone, and with --trees not even that)."""
     out = tmp_path / "tree_cpu.json"
     args = ("--trees", str(ROOT), str(ROOT), *TINY, "--dir", str(tmp_path), "--out", str(out))
     done = run_bench("bench_tree_cpu.py", *args)
@@ -25,6 +34,7 @@ def test_one_tree_against_itself_gives_a_ratio_near_one_and_the_same_replay(tmp_
     assert min(base["cpu_s"] + new["cpu_s"]) > 0
     assert base["fetch_ratio"] == new["fetch_ratio"] and 0 < base["fetch_ratio"] < 1
     assert report["lookups"] == 16384 * 16
+    assert report["base"] == report["new"] == tree_state(ROOT)
     assert 0.2 < report["ratio_new_to_base"] < 5 and 0.2 < report["median_round_ratio"] < 5
     assert "median CPU time: base " in done.stderr and "round 2/2: base " in done.stderr
     assert str(tmp_path) not in out.read_text()  # no machine path in the report
@@ -50,6 +60,7 @@ def test_a_worktree_base_under_a_linked_folder_is_its_own_library_and_is_removed
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout)
     assert report["base"]["rev"] == "HEAD" and len(report["base"]["commit"]) == 40
+    assert report["new"] == tree_state(ROOT)
     assert report["trees"]["base"]["fetch_ratio"] == report["trees"]["new"]["fetch_ratio"]
     assert list(real.iterdir()) == []
     listed = subprocess.run(
