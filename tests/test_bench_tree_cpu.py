@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import subprocess
 
+import pytest
+
 from tests.bench_support import ROOT, run_bench
 
 TINY = ("--rows", "50000", "--tokens", "16384", "--rounds", "2")
@@ -47,6 +49,7 @@ def test_a_revision_git_does_not_know_is_refused_before_any_work():
     assert "--rev 'no-such-rev': not a commit of" in done.stderr
 
 
+@pytest.mark.slow  # ~25 s: a worktree checked out, and a process per tree importing torch
 def test_a_worktree_base_under_a_linked_folder_is_its_own_library_and_is_removed(tmp_path):
     """The base worktree made under ``--dir`` (or a temporary directory) reached through a
     symbolic link (macOS's /var -> /private/var) failed the check that each process imports its
