@@ -178,6 +178,20 @@ def test_lookup_disk_cache_round_trip_and_corruption(tmp_path, monkeypatch, tok)
     np.testing.assert_array_equal(np.load(cached), tok.lookup)
 
 
+def test_with_home_set_empty_the_lookup_is_not_cached_under_the_root(tmp_path, monkeypatch, tok):
+    """With HOME set but empty (and neither TIERED_STORE_CACHE_DIR nor XDG_CACHE_HOME) the disk
+    cache was /.cache/tiered-store: Python reads ``~`` as ``/`` (as root, the folder was made
+    there). As expand_home refuses such a ``~``, no disk cache is used: the lookup is built."""
+    monkeypatch.setenv("HOME", "")
+    monkeypatch.delenv("TIERED_STORE_CACHE_DIR", raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    assert tokenizer_module._default_cache_dir() is None  # (first: nothing written in / before)
+    monkeypatch.setattr(tokenizer_module, "_LOOKUP_MEMO", {})
+    np.testing.assert_array_equal(CompressedTokenizer().lookup, tok.lookup)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # a cache named otherwise is used
+    assert tokenizer_module._default_cache_dir() == tmp_path / "tiered-store"
+
+
 def test_a_tokenizer_path_that_is_a_directory_is_refused_by_name(tmp_path):
     """With the disk cache too (it read the bytes first: a raw IsADirectoryError before)."""
     for cache in (True, False):

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from ..atomic_file import atomic_write
+from ..config import expand_home
 from ..errors import ConfigError, RowIdError
 from ..integers import as_integer, bool_among
 from ..npy_files import load_npy
@@ -52,11 +53,15 @@ def default_tokenizer_path() -> Path:
     return Path(next(iter(spec.submodule_search_locations))).resolve() / "tokenizer.json"
 
 
-def _default_cache_dir() -> Path:
-    """``$TIERED_STORE_CACHE_DIR``, else ``$XDG_CACHE_HOME/tiered-store``, else ``~/.cache/...``."""
+def _default_cache_dir() -> Path | None:
+    """``$TIERED_STORE_CACHE_DIR``, else ``$XDG_CACHE_HOME/tiered-store``, else ``~/.cache/...``;
+    None (no disk cache) with HOME set but empty, where ``~`` would be ``/`` (expand_home's rule)."""
     if env := os.environ.get("TIERED_STORE_CACHE_DIR"):
         return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    try:
+        base = os.environ.get("XDG_CACHE_HOME") or expand_home("~/.cache")
+    except ConfigError:  # HOME set but empty: not /.cache
+        return None
     return Path(base) / "tiered-store"
 
 
@@ -286,7 +291,8 @@ class CompressedTokenizer:
 
     The lookup is built once (under a second) and cached in the user cache directory
     (``$TIERED_STORE_CACHE_DIR``, else ``$XDG_CACHE_HOME/tiered-store``, else
-    ``~/.cache/tiered-store``), keyed by the SHA-256 of ``tokenizer.json``.
+    ``~/.cache/tiered-store``; with HOME set but empty, none: it is built each time), keyed by
+    the SHA-256 of ``tokenizer.json``.
 
     Parameters
     ----------
@@ -344,11 +350,11 @@ class CompressedTokenizer:
 
     def _load_or_build(self, path: Path, cache: bool, cache_dir: str | Path | None) -> np.ndarray:
         """Read the lookup from the disk cache, else build it (and cache it)."""
-        if not cache:
+        folder = Path(cache_dir) if cache_dir is not None else _default_cache_dir()
+        if not cache or folder is None:
             return _build_lookup(self.tokenizer)
         digest = hashlib.sha256(path.read_bytes()).hexdigest()[:20]
-        cache_file = Path(cache_dir) if cache_dir is not None else _default_cache_dir()
-        cache_file = cache_file / f"compressed_lookup-v{_LOOKUP_VERSION}-{digest}.npy"
+        cache_file = folder / f"compressed_lookup-v{_LOOKUP_VERSION}-{digest}.npy"
         lookup = _load_cached(cache_file)
         if lookup is None:
             lookup = _build_lookup(self.tokenizer)
