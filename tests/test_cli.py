@@ -259,6 +259,11 @@ def test_init_refuses_a_std_that_would_overflow_the_dtype(tmp_path, capsys):
             ["serve", "s.yaml", "--record-trace", "traces/"],
             "'traces/' ends in '/', a folder's name; expected a file to write",
         ),
+        # so does '/.' (Path drops it too): a file named 'traces' was written
+        (
+            ["serve", "s.yaml", "--record-trace", "traces/."],
+            "'traces/.' ends in '/.', a folder's name; expected a file to write",
+        ),
     ],
 )
 def test_bad_arguments_give_clear_errors(tmp_path, monkeypatch, capsys, argv, message):

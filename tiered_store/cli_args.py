@@ -229,7 +229,7 @@ def output_file(text: str) -> Path:
     """An argparse ``type``: a file to write when the work is done, checked before it starts, in
     a folder that is there: a missing folder is refused by name, as a typo's would be (not made,
     with every missing folder above it: the rule of :func:`output_folder`), and so are a
-    directory there or a folder's name (``results/``), a device, FIFO or socket there
+    directory there or a folder's name (``results/``, ``results/.``), a device, FIFO or socket there
     (``/dev/null``: the write's rename would replace it), a file where a folder on its way
     should be, or a folder where nothing can be written.
 
@@ -250,9 +250,11 @@ def output_file(text: str) -> Path:
         raise argparse.ArgumentTypeError(
             f"{text!r} is a directory; expected a file to write (or nothing there)"
         )
-    if text.endswith(os.sep):  # Path drops the '/': a file of the folder's name was written
+    # Path drops a last '/' or '/.': a file of the folder's name was written ('..' names a folder)
+    name = os.path.basename(text)
+    if name in ("", ".", ".."):
         raise argparse.ArgumentTypeError(
-            f"{text!r} ends in {os.sep!r}, a folder's name; expected a file to write"
+            f"{text!r} ends in {os.sep + name!r}, a folder's name; expected a file to write"
         )
     if path.exists() and not path.is_file():  # the write's rename would replace it
         raise argparse.ArgumentTypeError(
