@@ -160,6 +160,22 @@ def test_an_out_that_is_a_fifo_or_a_device_is_refused_not_replaced(tmp_path):
         output_file("/dev/null")
 
 
+def test_an_out_that_is_a_link_to_a_file_is_replaced_by_the_file_its_target_kept(tmp_path):
+    """An existing file named by --out is replaced whole (renamed over); a symbolic link there
+    is replaced too, its target left as it was (the docs said neither)."""
+    from tiered_store.atomic_file import write_json
+    from tiered_store.cli_args import output_file
+
+    target, link = tmp_path / "run-1.json", tmp_path / "latest.json"
+    target.write_text("{}")
+    link.symlink_to(target.name)
+    write_json(output_file(str(link)), {"run": 2})
+    assert not link.is_symlink() and json.loads(link.read_text()) == {"run": 2}
+    assert target.read_text() == "{}"
+    write_json(output_file(str(target)), {"run": 3})
+    assert json.loads(target.read_text()) == {"run": 3}
+
+
 def test_an_output_folder_another_run_makes_meanwhile_is_accepted_and_left_alone(
     tmp_path, monkeypatch
 ):

@@ -231,7 +231,9 @@ def output_file(text: str) -> Path:
     with every missing folder above it: the rule of :func:`output_folder`), and so are a
     directory there or a folder's name (``results/``, ``results/.``), a device, FIFO or socket there
     (``/dev/null``: the write's rename would replace it), a file where a folder on its way
-    should be, or a folder where nothing can be written.
+    should be, or a folder where nothing can be written. A file there is replaced when written
+    (renamed over, as every file the library writes), and so is a symbolic link there: the link,
+    its target left as it was.
 
     >>> output_file("run.json").name
     'run.json'
