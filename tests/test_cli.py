@@ -696,6 +696,24 @@ def test_a_tilde_in_a_config_with_home_set_empty_names_the_file_and_the_key(tmp_
         ServeConfig.from_yaml(serve)
 
 
+def test_an_engram_config_named_from_the_home_folder_says_its_conversion_did_not_finish(
+    tmp_path, monkeypatch
+):
+    """load_engram_config('~/out/config.json') read the file in the home folder (load_yaml reads
+    ``~``) but looked for an unfinished convert-hf in a folder named ``~`` here: the hint to run
+    it again was left out, the error a bare 'cannot read'."""
+    from tiered_store.engram.config import CONVERT_HF_LOCK, load_engram_config
+    from tiered_store.errors import ConfigError
+
+    home = tmp_path / "home"
+    (home / "out").mkdir(parents=True)
+    (home / "out" / CONVERT_HF_LOCK).write_text("")
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match="conversion that did not finish"):
+        load_engram_config("~/out/config.json")
+
+
 def test_a_folder_named_tilde_given_as_dot_slash_is_that_folder_not_the_home_one(
     tmp_path, monkeypatch
 ):

@@ -28,7 +28,14 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BeforeValidator, model_validator
 
-from ..config import ConfigModel, FieldError, checked_by, int_at_least, load_yaml
+from ..config import (
+    ConfigModel,
+    FieldError,
+    checked_by,
+    expand_home,
+    int_at_least,
+    load_yaml,
+)
 from ..errors import ConfigError, shown
 
 __all__ = [
@@ -427,7 +434,7 @@ def load_engram_config(
         try:
             data = load_yaml(source, what="Engram config")
         except ConfigError:
-            hint = unfinished_conversion(Path(source).parent)
+            hint = unfinished_conversion(Path(expand_home(source)).parent)  # as load_yaml's
             if Path(source).name == "config.json" and hint is not None:
                 raise ConfigError(f"{source}: {hint}") from None
             raise
