@@ -459,10 +459,42 @@ def test_export_trace_to_a_bad_output_path_is_a_clear_error(trace, tmp_path, whe
         "in a missing folder": tmp_path / "nope" / "ids.npy",
         "under a file": trace / "ids.npy",
     }[where]
-    assert main(["export-trace", str(trace), str(out)]) == 2
+    try:  # refused as its argument (usage, then the error), as every output file is
+        code = main(["export-trace", str(trace), str(out)])
+    except SystemExit as exited:
+        code = exited.code
     err = capsys.readouterr().err
-    assert err.startswith("tiered-store export-trace: error: ") and str(out) in err
+    assert code == 2 and "tiered-store export-trace: error: " in err and str(out) in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t.trace"]  # no temporary file left
+
+
+def test_export_trace_to_a_folder_name_or_a_fifo_is_refused_before_reading(trace, tmp_path, capsys):
+    """export-trace's OUT was not checked as every other output file is: 'ids/' (not there)
+    wrote a file named 'ids' (Path drops the '/'), and a FIFO there with --overwrite was replaced
+    by a regular file (as root, /dev/null too). Both are refused before the trace is read; so is
+    a FIFO given to trace_to_npy."""
+    import os
+    import stat
+
+    from tiered_store.errors import TierIOError
+    from tiered_store.trace import trace_to_npy
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    for out, message in (
+        (f"{tmp_path}/ids/", "ends in '/', a folder's name; expected a file to write"),
+        (str(fifo), "is not a regular file (a device, FIFO or socket); expected a file to write"),
+    ):
+        try:
+            code = main(["export-trace", str(trace), out, "--overwrite", "--quiet"])
+        except SystemExit as exited:
+            code = exited.code
+        err = capsys.readouterr().err
+        assert code == 2 and f"{out!r} {message}" in err, err
+    with pytest.raises(TierIOError, match=f"output {fifo} is not a regular file"):
+        trace_to_npy(trace, fifo)
+    assert stat.S_ISFIFO(fifo.lstat().st_mode)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pipe", "t.trace"]
 
 
 def test_export_trace_that_cannot_be_written_is_a_clear_error_and_leaves_nothing(tmp_path, capsys):

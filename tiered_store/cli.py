@@ -174,7 +174,7 @@ def _add_export_trace(sub) -> None:
         "dropped. The file is written under a temporary name and moved into place at the end.",
     )
     p.add_argument("trace", type=given_path, help="trace file")
-    p.add_argument("out", type=given_path, help="output .npy")
+    p.add_argument("out", type=output_file, help="output .npy")
     p.add_argument(
         "--table",
         help="which table of the trace (default: its only one; a trace of several needs it, as "

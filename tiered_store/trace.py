@@ -1196,8 +1196,8 @@ def trace_to_npy(
 
     Returns the written array, memory-mapped read-only. Batch and table boundaries are dropped;
     see :func:`trace_from_npy` for an example. An existing ``npy_path`` is replaced only with
-    ``overwrite`` (the trace itself never: ``ConfigError``); a directory there, or a missing
-    folder, is a ``TierIOError``.
+    ``overwrite`` (the trace itself never: ``ConfigError``); a directory, device, FIFO or socket
+    there, or a missing folder, is a ``TierIOError``.
     """
     reader = trace if isinstance(trace, TraceReader) else TraceReader(trace)
     npy_path = Path(npy_path)
@@ -1251,6 +1251,12 @@ def _check_npy_target(trace: Path, npy_path: Path, overwrite: bool) -> None:
         raise ConfigError(f"output {npy_path} is the trace itself; expected another file")
     if npy_path.is_dir():
         raise TierIOError(errno.EISDIR, f"output {npy_path} is a directory; expected a file path")
+    if npy_path.exists() and not npy_path.is_file():  # the rename would replace it (/dev/null)
+        raise TierIOError(
+            errno.EEXIST,
+            f"output {npy_path} is not a regular file (a device, FIFO or socket); expected a file "
+            "path",
+        )
     if not npy_path.parent.is_dir():
         what = "is not a folder" if npy_path.parent.exists() else "does not exist"
         raise TierIOError(errno.ENOENT, f"output {npy_path}: its folder {npy_path.parent} {what}")
