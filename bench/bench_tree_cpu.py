@@ -96,7 +96,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="two checkouts to compare (default: a git worktree of --rev, and this tree)",
     )
     p.add_argument(
-        "--rev", default="HEAD", help="the base tree's revision, without --trees (git rev)"
+        "--rev", help="the base tree's revision, without --trees (a git rev; default: HEAD)"
     )
     p.add_argument("--rounds", type=at_least(1), default=6, help="rounds, one process per tree")
     p.add_argument(
@@ -130,7 +130,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if not (tree / "tiered_store").is_dir() or not (tree / "zipf_analysis").is_dir():
             p.error(f"--trees: {str(tree)!r} holds no tiered_store/ and zipf_analysis/; "
                     "expected a checkout of this project")  # fmt: skip
+    if args.trees is not None and args.rev is not None:  # else ignored: not the base measured
+        p.error(f"--rev {args.rev!r}: the base is the first of --trees; expected one of them")
     if args.trees is None:
+        args.rev = args.rev or "HEAD"
         found = _git("rev-parse", "--verify", "--quiet", f"{args.rev}^{{commit}}")
         if found.returncode != 0:
             why = found.stderr.strip() or "git rev-parse found none"

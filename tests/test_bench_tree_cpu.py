@@ -72,6 +72,16 @@ def test_a_worktree_base_under_a_linked_folder_is_its_own_library_and_is_removed
     assert str(real) not in listed.stdout
 
 
+def test_a_rev_with_trees_is_refused_not_ignored(tmp_path):
+    """--rev beside --trees was ignored, the first of --trees measured as the base while the
+    command line said another revision; it is refused before any work, naming both."""
+    args = ("--trees", str(ROOT), str(ROOT), "--rev", "HEAD~1", *TINY[:4], "--rounds", "1")
+    done = run_bench("bench_tree_cpu.py", *args, "--dir", str(tmp_path))
+    assert done.returncode == 2 and done.stdout == "", done.stderr[-3000:]
+    expected = "--rev 'HEAD~1': the base is the first of --trees; expected one of them"
+    assert expected in done.stderr
+
+
 def test_a_worktree_whose_add_failed_is_not_left_registered(tmp_path):
     """``git worktree add`` failing once it had registered the worktree (its post-checkout hook
     failing: git-lfs's, without git-lfs) left the repository a worktree entry for a folder the
