@@ -1913,6 +1913,22 @@ class _InterruptedAfter(dict):
             raise KeyboardInterrupt
 
 
+def _interrupt_once(store, queue_method):
+    """Raise one Ctrl-C as the store's queue ends ``queue_method`` ("add", "discard") on its
+    requests or, with None, as the store posts its next news to the tiers."""
+    if queue_method is not None:
+        queue = store.caches.queue
+        queue._requests = _InterruptedAfter(queue._requests, queue_method)
+        return
+    post = store._lock.post
+
+    def interrupted(*args, **kwargs):
+        store._lock.post = post
+        raise KeyboardInterrupt
+
+    store._lock.post = interrupted
+
+
 @pytest.mark.parametrize("where", ["as the queue takes it", "before its news is posted"])
 def test_an_announce_interrupted_once_queued_is_withdrawn(tmp_path, where):
     """A Ctrl-C once ``add`` queued the request (raised as it ends, or as the news is posted)
@@ -1922,16 +1938,8 @@ def test_an_announce_interrupted_once_queued_is_withdrawn(tmp_path, where):
     with TieredStore(store_config(path, hot={"capacity": 20}, warm={"capacity": 60})) as store:
         store.lookup(torch.arange(60))
         store.release(store.announce(torch.arange(3)))  # the queue attached to the tiers
-        queue, post = store.caches.queue, store._lock.post
-        if where == "as the queue takes it":
-            queue._requests = _InterruptedAfter(queue._requests, "add")
-        else:
-
-            def interrupted(*args, **kwargs):
-                store._lock.post = post
-                raise KeyboardInterrupt
-
-            store._lock.post = interrupted
+        queue = store.caches.queue
+        _interrupt_once(store, "add" if where == "as the queue takes it" else None)
         with pytest.raises(KeyboardInterrupt):
             store.announce(torch.arange(40))
         queue._requests = dict(queue._requests)
@@ -1951,16 +1959,8 @@ def test_a_release_interrupted_once_the_queue_dropped_it_still_tells_the_tiers(t
         store.lookup(torch.arange(60))
         request = store.announce(torch.arange(40))
         store.lookup(torch.arange(40, 45))  # the announce told
-        queue, post = store.caches.queue, store._lock.post
-        if where == "as the queue drops it":
-            queue._requests = _InterruptedAfter(queue._requests, "discard")
-        else:
-
-            def interrupted(*args, **kwargs):
-                store._lock.post = post
-                raise KeyboardInterrupt
-
-            store._lock.post = interrupted
+        queue = store.caches.queue
+        _interrupt_once(store, "discard" if where == "as the queue drops it" else None)
         with pytest.raises(KeyboardInterrupt):
             store.release(request)
         queue._requests = dict(queue._requests)
