@@ -689,15 +689,14 @@ TieredStore.commit = _commit_then_wait
 """
 
 
-def test_a_kill_between_the_commit_and_its_record_resumes_from_the_table(tmp_path, capsys):
-    """SIGKILL after the table's commit of step 4, before committed.json records it (it says 3):
-    the table ahead of the record is a normal crash, and the run goes on from step 4."""
-    common, small, out = _cli_args(tmp_path)
+def _run_killed_after_commit(tmp_path: Path, argv: list[str], step: int) -> str:
+    """Run ``train`` with ``argv`` in a child process, SIGKILL it once it has committed
+    ``step`` (the hook above waits there); returns its stderr."""
     hook, mark = tmp_path / "hook", tmp_path / "committed"
     hook.mkdir()
     (hook / "sitecustomize.py").write_text(_WAIT_AFTER_COMMIT)  # imported by the run at start
-    extra = {"PYTHONPATH": str(hook), "WAIT_AFTER_COMMIT": "4", "WAIT_MARK": str(mark)}
-    cmd = [sys.executable, "-m", "tiered_store.cli", *common, *small, "--steps", "6"]
+    extra = {"PYTHONPATH": str(hook), "WAIT_AFTER_COMMIT": str(step), "WAIT_MARK": str(mark)}
+    cmd = [sys.executable, "-m", "tiered_store.cli", *argv]
     proc = subprocess.Popen(cmd, env=subprocess_env(extra), stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while not mark.exists() and time.monotonic() < deadline and proc.poll() is None:
@@ -705,6 +704,14 @@ def test_a_kill_between_the_commit_and_its_record_resumes_from_the_table(tmp_pat
     proc.kill()
     err = proc.communicate(timeout=60)[1]
     assert proc.returncode == -signal.SIGKILL and mark.exists(), err[-2000:]
+    return err
+
+
+def test_a_kill_between_the_commit_and_its_record_resumes_from_the_table(tmp_path, capsys):
+    """SIGKILL after the table's commit of step 4, before committed.json records it (it says 3):
+    the table ahead of the record is a normal crash, and the run goes on from step 4."""
+    common, small, out = _cli_args(tmp_path)
+    _run_killed_after_commit(tmp_path, [*common, *small, "--steps", "6"], 4)
     assert _committed(out) == 4
     assert json.loads((out / "committed.json").read_text())["committed_step"] == 3
     assert main([*common, "--resume"]) == 0
@@ -718,18 +725,7 @@ def test_a_new_run_folder_is_said_when_it_is_made_not_when_the_run_ends(tmp_path
     a run stopped before its end (killed here after its first commit). It comes when the
     folder is made."""
     common, small, out = _cli_args(tmp_path)
-    hook, mark = tmp_path / "hook", tmp_path / "committed"
-    hook.mkdir()
-    (hook / "sitecustomize.py").write_text(_WAIT_AFTER_COMMIT)  # imported by the run at start
-    extra = {"PYTHONPATH": str(hook), "WAIT_AFTER_COMMIT": "1", "WAIT_MARK": str(mark)}
-    cmd = [sys.executable, "-m", "tiered_store.cli", *common, *small, "--steps", "3"]
-    proc = subprocess.Popen(cmd, env=subprocess_env(extra), stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while not mark.exists() and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    proc.kill()
-    err = proc.communicate(timeout=60)[1]
-    assert proc.returncode == -signal.SIGKILL and mark.exists(), err[-2000:]
+    err = _run_killed_after_commit(tmp_path, [*common, *small, "--steps", "3"], 1)
     assert f"--out: created '{out}'" in err
 
 
