@@ -3980,6 +3980,66 @@ def test_a_closed_table_waiting_for_its_retry_is_named_with_its_own_error(tmp_pa
         served.close()
 
 
+@pytest.mark.parametrize(
+    ("event", "at", "closed"),
+    [
+        ("call", "_undo_swap", False),  # as the undo begins: a new store of a table open
+        ("call", "_reopen_closed", True),  # as the reopen alone begins: one opened ahead
+        ("c_return", "_reopen_closed.pop", True),  # as it takes the store opened ahead
+    ],
+)
+def test_a_ctrl_c_as_a_refused_swap_is_undone_leaves_no_new_store_open(
+    tmp_path, monkeypatch, event, at, closed
+):
+    """A Ctrl-C (a real SIGINT) in a swap refused for another table, as its undo or the reopen
+    of a table left closed began, or as that reopen took the store opened ahead for it, left the
+    new store opened for the other table open for good: neither served nor closed (its
+    descriptors, tiers and version lock held). Each is served once the model reads it, else
+    closed; the Ctrl-C is raised then."""
+    import errno
+    import signal
+    import sys
+
+    config = ServeConfig.from_yaml(make_checkpoint(tmp_path))
+    served = ServedModel(config)
+    try:
+        served.reload_check_seconds = 3600.0  # checks only when the test asks
+        if closed:
+            served.stores["engram_layer1"].close()  # what a refused reload may leave
+        else:
+            _commit_a_new_version(config.table_path(1))  # layer 1 stale, its new version opens
+        _commit_a_new_version(config.table_path(3))  # layer 3 stale, its new version refused
+        real, opened = served._open_checked, []
+
+        def refused_open(name, old):  # layer 3's new version does not open (a read error)
+            if name == "engram_layer3":
+                raise TierIOError(errno.EIO, f"{name}: injected open failure")
+            opened.append(real(name, old))
+            return opened[-1]
+
+        monkeypatch.setattr(served, "_open_checked", refused_open)
+
+        def interrupt(frame, event_, arg):  # a Ctrl-C, handled at the next instruction
+            name = frame.f_code.co_name
+            if event_ == "c_return":  # a builtin returning in that frame
+                name = f"{name}.{getattr(arg, '__name__', '')}"
+            if event_ == event and name == at:
+                sys.setprofile(None)
+                signal.raise_signal(signal.SIGINT)
+
+        sys.setprofile(interrupt)
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                served.reload_if_stale(force_check=True)
+        finally:
+            sys.setprofile(None)
+        [new] = opened
+        assert new.closed or served.stores["engram_layer1"] is new, new
+        assert served.model.tables[1].table is served.stores["engram_layer1"]
+    finally:
+        served.close()
+
+
 def test_a_refused_reload_with_every_table_closed_names_no_other_table(tmp_path, monkeypatch):
     """Every table's store left closed, the reopens refused: /healthz's warning (and the log)
     said the other tables were on the version open now, though there were none, and "its

@@ -487,13 +487,15 @@ class ServedModel:
                 # memory beside the old stores: refused as any failure, never a request's error)
                 # a table left closed whose new store opened is served alone, not opened again
                 ahead = {n: s for n, s in opened.items() if n != refused and self.stores[n].closed}
-                try:
+                try:  # (a Ctrl-C as either begins, or as the reopen takes a store, included)
                     self._undo_swap({n: s for n, s in opened.items() if n not in ahead})
-                except BaseException:  # Ctrl-C: none of them left open
-                    self._serve_or_close(ahead)
+                    # the refused one's open was just tried (its old store closed): not again now
+                    reopened, failed = self._reopen_closed(
+                        [n for n in stale if n != refused], ahead
+                    )
+                except BaseException:  # Ctrl-C: none of them left open (one served stays)
+                    self._serve_or_close(opened)
                     raise
-                # the refused one's open was just tried (its old store closed): not again now
-                reopened, failed = self._reopen_closed([n for n in stale if n != refused], ahead)
                 for name in stale:  # counted at every check that refuses it, as it is retried
                     if name not in reopened:  # (one reopened alone is counted as a reload)
                         self.health[name].reload_failures += 1
@@ -579,7 +581,9 @@ class ServedModel:
 
     def _serve_or_close(self, opened: dict[str, TieredStore]) -> None:
         """Of ``opened`` (table name -> a new store), those the model reads are swapped in
-        (``stores`` names them, their old stores close), the others closed."""
+        (``stores`` names them, their old stores close), the others closed; one swapped in
+        already (``stores`` names it) is left as it is."""
+        opened = {name: store for name, store in opened.items() if self.stores[name] is not store}
         reads = {self.config.table_name(k): t.table for k, t in self.model.tables.items()}
         kept = {name: store for name, store in opened.items() if reads.get(name) is store}
         try:
