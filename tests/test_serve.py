@@ -3859,6 +3859,47 @@ def test_healthz_is_503_while_a_table_is_closed(tmp_path, monkeypatch):
         server.stop()
 
 
+def test_the_reload_failures_help_says_what_a_closed_table_waiting_is_counted_for(
+    tmp_path, monkeypatch
+):
+    """A table left closed, waiting for its retry, is counted in
+    tiered_store_reload_failures_total at every check (every second), though not tried, with no
+    version served; the metric's help said each count was a check whose open failed, retried at
+    every check, with the version open now served meanwhile. The help says what is counted."""
+    import errno
+
+    from tiered_store.metrics import build_registry
+
+    config = ServeConfig.from_yaml(make_checkpoint(tmp_path))
+    served = ServedModel(config)
+    registry = build_registry(served.stores, served.health, process=False)
+    try:
+        served.reload_check_seconds = 0.0  # every call checks, as if a second had passed
+        served.stores["engram_layer3"].close()  # what a refused reload may leave
+        opens = []
+
+        def failing_open(name, old):  # its reopen fails (a read error)
+            opens.append(name)
+            raise TierIOError(errno.EIO, f"{name}: injected open failure")
+
+        monkeypatch.setattr(served, "_open_checked", failing_open)
+        for _ in range(3):
+            assert served.reload_if_stale() == []
+        [family] = [
+            f
+            for f in text_string_to_metric_families(generate_latest(registry).decode())
+            if f.name == "tiered_store_reload_failures"
+        ]
+        counted = {s.labels["table"]: s.value for s in family.samples if s.name.endswith("_total")}
+        assert (opens, counted) == (["engram_layer3"], {"engram_layer1": 0, "engram_layer3": 3})
+        said = family.documentation
+        assert "every check" in said and "retried at every check" not in said, said
+        assert "left closed waiting for its retry" in said, said  # counted, not tried
+        assert "none for a table left closed" in said, said  # no version served meanwhile
+    finally:
+        served.close()
+
+
 def test_a_closed_table_that_cannot_reopen_holds_back_no_other_table_s_reload(
     tmp_path, monkeypatch
 ):

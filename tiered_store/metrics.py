@@ -46,7 +46,7 @@ tiered_store_checksum_failures_total           counter    table               co
 tiered_store_checksum_pass_failed              gauge      table               1 while the last pass failed
 tiered_store_lookup_failures_total             counter    table               served lookups that failed
 tiered_store_reloads_total                     counter    table               reopened on a new version
-tiered_store_reload_failures_total             counter    table               new versions refused
+tiered_store_reload_failures_total             counter    table               checks, new version not served
 tiered_store_written_rows_total                counter    table               rows given to ``write``
 tiered_store_dirty_rows                        gauge      table               written rows not committed yet
 tiered_store_written_back_rows_total           counter    table               dirty rows saved on eviction
@@ -327,8 +327,10 @@ METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
     "tiered_store_reload_failures_total": (
         "counter",
         ("table",),
-        "Checks that found a new version of the table and could not open it, or could not tell "
-        "its version (the version open now is served meanwhile; retried at every check).",
+        "Checks that found a new version of the table and did not serve it (its open failed, "
+        "or waits: a refusal kept until its files change, a table left closed waiting for its "
+        "retry), or could not tell its version; counted at every check while it lasts (the "
+        "version open now served meanwhile, none for a table left closed).",
     ),
     "tiered_store_written_rows_total": (
         "counter",
@@ -444,7 +446,7 @@ class TableHealth:
     last_lookup_error: str | None = None  # what the latest failed lookup raised
     last_lookup_failure_at: float | None = None  # time.monotonic() of that failure
     reloads: int = 0  # reopened on a new version (serve)
-    reload_failures: int = 0  # checks whose new version could not be opened (serve)
+    reload_failures: int = 0  # checks whose new version was not served, tried or not (serve)
     # (sample name, labels) -> what the table's stores closed by reloads counted (``carry``)
     carried: dict[SampleKey, float] = field(default_factory=dict, repr=False, compare=False)
     # held by a scrape reading the table's store and ``carried``, and by a swap changing them
