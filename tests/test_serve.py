@@ -4021,6 +4021,48 @@ def test_a_closed_table_waiting_for_its_retry_is_named_with_its_own_error(tmp_pa
         served.close()
 
 
+def test_a_ctrl_c_as_a_reload_looks_for_a_close_under_way_leaves_no_new_store_open(
+    tmp_path, monkeypatch
+):
+    """A Ctrl-C (a real SIGINT) once the new stores opened ahead of the swap, as the reload
+    looked whether a close had begun meanwhile (before it waited for the gate), left them open
+    for good: neither served nor closed (their descriptors, tiers and version locks held). None
+    is left open; the Ctrl-C is raised then."""
+    import signal
+    import sys
+
+    config = ServeConfig.from_yaml(make_checkpoint(tmp_path))
+    served = ServedModel(config)
+    try:
+        served.reload_check_seconds = 3600.0  # checks only when the test asks
+        _commit_a_new_version(config.table_path(3))  # layer 3 stale, its new version opens
+        real, opened = served._open_checked, []
+
+        def recorded_open(name, old):
+            opened.append(real(name, old))
+            return opened[-1]
+
+        monkeypatch.setattr(served, "_open_checked", recorded_open)
+
+        def interrupt(frame, event, arg):  # a Ctrl-C, handled at is_set's first instruction
+            caller = frame.f_back.f_code.co_name if frame.f_back is not None else ""
+            if event == "call" and (frame.f_code.co_name, caller) == ("is_set", "_reload_stale"):
+                sys.setprofile(None)
+                signal.raise_signal(signal.SIGINT)
+
+        sys.setprofile(interrupt)
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                served.reload_if_stale(force_check=True)
+        finally:
+            sys.setprofile(None)
+        [new] = opened
+        assert new.closed and served.stores["engram_layer3"] is not new, new
+        assert served.model.tables[3].table is served.stores["engram_layer3"]
+    finally:
+        served.close()
+
+
 @pytest.mark.parametrize(
     ("event", "at", "closed"),
     [

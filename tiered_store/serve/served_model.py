@@ -442,19 +442,19 @@ class ServedModel:
                 return []
         if self._outlasted & self._gate.in_flight():  # tried again once they end
             return []
-        # opened while requests go on over the old stores; only the swap holds them back
-        opened, failure = self._open_ahead(stale)
-        if self._closing.is_set():  # closed meanwhile: nothing swapped in, none left open
-            _close_all(opened)
-            return []
         bound = self.config.server.request_timeout_s
+        opened: dict[str, TieredStore] = {}
         # the old stores close once the gate opens (after_gate exits last): no request reads
         # them once swapped out, and none waits for their close (a warm-restart save, a drain)
         with contextlib.ExitStack() as after_gate, contextlib.ExitStack() as gate:
-            try:
+            try:  # opened while requests go on over the old stores; only the swap holds them back
+                failure = self._open_ahead(stale, opened)
+                if self._closing.is_set():  # closed meanwhile: nothing swapped in, none left open
+                    _close_all(opened)
+                    return []
                 running = gate.enter_context(self._gate.exclusive(timeout=bound))
-            except BaseException:  # Ctrl-C while it waits for the answers: none left open
-                _close_all(opened)
+            except BaseException:  # Ctrl-C while it waits for the answers (or before): none
+                _close_all(opened)  # left open
                 raise
             if running:  # a worker hung on a read: requests go on over the version open now
                 _close_all(opened)
@@ -546,13 +546,13 @@ class ServedModel:
             )
 
     def _open_ahead(
-        self, stale: list[str]
-    ) -> tuple[dict[str, TieredStore], tuple[str, Exception] | None]:
-        """The stores of ``stale``'s new versions, opened in turn outside the request gate until
-        one fails (with its table and error), but for those that need the gate (a map grown
-        elsewhere: ``_open_new_version`` closes the old store first); interrupted, none left
-        open; none opened once ``close`` began."""
-        opened: dict[str, TieredStore] = {}
+        self, stale: list[str], opened: dict[str, TieredStore]
+    ) -> tuple[str, Exception] | None:
+        """The stores of ``stale``'s new versions, put in ``opened`` (by table: the caller's, so
+        that none is out of its reach once opened), opened in turn outside the request gate
+        until one fails (returns its table and error), but for those that need the gate (a map
+        grown elsewhere: ``_open_new_version`` closes the old store first); interrupted, none
+        left open; none opened once ``close`` began."""
         try:
             for name in stale:
                 if self._closing.is_set():  # the caller closes what it opened
@@ -564,11 +564,11 @@ class ServedModel:
                         raise
                     # opened under the gate; the tables after it open here still
         except Exception as exc:  # noqa: BLE001 (raised again under the gate, as it was)
-            return opened, (name, exc)
+            return name, exc
         except BaseException:  # Ctrl-C: it goes on, no store it opened left open
             _close_all(opened)
             raise
-        return opened, None
+        return None
 
     def _undo_swap(self, opened: dict[str, TieredStore]) -> None:
         """After a refused or interrupted swap: the model back on the stores served for
