@@ -2190,6 +2190,47 @@ def test_a_refused_version_is_not_opened_again_until_its_files_change(tmp_path, 
         served.close()
 
 
+def test_the_log_of_a_refusal_kept_says_it_is_tried_once_its_files_change(tmp_path, caplog):
+    """A new version refused for what its files hold is not opened again until they change
+    (nor the tables stale with it), but the log said "trying again every 1 s", also once the
+    refusal was kept (its files settled after a first refusal). Once it is kept the log says it
+    is tried once its files change, once."""
+    from tiered_store.engram.checkpoint import table_metadata
+    from tiered_store.engram.hashing import NgramHasher
+    from tiered_store.engram.model import ModelConfig
+    from tiered_store.page_checksums import sidecar_path
+    from tiered_store.table_format import create_table, table_paths
+
+    config = ServeConfig.from_yaml(make_checkpoint(tmp_path))
+    table = config.table_path(3)
+    served = ServedModel(config)
+    try:
+        served.reload_check_seconds = 3600.0  # checks only when the test asks
+        seeded = ModelConfig.from_dict(
+            {**CONFIG["model"], "engram": {**CONFIG["model"]["engram"], "seed": 7}}
+        )
+        store = served.stores["engram_layer3"]
+        rows = np.ones((store.rows, store.dim), np.float32)
+        other = table_metadata(NgramHasher(seeded.engram), 3)
+        create_table(table, rows, progress=False, overwrite=True, metadata=other)
+        with caplog.at_level(logging.ERROR, logger="tiered_store.serve"):
+            assert served.reload_if_stale(force_check=True) == []  # just written: not kept
+            then = time.time_ns() - 10**10  # written a while ago: a refusal of them is kept
+            for path in (*table_paths(table), sidecar_path(table)):
+                os.utime(path, ns=(then, then))
+            for _ in range(3):
+                assert served.reload_if_stale(force_check=True) == []
+        logged = [r.getMessage() for r in caplog.records if "trying again" in r.getMessage()]
+        assert len(logged) == 2, logged
+        assert "files change" not in logged[0], logged  # tried again at the next check
+        assert logged[1].endswith(
+            "trying again every 3600 s; engram_layer3 once its files change (refused for what "
+            "they hold)"
+        ), logged[1]
+    finally:
+        served.close()
+
+
 def test_a_refused_version_is_not_opened_again_at_each_commit_to_another_table(
     tmp_path, monkeypatch
 ):

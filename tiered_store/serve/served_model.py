@@ -241,7 +241,8 @@ class ServedModel:
             self._scrub_again: set[str] = set()
             self._scrub_again_lock = threading.Lock()
             self.reload_refused: str | None = None  # why new versions are not served (/healthz)
-            self._refused_logged: tuple[str, str] | None = None  # (why, what is served) logged
+            # (why, what is served, the refusals kept) logged
+            self._refused_logged: tuple[str, str, list[str]] | None = None
             # table -> (its refused version's files, why): while they stay, no reload it is part
             # of opens a store (it would be refused again, and the tables stale with it)
             self._refusals: dict[str, tuple[Any, str]] = {}
@@ -629,11 +630,12 @@ class ServedModel:
 
     def _refused(self, reasons: list[str]) -> None:
         """Note why tables keep the version open now (``reasons``; none: every table is on its
-        current one): logged once per reason and what is served meanwhile, not at every check,
-        and in /healthz."""
+        current one): logged once per reason, what is served meanwhile and the refusals kept
+        (``_refusals``: tried once their files change), not at every check, and in /healthz."""
         refused = "; ".join(reasons) or None
         serving = self.serving_meanwhile()
-        if refused is not None and (refused, serving) != self._refused_logged:
+        kept = sorted(self._refusals)  # refused for what their files hold: not tried meanwhile
+        if refused is not None and (refused, serving, kept) != self._refused_logged:
             again = f"trying again every {self.reload_check_seconds:.0f} s"
             if self._closed_retry:
                 it, its = (
@@ -647,8 +649,11 @@ class ServedModel:
                 if hung:  # its new store cannot open beside its old one
                     its = "its old store" if len(hung) == 1 else "their old stores"
                     again += f"; {', '.join(hung)} once the calls hung in {its} end"
+            if kept:  # (and the tables stale with them)
+                its = "its" if len(kept) == 1 else "their"
+                again += f"; {', '.join(kept)} once {its} files change (refused for what they hold)"
             log.error("could not reopen %s on a new version; %s, %s", refused, serving, again)
-        self._refused_logged = None if refused is None else (refused, serving)
+        self._refused_logged = None if refused is None else (refused, serving, kept)
         self.reload_refused = refused
 
     def serving_meanwhile(self) -> str:
