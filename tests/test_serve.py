@@ -1675,6 +1675,39 @@ def test_a_reload_postponed_for_an_answer_still_running_closes_the_stores_it_ope
         assert _fds_open_on(layer3) == opened  # the old store's file closed, the new one's open
 
 
+def test_a_ctrl_c_as_a_postponed_reload_closes_the_stores_it_opened_closes_them(tmp_path):
+    """A Ctrl-C (a real SIGINT) as a reload postponed for an answer still running began to close
+    the stores it had opened for the swap left them open for good (neither served nor closed:
+    their descriptors held). They close; the Ctrl-C is raised then."""
+    import signal
+    import sys
+
+    def hung_answer(served, done) -> None:  # an answer in flight, its worker hung on a read
+        done.wait(60)
+
+    def interrupt(frame, event, arg):  # a Ctrl-C, handled at _close_all's first instruction
+        caller = frame.f_back.f_code.co_name if frame.f_back is not None else ""
+        if event == "call" and (frame.f_code.co_name, caller) == ("_close_all", "_reload_stale"):
+            sys.setprofile(None)
+            signal.raise_signal(signal.SIGINT)
+
+    with _an_answer_in_flight_over_a_commit(tmp_path, 0.2, hung_answer) as (
+        served,
+        _,
+        layer3,
+        opened,
+        end,
+    ):
+        sys.setprofile(interrupt)
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                served.reload_if_stale(force_check=True)
+        finally:
+            sys.setprofile(None)
+        assert _fds_open_on(layer3) == opened  # the store opened for the swap closed again
+        end()  # the answer ends
+
+
 def test_a_reload_interrupted_while_it_waits_for_the_answers_in_flight(tmp_path):
     """A Ctrl-C while the reload waited for an answer in flight left the request gate closed
     for good (every later request waited on it without end, close() too), and the new

@@ -454,24 +454,27 @@ class ServedModel:
                     _close_all(opened)
                     return []
                 running = gate.enter_context(self._gate.exclusive(timeout=bound))
-            except BaseException:  # Ctrl-C while it waits for the answers (or before): none
-                _close_all(opened)  # left open
+                if running:  # a worker hung on a read: requests go on over the version open now
+                    _close_all(opened)
+                    self._outlasted = self._gate.in_flight()
+                    log.warning(
+                        "postponed reopening %s on a new version: %d answer(s) still running %g s "
+                        "after the reload began waiting for them (server.request_timeout_s); serving "
+                        "the version open now, trying again once they end",
+                        ", ".join(stale),
+                        running,
+                        bound,
+                    )
+                    self.reload_refused = "; ".join(
+                        [
+                            *unreadable,
+                            f"{', '.join(stale)} (postponed: {running} answer(s) running)",
+                        ]
+                    )
+                    return []
+            except BaseException:  # Ctrl-C while it waits for the answers (or before, or as it
+                _close_all(opened)  # closes them, postponed): none left open
                 raise
-            if running:  # a worker hung on a read: requests go on over the version open now
-                _close_all(opened)
-                self._outlasted = self._gate.in_flight()
-                log.warning(
-                    "postponed reopening %s on a new version: %d answer(s) still running %g s "
-                    "after the reload began waiting for them (server.request_timeout_s); serving "
-                    "the version open now, trying again once they end",
-                    ", ".join(stale),
-                    running,
-                    bound,
-                )
-                self.reload_refused = "; ".join(
-                    [*unreadable, f"{', '.join(stale)} (postponed: {running} answer(s) running)"]
-                )
-                return []
             self._outlasted = frozenset()
             refused: str | None = None  # the table whose new version failed to open
             try:  # all or nothing: every stale table's new store, checked, before any swap
