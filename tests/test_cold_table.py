@@ -1588,3 +1588,106 @@ def test_a_read_refused_as_the_table_closes_does_not_leave_the_close_to_it(tmp_p
         reader.join(30)
     assert fd == -1
     assert errors == [errno.EBADF]
+
+
+def test_a_read_counted_as_the_table_closes_does_not_leave_it_open_after_close(tmp_path):
+    """A read past its first check as close() began, counted just after the close found no
+    reads under way, had close()'s then() see it counted and leave the release to it (refused,
+    it ran it on its way out): close() returned with the file open. The read is held counted,
+    refused, until the closing thread waits (or close() returned): close() returns with the
+    file closed, and the read is refused."""
+    from tiered_store.store_lock import InFlight
+
+    path = tmp_path / "t.npy"
+    create_table(path, np.zeros((64, 4), np.float32), progress=False)
+    table = ColdTable(path, io="pread", threads=1, verify_pages=False)
+    past_check, count, refused, go = (threading.Event() for _ in range(4))
+    errors: list[int] = []
+
+    def read() -> None:
+        def hold(frame, event, arg):
+            if (  # past the check for a close, not yet counted: the close begins now
+                event == "c_call"
+                and frame.f_code is InFlight.__enter__.__code__
+                and arg is threading.get_ident
+            ):
+                past_check.set()
+                count.wait(30)
+            elif event == "call" and frame.f_code is InFlight.__exit__.__code__:
+                sys.setprofile(None)  # counted and refused: the release is its to run
+                refused.set()
+                go.wait(30)
+
+        sys.setprofile(hold)
+        try:
+            table.read_rows(np.arange(3))
+        except TierIOError as exc:
+            errors.append(exc.errno)
+        finally:
+            sys.setprofile(None)
+            past_check.set()
+            refused.set()
+
+    def closing(frame, event, arg):
+        if event == "call" and frame.f_code is InFlight.then.__code__:
+            count.set()  # the close found no read: the read counts itself now
+            refused.wait(30)
+        elif event == "call" and frame.f_code is threading.Event.wait.__code__:
+            go.set()  # the close waits for the release: the refused read goes on
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    past_check.wait(30)
+    sys.setprofile(closing)
+    try:
+        table.close()
+        fd = table._fd
+    finally:
+        sys.setprofile(None)
+        count.set()
+        go.set()
+        reader.join(30)
+    assert fd == -1, "close() returned with the file open"
+    assert errors == [errno.EBADF]
+
+
+def test_a_second_close_returns_once_the_first_closed_the_file(tmp_path):
+    """Two close() calls at once: the second found the release taken by the first (its
+    finalizer detached) and returned while the first still released, the file open. The first
+    is held inside its release until the second waits (or returned): the second returns with
+    the file closed."""
+    path = tmp_path / "t.npy"
+    create_table(path, np.zeros((64, 4), np.float32), progress=False)
+    table = ColdTable(path, io="pread", threads=2, verify_pages=False)
+    releasing, go = threading.Event(), threading.Event()
+
+    def first() -> None:
+        def hold(frame, event, arg):
+            if event == "call" and frame.f_code is ColdTable._release.__code__:
+                sys.setprofile(None)
+                releasing.set()
+                go.wait(30)
+
+        sys.setprofile(hold)
+        try:
+            table.close()
+        finally:
+            sys.setprofile(None)
+            releasing.set()
+
+    def second_waits(frame, event, arg):
+        if event == "call" and frame.f_code is threading.Event.wait.__code__:
+            go.set()  # the second close waits for the first's release: it goes on
+
+    closer = threading.Thread(target=first, daemon=True)
+    closer.start()
+    releasing.wait(30)
+    sys.setprofile(second_waits)
+    try:
+        table.close()
+        fd = table._fd
+    finally:
+        sys.setprofile(None)
+        go.set()
+        closer.join(30)
+    assert fd == -1, "the second close() returned with the file open"

@@ -204,6 +204,9 @@ class ColdTable:
         self._lock = threading.Lock()
         self._local = threading.local()
         self._closed = False
+        # held by the release (an RLock: a signal handler's close inside it returns), and set
+        # once it ran: every close returns after it
+        self._releasing, self._released = threading.RLock(), threading.Event()
         closed = f"ColdTable {self.path} is closed; open it again to read"
         self._calls = InFlight(partial(TierIOError, errno.EBADF, closed, str(self.path)))
         self._fd = -1
@@ -297,17 +300,25 @@ class ColdTable:
     def close(self) -> None:
         """Refuse new reads, wait for those under way (in other threads), then stop the thread
         pool and close the file (idempotent; one interrupted while it waited, by a Ctrl-C, is
-        finished by the next). A signal handler's close inside a read of its own thread leaves
-        them to that read's end: the read still uses the descriptor, whose number, once freed,
-        names the next file opened."""
+        finished by the next). It returns with the file closed, also when another thread
+        releases it: another close, or a read refused as this one began (counted just after
+        the wait, it ran the release on its way out). A signal handler's close inside a read
+        (or the release) of its own thread leaves them to that read's end: the read still uses
+        the descriptor, whose number, once freed, names the next file opened."""
         self._closed = True
         self._calls.close()
         self._calls.then(self._release_once, own=True)
+        if not (self._calls.running_here() or self._releasing._is_owned()):
+            self._released.wait()  # (released here, or on another thread: it ends at once)
 
     def _release_once(self) -> None:
         """The first close past the wait (or its own thread's read, see close) releases."""
-        if self._finalizer.detach() is not None:
-            self._release()
+        with self._releasing:
+            if self._finalizer.detach() is not None:
+                try:
+                    self._release()
+                finally:  # (interrupted: the closes waiting go on)
+                    self._released.set()
 
     def __enter__(self) -> ColdTable:
         return self

@@ -248,7 +248,8 @@ class InFlight:
     dict operation at a time, atomic under the GIL), a call counts itself before it checks for a
     close and a close marks itself before it checks the counts, so either the call is refused or
     the close sees it (one entered once the close began is refused before it counts: only one
-    racing its start can still leave ``then``'s action to its refusal); ``then``'s action is
+    racing its start can still leave ``then``'s action to its refusal, which ``ColdTable.close``
+    waits for); ``then``'s action is
     taken once (``take_once``) by whichever of it and the last call's exit finds the other done.
     A lock held there let a signal handler's close, run on a thread inside a call's enter or
     exit, wait for another thread's call that waited for that lock to leave its own, for good.
@@ -315,6 +316,10 @@ class InFlight:
         then = self._then = (None if own else threading.get_ident(), action, [True])
         if not self._running(then[0]) and take_once(then[2]):
             action()
+
+    def running_here(self) -> bool:
+        """Whether a call of the calling thread is under way (a signal handler's code in it)."""
+        return threading.get_ident() in self._calls
 
     def _running(self, closer: int | None) -> bool:
         """Whether calls of other threads than ``closer`` (None: any) are under way."""
