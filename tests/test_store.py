@@ -2545,3 +2545,39 @@ def test_an_empty_path_in_a_config_is_refused_by_key():
     assert ServeConfig.from_dict(
         {"checkpoint": {"path": "."}}, base_dir=Path("/srv")
     ).checkpoint_dir == Path("/srv")
+
+
+def test_a_prefetch_cancelled_while_queued_frees_its_depth_slot_and_ids(tmp_path, monkeypatch):
+    """A caller cancelling ``PrefetchHandle.future`` while its fetch was still queued: the
+    worker skipped the cancelled fetch, so neither its depth slot nor its queued ids were ever
+    given back; after prefetch.depth such cancels every prefetch() blocked for good. The first
+    fetch's read is held so the second stays queued: cancelled, its slot and ids go at once."""
+    path, data = make_table(tmp_path, rows=1_000, dim=4)
+    store = TieredStore(
+        store_config(path, hot={"capacity": 0}, warm={"capacity": 0}, prefetch={"depth": 2})
+    )
+    fetcher, entered, release = store._prefetcher, threading.Event(), threading.Event()
+    read_rows = store.cold.read_rows
+
+    def held_read(ids):
+        entered.set()
+        assert release.wait(30)
+        return read_rows(ids)
+
+    monkeypatch.setattr(store.cold, "read_rows", held_read)
+    try:
+        first = store.prefetch([1, 2, 3])
+        assert entered.wait(10)
+        second = store.prefetch([4, 5])
+        assert second.future.cancel()  # still queued behind the held fetch
+        assert _free_slots(fetcher) == 1  # (before the fix: 0, for good)
+        assert fetcher.queued_ids() is None  # (before: its ids, [4, 5])
+        release.set()
+        assert torch.equal(store.lookup([1, 2, 3], first), data[[1, 2, 3]])
+        third, fourth = store.prefetch([6]), store.prefetch([7, 8])  # both slots free
+        assert torch.equal(store.lookup([6], third), data[[6]])
+        assert torch.equal(store.lookup([7, 8], fourth), data[[7, 8]])
+        assert _free_slots(fetcher) == 2
+    finally:
+        release.set()
+        store.close()

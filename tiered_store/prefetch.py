@@ -253,6 +253,7 @@ class Prefetcher:
                         "prefetch: the store is closed; open a new TieredStore"
                     ) from None
                 self.handles += 1
+            future.add_done_callback(functools.partial(self._cancelled, number, slot))
         except BaseException:  # closed, or interrupted (Ctrl-C) on the way: no handle comes out
             if take_once(slot):  # the fetch has not started (queued, it never will): its slot
                 with self._queued_lock:  # and ids go now; kept, depth of them hung prefetch()
@@ -266,6 +267,14 @@ class Prefetcher:
         with self._queued_lock:
             pending = list(self._queued.values())
         return torch.cat(pending) if pending else None
+
+    def _cancelled(self, number: int, slot: list, future: Future) -> None:
+        """A fetch's done callback: one its caller cancelled while queued (the worker skips it)
+        frees its slot and ids now; kept, depth such cancels hung prefetch()."""
+        if future.cancelled() and take_once(slot):
+            with self._queued_lock:
+                self._queued.pop(number, None)
+            self._in_flight.release()
 
     def _run(self, number: int, flat: torch.Tensor, packed: bool, slot: list) -> tuple | None:
         """Fetch one queued batch, dropping it from the queued ids first; its slot is free after.
