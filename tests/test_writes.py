@@ -1601,3 +1601,44 @@ def test_a_second_writer_is_refused_naming_the_process_that_holds_the_table(tmp_
         writer.commit()
         with pytest.raises(TierIOError, match="held by this process"):
             other.write([2], torch.ones(1, 2))
+
+
+@pytest.mark.parametrize(
+    ("what", "call"), [("step", "get"), ("staged_step", "get"), ("ids", "cursor")]
+)
+def test_a_close_inside_a_pinned_read_of_the_delta_says_it_closed_for_every_read(
+    tmp_path, what, call
+):
+    """A signal handler's close run inside a read of a reader's pinned delta ends the
+    transaction under it: only ``snapshot`` said the delta was closed during the read; ``step``
+    and ``staged_step`` reported a failed read (counted in read_errors) and ``ids()`` raised
+    LMDB's own error. The close is made here where a handler's lands, as the read's transaction
+    is used: each says the delta was closed during it, not counted as a read failure."""
+    import errno
+    import sys
+
+    from tiered_store.errors import TierIOError
+
+    path = tmp_path / "t.delta"
+    writer = RowDelta(path, row_bytes=16, create=True, map_bytes=1 << 20)
+    writer.commit(np.arange(4), np.ones((4, 16), dtype=np.uint8), step=1)
+    reader = RowDelta(path, row_bytes=16)
+    reader.pin()
+
+    def close_inside(frame, event, arg):
+        if event == "c_call" and frame.f_code.co_name == what and arg.__name__ == call:
+            sys.setprofile(None)
+            reader.close()
+
+    sys.setprofile(close_inside)
+    try:
+        with pytest.raises(TierIOError) as closed:
+            reader.ids() if what == "ids" else getattr(reader, what)
+    finally:
+        sys.setprofile(None)
+        writer.close()
+    assert closed.value.errno == errno.EBADF
+    assert closed.value.strerror == (
+        f"delta: {path} was closed during a read of it; expected it open until the read ended"
+    )
+    assert reader.read_errors == 0

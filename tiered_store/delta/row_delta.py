@@ -366,8 +366,7 @@ class RowDelta:
             with self._read_txn() as txn:
                 return _int_value(txn.get(b"step", db=self.meta_db))
         except lmdb.Error as exc:
-            self.read_errors += 1
-            raise TierIOError(f"delta: reading the step of {self.path} failed ({exc})") from None
+            raise self._read_failed("the step of ", exc) from None
 
     def latest_step(self) -> int:
         """The step of the last commit on disk now, pinned or not; ``GREW_STEP`` when another
@@ -419,8 +418,11 @@ class RowDelta:
     def ids(self) -> np.ndarray:
         """Every row id the delta holds, sorted (int64)."""
         self._check_process()
-        with self._read_txn() as txn:
-            keys = b"".join(txn.cursor(db=self.rows_db).iternext(keys=True, values=False))
+        try:
+            with self._read_txn() as txn:
+                keys = b"".join(txn.cursor(db=self.rows_db).iternext(keys=True, values=False))
+        except lmdb.Error as exc:
+            raise self._read_failed("the row ids of ", exc) from None
         return np.frombuffer(keys, dtype=">i8").astype(np.int64)
 
     def __len__(self) -> int:
@@ -445,14 +447,7 @@ class RowDelta:
                 step = _int_value(txn.get(b"step", db=self.meta_db))
                 pairs = txn.cursor(db=self.rows_db).getmulti(keys)
         except lmdb.Error as exc:
-            if self._released:  # a signal handler's close, run inside this read
-                raise TierIOError(
-                    errno.EBADF,
-                    f"delta: {self.path} was closed during a read of it; expected it open "
-                    "until the read ended",
-                ) from None
-            self.read_errors += 1
-            raise TierIOError(f"delta: reading {self.path} failed ({exc})") from None
+            raise self._read_failed("", exc) from None
         found = np.zeros(ids.size, dtype=bool)
         rows = np.empty((ids.size, self.row_bytes), dtype=np.uint8)
         if pairs:
@@ -514,10 +509,7 @@ class RowDelta:
             with self._read_txn() as txn:
                 raw = txn.get(STAGED_STEP_KEY, db=self.meta_db)
         except lmdb.Error as exc:
-            self.read_errors += 1
-            raise TierIOError(
-                f"delta: reading the staged step of {self.path} failed ({exc})"
-            ) from None
+            raise self._read_failed("the staged step of ", exc) from None
         return None if raw is None else _int_value(raw)
 
     def stage(self, ids: np.ndarray, rows: np.ndarray, step: int) -> None:
@@ -580,6 +572,19 @@ class RowDelta:
             _release_env(self._env_key)
 
     # -- internals ---------------------------------------------------------------------------------
+    def _read_failed(self, what: str, exc: lmdb.Error) -> TierIOError:
+        """The error of a read (of ``what``, the delta) that failed with ``exc``: one closed
+        under it (a signal handler's close, run inside it) says so, uncounted; else a read
+        failure, counted in ``read_errors``."""
+        if self._released:
+            return TierIOError(
+                errno.EBADF,
+                f"delta: {self.path} was closed during a read of it; expected it open until the "
+                "read ended",
+            )
+        self.read_errors += 1
+        return TierIOError(f"delta: reading {what}{self.path} failed ({exc})")
+
     def _check_writable(self, what: str) -> None:
         """Refuse a write (``what``) through a read-only handle, or across fork()."""
         self._check_process()
