@@ -1533,7 +1533,10 @@ def test_a_table_read_by_its_runner_threads_and_dropped_unclosed_is_collected(tm
     assert torch.equal(table.read_rows(np.arange(0, 4096, 3)), torch.ones(1366, 256))
     fd, dropped = table._fd, weakref.ref(table)
     del table
-    gc.collect()
+    deadline = time.monotonic() + 10  # a runner thread lets go of its call a moment after the
+    while dropped() is not None and time.monotonic() < deadline:  # read returned (it set the
+        gc.collect()  # result first): kept for good before the fix, now for that moment at most
+        time.sleep(0.01)
     assert dropped() is None, "the dropped table was kept"
     with pytest.raises(OSError):
         os.fstat(fd)
