@@ -1694,3 +1694,56 @@ def test_a_second_close_returns_once_the_first_closed_the_file(tmp_path):
         go.set()
         closer.join(30)
     assert fd == -1, "the second close() returned with the file open"
+
+
+def test_a_close_in_a_forked_child_does_not_wait_for_the_parents_other_threads_reads(tmp_path):
+    """A fork while another thread read the table copied that thread's count of reads under
+    way into the child, where no thread is left to end it: a close of the copied table in the
+    child waited for it for good. In a child process, a second thread is held inside a read as
+    the main thread forks: the grandchild's close returns (its copy of the file closed), and
+    the parent's read still returns the table's rows."""
+    path = tmp_path / "t.npy"
+    data = np.arange(64 * 4, dtype=np.float32).reshape(64, 4)
+    create_table(path, data, progress=False)
+    script = textwrap.dedent(
+        f"""
+        import faulthandler, os, sys, threading
+        import numpy as np
+        from tiered_store.cold_table import ColdTable
+
+        table = ColdTable({str(path)!r}, io="pread", threads=1, verify_pages=False)
+        inside, go, got = threading.Event(), threading.Event(), []
+
+        def other():
+            def hold(frame, event, arg):  # counted: it waits inside its read for the fork
+                if event == "call" and frame.f_code.co_name == "_read_sorted":
+                    sys.setprofile(None)
+                    inside.set()
+                    go.wait()
+            sys.setprofile(hold)
+            got.append(table.read_rows(np.arange(0, 64, 7)).numpy())
+
+        reader = threading.Thread(target=other)
+        reader.start()
+        inside.wait()
+        child = os.fork()
+        if child == 0:
+            faulthandler.dump_traceback_later(20, exit=True)  # a hang: the stack, a failure
+            table.close()
+            print("child closed", table._fd, flush=True)
+            os._exit(0)
+        _, status = os.waitpid(child, 0)
+        go.set()
+        reader.join()
+        print("child", os.waitstatus_to_exitcode(status))
+        print("rows", np.array_equal(got[0], np.load({str(path)!r})[::7]))
+        table.close()
+        """
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["child", "closed", "-1", "child", "0", "rows", "True"], (
+        proc.stdout + proc.stderr
+    )

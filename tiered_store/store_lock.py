@@ -30,8 +30,10 @@ prefetch copies on the stream would wait for it too (a model's whole queued forw
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
@@ -254,11 +256,12 @@ class InFlight:
     A lock held there let a signal handler's close, run on a thread inside a call's enter or
     exit, wait for another thread's call that waited for that lock to leave its own, for good.
     ``close()`` checks the counts every ``CLOSE_POLL_S`` (nothing wakes it, so no wake-up can be
-    lost)."""
+    lost). A forked child keeps only the forking thread's count (the others' threads are gone)."""
 
     def __init__(self, refusal: Callable[[], BaseException] | None = None) -> None:
         self._refusal = refusal or _store_closed
         self._calls: dict[int, int] = {}  # thread ident -> its calls under way (its own to change)
+        _COUNTS.add(self)  # a forked child forgets other threads' calls (_forget_other_threads)
         self._closing = False
         # run by the last call: (the closer not waited for, the action, its token: take_once)
         self._then: tuple[int | None, Callable[[], None], list] | None = None
@@ -324,6 +327,20 @@ class InFlight:
     def _running(self, closer: int | None) -> bool:
         """Whether calls of other threads than ``closer`` (None: any) are under way."""
         return bool(self._calls.keys() - {closer})
+
+
+_COUNTS: weakref.WeakSet[InFlight] = weakref.WeakSet()  # every InFlight, for a forked child
+
+
+def _forget_other_threads() -> None:
+    """In a forked child: only the forking thread is left, so the calls the parent's other
+    threads had under way never end here; kept, a close in the child waited for them for good."""
+    me = threading.get_ident()
+    for counts in list(_COUNTS):
+        counts._calls = {me: counts._calls[me]} if me in counts._calls else {}
+
+
+os.register_at_fork(after_in_child=_forget_other_threads)
 
 
 def _store_closed() -> StoreClosedError:
