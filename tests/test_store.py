@@ -2581,3 +2581,36 @@ def test_a_prefetch_cancelled_while_queued_frees_its_depth_slot_and_ids(tmp_path
     finally:
         release.set()
         store.close()
+
+
+def test_a_prefetch_failed_by_its_workers_start_frees_its_depth_slot_and_ids(tmp_path, monkeypatch):
+    """A prefetch worker whose start hook failed fails each fetch queued to it (b3cdb37) without
+    running it, so neither the fetch's depth slot nor its queued ids were given back: after
+    prefetch.depth such prefetches every prefetch() blocked for good. The hook's one intra-op
+    thread setting fails here: each prefetch's lookup raises the pool's error, and their slots
+    and ids are free."""
+    import tiered_store.prefetch as prefetch_module
+
+    def no_arena() -> None:
+        raise OSError(12, "no memory for the thread's arena")
+
+    path, data = make_table(tmp_path, rows=1_000, dim=4)
+    monkeypatch.setattr(prefetch_module, "single_intra_op_thread", no_arena)
+    store = TieredStore(store_config(path, prefetch={"depth": 2}))
+    fetcher = store._prefetcher
+    try:
+        handles = [store.prefetch(torch.tensor([i, i + 1])) for i in range(2)]
+        for handle in handles:
+            with pytest.raises(RuntimeError, match="its thread's start failed"):
+                handle.future.result(30)
+        assert _free_slots(fetcher) == 2  # (before the fix: 0, for good)
+        assert fetcher.queued_ids() is None  # (before: both prefetches' ids)
+        for i, handle in enumerate(handles):
+            with pytest.raises(RuntimeError, match="its thread's start failed"):
+                store.lookup(torch.tensor([i, i + 1]), handle)
+        third = store.prefetch(torch.tensor([5]))  # a free slot: refused by its fetch, not hung
+        with pytest.raises(RuntimeError, match="its thread's start failed"):
+            third.future.result(30)
+        assert torch.equal(store.lookup(torch.tensor([5, 6])), data[[5, 6]])
+    finally:
+        store.close()

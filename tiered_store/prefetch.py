@@ -253,7 +253,7 @@ class Prefetcher:
                         "prefetch: the store is closed; open a new TieredStore"
                     ) from None
                 self.handles += 1
-            future.add_done_callback(functools.partial(self._cancelled, number, slot))
+            future.add_done_callback(functools.partial(self._never_ran, number, slot))
         except BaseException:  # closed, or interrupted (Ctrl-C) on the way: no handle comes out
             if take_once(slot):  # the fetch has not started (queued, it never will): its slot
                 with self._queued_lock:  # and ids go now; kept, depth of them hung prefetch()
@@ -268,10 +268,11 @@ class Prefetcher:
             pending = list(self._queued.values())
         return torch.cat(pending) if pending else None
 
-    def _cancelled(self, number: int, slot: list, future: Future) -> None:
-        """A fetch's done callback: one its caller cancelled while queued (the worker skips it)
-        frees its slot and ids now; kept, depth such cancels hung prefetch()."""
-        if future.cancelled() and take_once(slot):
+    def _never_ran(self, number: int, slot: list, future: Future) -> None:
+        """A fetch's done callback: one done without running (its caller cancelled it while
+        queued, or the worker's start failed it) frees its slot and ids now; kept, depth such
+        fetches hung prefetch(). One that ran took its slot as it started."""
+        if take_once(slot):
             with self._queued_lock:
                 self._queued.pop(number, None)
             self._in_flight.release()
