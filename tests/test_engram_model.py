@@ -357,6 +357,63 @@ def test_set_tables_interrupted_anywhere_swaps_every_table_or_none(config, hashe
     assert k > 10
 
 
+def _hooked(model: EngramLM, hook) -> None:
+    """Give each demo Engram layer's embedding a ``set_backend`` that runs ``hook(embedding,
+    backend)`` first (a subclass overriding it)."""
+    from tiered_store.engram.module import MultiHeadEmbedding
+
+    class Hooked(MultiHeadEmbedding):
+        def set_backend(self, backend):
+            hook(self, backend)
+            super().set_backend(backend)
+
+    for engram in model.engram_layers.values():
+        engram.multi_head_embedding.__class__ = Hooked
+
+
+def test_set_tables_refused_by_a_set_backend_puts_back_tables_it_would_refuse(model):
+    """An embedding whose set_backend refuses a table (a subclass's check: here a table that is
+    no module), the tables the model was made with among them: set_tables swapped layer 1, was
+    refused at layer 3, then gave layer 3 its old table again through set_backend, which refused
+    it too; layer 1 was left on its new table and the undo's error raised. A layer on its old
+    table is left alone, and one the check refuses its old table is given it all the same."""
+    model.set_tables({i: _Plain(t) for i, t in model.tables.items()})  # before the check
+    old = model.tables
+
+    def modules_only(embedding, backend):
+        if not isinstance(backend, nn.Module):
+            raise ConfigError(f"backend: a {type(backend).__name__}; expected a module")
+
+    _hooked(model, modules_only)
+    new = {1: InMemoryTable(old[1].inner.weight.detach().clone()), 3: _Plain(old[3].inner)}
+    with pytest.raises(ConfigError, match=r"^backend: a _Plain; expected") as raised:
+        model.set_tables(new)
+    assert raised.value.__context__ is None  # the refusal of layer 3's new table, none after
+    assert model.tables == old
+
+
+def test_set_tables_interrupted_again_as_it_undoes_puts_back_the_other_layers(config, hasher):
+    """A Ctrl-C inside set_tables (at layer 3, layers 1 and 2 swapped), then another as it put
+    layer 2's old table back: layer 1 was left on its new table, as the undo stopped there.
+    Every other layer gets its old table; the interrupt goes on."""
+    three = ModelConfig.from_dict({**TINY, "engram": {**TINY["engram"], "layer_ids": [1, 2, 3]}})
+    model = EngramLM(three, hasher=NgramHasher(three.engram))
+    old = model.tables
+    new = {i: _Plain(t) for i, t in old.items()}
+    calls = []
+
+    def interrupted(embedding, backend):  # swaps 1, 2, 3 (interrupted), then undoes 2, 1
+        calls.append(backend)
+        if backend is new[3] or (backend is old[2] and len(calls) > 3):
+            raise KeyboardInterrupt
+
+    _hooked(model, interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        model.set_tables(new)
+    assert model.tables == {1: old[1], 2: new[2], 3: old[3]}  # layer 2's undo interrupted
+    assert calls == [new[1], new[2], new[3], old[2], old[1]]
+
+
 def test_set_tables_checks_each_table_s_layout_once(model):
     """set_tables checked every table, then each layer's set_table checked it again (the layout
     compared twice); the tables checked are swapped in as they are."""

@@ -394,8 +394,7 @@ class EngramLM(nn.Module):
                 swapped.append((engram, engram.table))
                 _swap(engram, table)  # interrupted: the old one
         except BaseException:  # a Ctrl-C between two layers: every layer's old table again
-            for engram, kept in reversed(swapped):
-                _swap(engram, kept)
+            _put_back(swapped)
             raise
 
     def dense_parameters(self) -> int:
@@ -822,13 +821,35 @@ def _table_mapping(tables: Any) -> dict[Any, Any]:
     return dict(tables)
 
 
-def _swap(engram: Engram | V41Engram, table: TableBackend) -> None:
+def _swap(engram: Engram | V41Engram, table: TableBackend, *, direct: bool = False) -> None:
     """Give ``engram`` the checked ``table`` (a demo layer's through its embedding's
-    ``set_backend``); interrupted, it keeps its old one."""
+    ``set_backend``, unless ``direct``); interrupted, it keeps its old one."""
     if isinstance(engram, V41Engram):
         swap_table(engram, "table", table)
+    elif direct:
+        swap_table(engram.multi_head_embedding, "embedding", table)
     else:
         engram.multi_head_embedding.set_backend(table)
+
+
+def _put_back(swapped: list[tuple[Engram | V41Engram, TableBackend]]) -> None:
+    """Give each layer of ``swapped`` its old table again, the last swapped first (one holding
+    it left alone): through ``_swap``, or directly where that refuses it (a ``set_backend``
+    checking what the model was made with); every layer is tried, then a Ctrl-C raised."""
+    interrupted: BaseException | None = None
+    for engram, kept in reversed(swapped):
+        if engram.table is kept:  # its swap failed before it took the new one
+            continue
+        try:
+            try:
+                _swap(engram, kept)
+            except Exception:  # noqa: BLE001 (the old table was served: it goes back as it was)
+                if engram.table is not kept:
+                    _swap(engram, kept, direct=True)
+        except BaseException as exc:  # a second Ctrl-C: the other layers put back all the same
+            interrupted = interrupted or exc
+    if interrupted is not None:
+        raise interrupted
 
 
 def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
