@@ -265,6 +265,23 @@ def test_loss_of_one_token_sequences_is_refused(model, batches):
     assert torch.isfinite(model.loss(batches[0][:, :2]))
 
 
+@pytest.mark.parametrize("kind", ["tensor", "array", "list"])
+def test_the_loss_of_ids_given_alone_checks_them_once(model, batches, kind):
+    """loss checked its ids (for their length), then the forward it ran hashed them, checking
+    them again: the whole batch read twice. They are checked once; the loss is the one of the
+    batch prefetched first."""
+    from tests.test_engram_pipeline import _CountedChecks
+
+    ids = batches[0]
+    given = {"tensor": ids, "array": ids.numpy(), "list": ids.tolist()}[kind]
+    with torch.no_grad():
+        want = model.loss(ids, prefetched=model.prefetch(ids))
+        with _CountedChecks(model) as checks:
+            got = model.loss(given)
+    assert checks.calls == 1
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
 def test_a_forward_uses_its_rotary_tables_though_another_replaced_them(model, batches):
     """Forwards on the server's worker threads share the rotary table cache: one that grew it
     must not read back the shorter table another forward stored just after (it failed in the

@@ -587,6 +587,9 @@ class EngramLM(nn.Module):
                 f"input_ids: expected shape [B, T] with T >= 2 for a next-token loss (position t "
                 f"predicts t + 1), got {list(ids.shape)}"
             )
+        if prefetched is None:  # the ids checked here hashed as they are (not checked again)
+            prefetched = self.fetch(self._hash(input_ids, checked=ids))
+            input_ids = prefetched.input_ids  # the batch's own: the forward compares none
         logits = self(input_ids, prefetched=prefetched)
         return F.cross_entropy(
             logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1).to(logits.device)
