@@ -10,6 +10,7 @@ import weakref
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from tests.test_engram_model import STORE, TEXT, TINY
 from tiered_store.engram import NgramHasher, TableBackend
@@ -18,7 +19,7 @@ from tiered_store.engram.model import EngramLM, ModelConfig
 from tiered_store.engram.pipeline import (
     DecodeStats,
     PrefetchPipeline,
-    _host_ids_to_pin,
+    _pinned_host_ids,
     profile_rows,
     table_stats_delta,
 )
@@ -182,7 +183,7 @@ def test_a_batch_for_the_gpu_is_pinned_once(batches):
 def test_a_batch_of_int32_ids_for_the_gpu_is_pinned_as_int64(batches):
     """On CUDA the pipeline pinned a batch of int32 CPU ids, then hash converted the pinned copy
     to an int64 copy that was not pinned, so the model's copy to the GPU was synchronous; the
-    ids are converted first, and the int64 ids the batch keeps are the pinned ones."""
+    ids are converted into the pinned copy, and the int64 ids the batch keeps are the pinned ones."""
     model = cuda_model()
     with torch.no_grad():
         want = [model(ids.cuda(), logits="last") for ids in batches]
@@ -206,10 +207,64 @@ def test_host_ids_of_every_kind_are_chosen_for_pinning(model, batches, kind):
         "list": ids.tolist(),
         "tensor": ids,
     }[kind]
-    chosen, pin = _host_ids_to_pin(model, given)
-    assert pin and chosen.dtype == torch.int64 and torch.equal(chosen, ids)
+    chosen, own = _pinned_host_ids(model, given, pin_memory=False)  # no CUDA here
+    assert own and chosen.dtype == torch.int64 and torch.equal(chosen, ids)
+    if kind != "list":  # the pipeline's own copy: the source may refill its buffer
+        assert not np.may_share_memory(chosen.numpy(), np.asarray(given))
     on_a_device = torch.empty(2, 3, dtype=torch.int64, device="meta")  # as CUDA ids: not read
-    assert _host_ids_to_pin(model, on_a_device) == (None, False)
+    assert _pinned_host_ids(model, on_a_device) == (None, False)
+
+
+class _Copies(TorchDispatchMode):
+    """Counts the copies torch makes of tensors (a conversion, a clone, a pinning)."""
+
+    COPIES = ("_to_copy", "copy_", "clone", "_pin_memory")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls += func.overloadpacket.__name__ in self.COPIES
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int16, torch.uint8])
+def test_narrow_host_ids_for_the_gpu_are_converted_in_their_pinned_copy(model, batches, dtype):
+    """For a model on the GPU the pipeline converted int32 host ids to int64 (a copy), then
+    pinned that (a second copy); they are converted as they are copied into the pinned buffer:
+    one copy. (Here, without CUDA, an unpinned one.)"""
+    ids = batches[0] % 200  # in uint8's range
+    given = ids.to(dtype)
+    with _Copies() as copies:
+        chosen, own = _pinned_host_ids(model, given, pin_memory=False)
+    assert copies.calls == 1 and own
+    assert chosen.dtype == torch.int64 and torch.equal(chosen, ids)
+    with _Copies() as copies:  # an array: no copy of its own either
+        chosen, own = _pinned_host_ids(model, given.numpy(), pin_memory=False)
+    assert copies.calls == 1 and own and torch.equal(chosen, ids)
+    with pytest.raises(RowIdError, match=r"^batches\[2\]: token id -1 at index \(0, 1\)"):
+        bad = torch.tensor([[0, -1]], dtype=torch.int8)
+        _pinned_host_ids(model, bad, "batches[2]", pin_memory=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_int32_host_ids_for_the_gpu_are_pinned_in_one_copy(batches):
+    """On CUDA int32 host ids (pinned or not) were converted to int64, then pinned: two copies
+    of every batch; they are converted into the pinned copy, and the pipeline's output is the
+    one of int64 ids on the GPU."""
+    model = cuda_model()
+    for given in (batches[0].int(), batches[0].int().pin_memory(), batches[0].int().numpy()):
+        with _Copies() as copies:
+            chosen, own = _pinned_host_ids(model, given)
+        assert copies.calls == 1 and own and chosen.is_pinned() and chosen.dtype == torch.int64
+        assert torch.equal(chosen, batches[0])
+    with torch.no_grad():
+        want = [model(ids.cuda(), logits="last") for ids in batches]
+    pipeline = PrefetchPipeline(model, lookahead=1)
+    outs = [out for _, out in pipeline.run(ids.int() for ids in batches)]
+    assert all(torch.equal(a, b) for a, b in zip(outs, want, strict=True))
 
 
 class _CountedChecks:
@@ -238,7 +293,7 @@ def test_host_ids_chosen_for_pinning_are_checked_once(model, batches):
     hashed as they are: one check a batch."""
     ids = batches[0]
     with _CountedChecks(model) as checks:
-        checked, pin = _host_ids_to_pin(model, ids.numpy().astype(np.int32))
+        checked, own = _pinned_host_ids(model, ids.numpy().astype(np.int32), pin_memory=False)
         batch = model._hash(checked, owned=True, checked=checked)
     assert checks.calls == 1 and batch.input_ids is checked and torch.equal(checked, ids)
     with _CountedChecks(model) as checks:

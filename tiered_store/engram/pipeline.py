@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError
+from ..id_ops import array_for_torch
 from ..integers import as_integer
 from ..stats import hit_ratio
 from .backend import TableBackend
@@ -245,7 +246,8 @@ class PrefetchPipeline:
         once, as ``run`` pins each batch."""
         model, tables = self.model, self.model.tables
         cuda = model.embed.weight.device.type == "cuda"
-        ids, pin = _host_ids_to_pin(model, tokens, "tokens") if cuda else (None, False)
+        # pinned first (one copy, int32 tokens converted in it): a bad prompt wastes the copy
+        ids = _pinned_host_ids(model, tokens, "tokens")[0] if cuda else None
         if ids is None:
             ids = model._check_input(tokens, "tokens")
         if ids.shape[1] < 2:
@@ -259,8 +261,6 @@ class PrefetchPipeline:
                 f"prompt: expected an integer in [1, {ids.shape[1] - 1}] (tokens has "
                 f"{ids.shape[1]} per sequence), got {given!r}"
             )
-        if pin:  # every step's copy of its tokens to the GPU: asynchronous
-            ids = ids.pin_memory()
         # on the device the tokens are hashed on: no step copies the look-back there and back
         state, cache = model.hasher.new_state(ids.shape[0], device=ids.device), model.new_cache()
         steps = ids.shape[1] - prompt
@@ -308,25 +308,52 @@ class PrefetchPipeline:
         disabled) start its fetches; the batch holds one copy of ids the source may refill
         before it runs (hash's, or the pinned one made here: on CUDA host ids of any kind are
         pinned). The ids are checked once."""
-        checked, pin = _host_ids_to_pin(self.model, input_ids, name) if cuda else (None, False)
-        if pin:  # int64 first (int32 ids: a copy), then pinned: the copy hash keeps
-            input_ids = checked = checked.pin_memory()  # the copy to the GPU: async
-        batch = self.model._hash(input_ids, owned=pin, name=name, checked=checked)
+        checked, own = _pinned_host_ids(self.model, input_ids, name) if cuda else (None, False)
+        if own:  # pinned (int32 ids converted in the copy): the copy hash keeps, copied to the
+            input_ids = checked  # GPU asynchronously
+        batch = self.model._hash(input_ids, owned=own, name=name, checked=checked)
         return self.model.fetch(batch) if self.prefetch else batch
 
 
-def _host_ids_to_pin(
-    model: EngramLM, input_ids: Any, name: str = "input_ids"
+# host id dtypes converted to int64 straight into the pinned copy (int64 holds every value)
+_NARROW = (torch.int8, torch.int16, torch.int32, torch.uint8)
+_NARROW_ARRAYS = tuple(np.dtype(t) for t in (np.int8, np.int16, np.int32, np.uint8))
+
+
+def _pinned_host_ids(
+    model: EngramLM, input_ids: Any, name: str = "input_ids", *, pin_memory: bool = True
 ) -> tuple[torch.Tensor | None, bool]:
     """For a model on the GPU: the checked int64 ids [B, T] (``name`` in errors; None for ids
     on a device, which hash alone checks: a check here would wait for the device) and whether
-    the pipeline pins them (so that their copy there is asynchronous): host ids not pinned yet,
-    given as a tensor, an array or a list (ids pinned already: hash's snapshot of them is
-    pinned)."""
+    they are the pipeline's own pinned copy (so that their copy there is asynchronous), made of
+    host ids not pinned yet, given as a tensor, an array or a list (ids pinned already are
+    kept: hash's snapshot of them is pinned). Narrower integer ids (int32) are converted in that
+    copy: one copy, not two. ``pin_memory`` False: the copy is not pinned (tests without CUDA)."""
     if isinstance(input_ids, torch.Tensor) and input_ids.device.type != "cpu":
         return None, False  # checked by hash alone: a check here would wait for the device too
-    ids = model._check_input(input_ids, name)
-    return ids, not ids.is_pinned()
+    narrow = _narrow_host_ids(input_ids)
+    if narrow is None:
+        ids = model._check_input(input_ids, name)
+        if ids.is_pinned():
+            return ids, False
+    source = ids if narrow is None else narrow
+    own = torch.empty(source.shape, dtype=torch.int64, pin_memory=pin_memory).copy_(source)
+    return (model._check_input(own, name) if narrow is not None else own), True
+
+
+def _narrow_host_ids(input_ids: Any) -> torch.Tensor | None:
+    """``input_ids`` as a tensor sharing their memory when they are a host tensor or array of a
+    ``_NARROW`` dtype (checked once converted); None for any other ids."""
+    if isinstance(input_ids, np.ndarray) and input_ids.dtype in _NARROW_ARRAYS:
+        return torch.from_numpy(array_for_torch(input_ids))
+    if (
+        isinstance(input_ids, torch.Tensor)
+        and input_ids.dtype in _NARROW
+        and input_ids.layout == torch.strided
+        and not input_ids.is_nested
+    ):
+        return input_ids
+    return None
 
 
 def _snapshot(table: TableBackend) -> dict | None:
