@@ -638,6 +638,40 @@ def test_a_store_on_the_cpu_never_asks_whether_prefetched_ids_are_pinned(table):
         assert torch.equal(store.lookup(ids.int(), int32), data[ids])
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_prefetch_of_pinned_int32_ids_on_a_gpu_store_converts_them_in_one_pinned_copy(table):
+    """A store on a GPU given pinned int32 ids converted them to int64 (a pageable copy), then
+    pinned that (a second copy) for its snapshot. They are converted as they are copied into
+    the pinned snapshot, which the caller's refill does not change; pinned int64 ids are still
+    copied once, pinned."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Pinnings(TorchDispatchMode):
+        """Counts Tensor.pin_memory() calls (on this thread)."""
+
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.calls += func is torch.ops.aten._pin_memory.default
+            return func(*args, **(kwargs or {}))
+
+    path, data = table
+    with TieredStore(store_config(path, hot={"capacity": 500, "device": "cuda"})) as store:
+        ids = torch.tensor([[1, 2], [3, 4999]])
+        for given in (ids.int().pin_memory(), ids.pin_memory()):
+            with Pinnings() as pinnings:
+                handle = store.prefetch(given)
+            assert pinnings.calls == 0
+            assert handle.host.is_pinned() and handle.host.dtype == torch.int64
+            assert handle.host.data_ptr() != given.data_ptr()
+            given.fill_(7)  # refilled: the handle's snapshot is the ids prefetched
+            with pytest.raises(PrefetchHandleError, match="differ"):
+                store.lookup(given, handle)
+            got = store.lookup(ids.to(given.dtype), handle)  # the ids prefetched: its rows
+            assert torch.equal(got.cpu(), data[ids])
+
+
 def test_a_handle_looked_up_with_other_ids_names_where_they_differ(table):
     """Other ids of the same shape were refused as "ids (shape (3,)) differ from the ids this
     handle prefetched (shape (3,))": neither where they differ nor the two ids."""

@@ -301,10 +301,10 @@ class TieredStore:
             # handle) compares the caller's ids with it on the host, waiting for no device work.
             # A store on the CPU copies its ids to no GPU: it asks no is_pinned() (which may
             # start a CUDA context).
-            gpu = self.device.type == "cuda"
-            host = snapshot_of(flat.to(torch.int64), tensor, pinnable=gpu)
-            if gpu and tensor.is_pinned() and not host.is_pinned():  # converted (int32, strided):
-                host = host.pin_memory()  # pinned again, or the copy would stop being asynchronous
+            if self.device.type == "cuda" and tensor.is_pinned():  # int32 converted as copied:
+                host = torch.empty(flat.shape, dtype=torch.int64, pin_memory=True).copy_(flat)
+            else:  # pageable: CUDA stages their copy before it returns
+                host = snapshot_of(flat.to(torch.int64), tensor, pinnable=False)
             flat = self._to_device(host)
         # the writes so far, read before the fetch can start: no write slips between
         return self._prefetcher.submit(
