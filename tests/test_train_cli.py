@@ -406,6 +406,33 @@ def test_a_damaged_settings_file_is_named_and_the_run_kept(tmp_path, capsys, sav
 
 
 @pytest.mark.parametrize(
+    ("saved", "why"),
+    [
+        ({"hot": -1}, "hot: got -1; expected a non-negative row count"),
+        ({"warm": "150%"}, "warm: '150%' is more than 100% of the table; expected 0%..100%"),
+        (
+            {"model": {"backbone": {"hidden_size": -1}}},
+            "model: backbone.hidden_size: expected an integer >= 1, got -1",
+        ),
+    ],
+)
+def test_a_saved_setting_checked_against_the_model_is_named_in_its_file(
+    tmp_path, capsys, saved, why
+):
+    """A train.json whose tier capacity or model does not hold (an edit, or an older version's):
+    --resume blamed the option ('--hot: got -1'), which the resume ignores (it warns so when it
+    is given), or named the model's key alone, not the file it is in."""
+    common, small, out = _cli_args(tmp_path)
+    assert main([*common, *small, "--steps", "1"]) == 0
+    doc = json.loads((out / "train.json").read_text())
+    (out / "train.json").write_text(json.dumps({**doc, **saved}))
+    assert main([*common, "--resume", "--steps", "2"]) == 2
+    err = capsys.readouterr().err
+    assert re.search(rf"error: --resume: .*train\.json: {re.escape(why)}; expected the settings `train` saved there \(restore them, or choose another --out\)", err), err  # fmt: skip
+    assert _committed(out) == 1
+
+
+@pytest.mark.parametrize(
     ("damage", "why"),
     [
         ("missing", "No such file or directory"),

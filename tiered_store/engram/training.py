@@ -152,8 +152,12 @@ def train(
         paths = [os.path.abspath(c) for c in corpus_paths(settings.corpus)]  # one: one path
         settings = replace(settings, corpus=paths)
     asked, settings = settings, _settings(out, settings, resume, given, out_name)
+    # a resume's settings are the run's saved ones: an error in them names the file (the
+    # options a resume is given do not change them)
+    saved_in = out / SETTINGS_FILE if resume and _holds_a_run(out, out_name) else None
     torch.manual_seed(settings.seed)
-    config = ModelConfig.from_dict(settings.model)
+    with _in_saved(saved_in, out_name, "model: "):
+        config = ModelConfig.from_dict(settings.model)
     if config.engram.is_v41:
         raise ConfigError(
             f"{_option('model', out_name)}: engram.geometry {v41_refusal('training cannot update')}"
@@ -165,12 +169,13 @@ def train(
     dim = model.tables[layers[0]].weight.shape[1]
     row_bytes = 4 * (dim + optimizer.state_width(dim))  # float32 [weights | optimizer state]
     for name in ("hot", "warm"):  # against the table the run would make, before making it
-        resolve_capacity(
-            getattr(settings, name),
-            table_rows=sum(sizes),
-            row_bytes=row_bytes,
-            key=_option(name, out_name),
-        )
+        with _in_saved(saved_in, out_name):
+            resolve_capacity(
+                getattr(settings, name),
+                table_rows=sum(sizes),
+                row_bytes=row_bytes,
+                key=name if saved_in else _option(name, out_name),
+            )
     # the corpus too: a path that does not exist, or too little text for one batch, is refused
     # before the run's folder holds anything that a rerun would have to --resume
     corpus = resolve_corpus(settings.corpus).shuffled(settings.seed)
@@ -686,10 +691,7 @@ def _settings(
         older version took, or an edit), which no option given with a resume changes."""
         if saved_in is None:
             return f"{_option(name, out_name)}: {expected}"
-        return (
-            f"{_option('resume', out_name)}: {saved_in}: {name}: {expected}; expected the "
-            f"settings `train` saved there (restore them, or choose another {out_name})"
-        )
+        return _saved_error(f"{name}: {expected}", saved_in, out_name)
 
     for name in ("steps", "batch_size", "seq_len", "checkpoint_every"):
         count = as_integer(getattr(given, name))  # saved as a JSON integer (True is no count)
@@ -723,6 +725,28 @@ def _settings(
             raise ConfigError(named(name, f"got {lr!r}; expected a positive finite learning rate"))
         given = replace(given, **{name: lr if isinstance(lr, int | float) else float(lr)})
     return given
+
+
+def _saved_error(what: str, saved_in: Path, out_name: str) -> str:
+    """The message of an error in a resume's saved settings file ``saved_in`` (``what``: the
+    setting and what is wrong with it): the file, and how to go on."""
+    return (
+        f"{_option('resume', out_name)}: {saved_in}: {what}; expected the settings `train` "
+        f"saved there (restore them, or choose another {out_name})"
+    )
+
+
+@contextlib.contextmanager
+def _in_saved(saved_in: Path | None, out_name: str, prefix: str = "") -> Iterator[None]:
+    """A ``ConfigError`` raised inside, about a setting that is the resume's saved one
+    (``saved_in``: its file; None: not a resume's), names the file (``prefix``: the setting,
+    where the error does not name it) and how to go on; else it goes through as it is."""
+    try:
+        yield
+    except ConfigError as exc:
+        if saved_in is None:
+            raise
+        raise ConfigError(_saved_error(f"{prefix}{exc}", saved_in, out_name)) from None
 
 
 def _option(name: str, out_name: str) -> str:
