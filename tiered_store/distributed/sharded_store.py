@@ -427,10 +427,11 @@ class ShardedStore:
         without committing and reopens it (each shard at its last commit). A shard whose rows the
         step leaves as they were (a zero gradient) counts for neither.
 
-        ``skip``: this rank's gradients overflowed under a ``GradScaler`` (their values are not
-        read): when any rank passes it, no shard changes and every rank returns None, once the
-        owners read the rows as stored (a NaN there, looked up, makes every step's gradients
-        NaN: named as above, never skipped)."""
+        ``skip``: this rank's gradients overflowed under a ``GradScaler`` (``ids`` and the
+        gradients' shape are checked as for any step, their values not read): when any rank
+        passes it, no shard changes and every rank returns None, once the owners read the rows
+        as stored (a NaN there, looked up, makes every step's gradients NaN: named as above,
+        never skipped)."""
         self._check_usable()
         self._check_float_rows("update_rows")
         self._write_rounds += 1
@@ -1074,11 +1075,12 @@ class ShardedStore:
         nonfinite: str | None = None,
     ) -> tuple[int | None, list[tuple[str | None, str | None]], str | None]:
         """Agree on the gradients' width and the step, route the gradients, sum them per row,
-        apply ``update`` to this shard's rows; when any rank skips, nothing (None rows). When
-        any rank's gradients are not finite (``nonfinite``: why) or any rank skips, every rank
-        raises naming a row as stored that is not finite first (its NaN, looked up, made them). Returns the rows
-        this rank updated, every rank's (write error, what its shard holds: ``_holds``, read
-        only once a shard's write failed) and ``_record_torn``'s account."""
+        apply ``update`` to this shard's rows; when any rank skips, the rows are only read and
+        none is updated (None rows). When any rank's gradients are not finite (``nonfinite``:
+        why), every rank raises; a row as stored among those read that is not finite is named
+        first on every rank (its NaN, looked up, made them), a skipped round's too. Returns the
+        rows this rank updated, every rank's (write error, what its shard holds: ``_holds``,
+        read only once a shard's write failed) and ``_record_torn``'s account."""
         self._enter("update")
         # the width from the shape: [n, 0] gradients are refused before, never read as "none"
         asked = self._all_gather((grads.shape[1] if len(grads) else None, step, skip, nonfinite))
