@@ -405,6 +405,22 @@ def test_a_damaged_settings_file_is_named_and_the_run_kept(tmp_path, capsys, sav
     assert _committed(out) == 1
 
 
+@pytest.mark.parametrize("steps", [0, -3])
+def test_a_saved_step_count_out_of_range_is_named_on_a_resume_not_given_steps(
+    tmp_path, capsys, steps
+):
+    """A train.json whose step count is below 1 (an edit): a --resume given no --steps took it
+    for one not asked and trained the default 200 steps; it is named in its file."""
+    common, small, out = _cli_args(tmp_path)
+    assert main([*common, *small, "--steps", "1"]) == 0
+    doc = json.loads((out / "train.json").read_text())
+    (out / "train.json").write_text(json.dumps({**doc, "steps": steps}))
+    assert main([*common, "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert re.search(rf"error: --resume: .*train\.json: steps: expected an integer >= 1, got {steps}; expected the settings `train` saved there", err), err  # fmt: skip
+    assert _committed(out) == 1
+
+
 @pytest.mark.parametrize(
     ("saved", "why"),
     [

@@ -658,7 +658,8 @@ def _settings(
                 f"{_option('steps', out_name)} may grow); ignored: {', '.join(ignored)}",
                 stacklevel=3,
             )
-        saved.steps = max(saved.steps, given.steps)
+        if given.steps:  # not asked: the run's own, checked below (never the default)
+            saved.steps = max(saved.steps, given.steps)
         given, saved_in = saved, path
     elif resume:
         warnings.warn(
@@ -670,7 +671,7 @@ def _settings(
             f"{out_name}: {out} already holds a training run; pass {_resume_flag(out_name)} to "
             "continue it, or choose another directory"
         )
-    if not given.steps:  # not asked, and no run to take it from
+    if not given.steps and saved_in is None:  # not asked, and no run to take it from
         given = replace(given, steps=TrainSettings().steps)
     if given.optimizer not in OPTIMIZERS:
         raise ConfigError(
