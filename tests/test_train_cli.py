@@ -405,6 +405,22 @@ def test_a_damaged_settings_file_is_named_and_the_run_kept(tmp_path, capsys, sav
     assert _committed(out) == 1
 
 
+def test_a_resume_asked_for_a_step_count_that_is_no_count_names_it_not_the_settings_file(
+    tmp_path,
+):
+    """train(resume=True) given steps that are no count: '5' raised a bare TypeError ('<' not
+    supported between 'str' and 'int'), and 2.5, larger than the run's count, was blamed on
+    train.json, which holds 1; both are named as the parameter, as a new run names them."""
+    corpus = ROOT / "tiered_store" / "engram"
+    settings = replace(_settings(corpus), steps=1, checkpoint_every=1)
+    out = tmp_path / "run"
+    train(out, settings, resume=False, progress=False)
+    for steps in ("5", 2.5):
+        with pytest.raises(ConfigError, match=rf"^steps: expected an integer >= 1, got {steps!r}$"):
+            train(out, replace(settings, steps=steps), resume=True, progress=False)
+    assert _committed(out) == 1
+
+
 @pytest.mark.parametrize("steps", [0, -3])
 def test_a_saved_step_count_out_of_range_is_named_on_a_resume_not_given_steps(
     tmp_path, capsys, steps

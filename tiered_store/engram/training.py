@@ -636,6 +636,14 @@ def _settings(
         )
     if resume and path.exists() and _holds_a_run(out, out_name):
         saved = _saved_settings(path, out_name)
+        if given.steps:  # the count asked for (the run's may grow to it): the caller's to name
+            count = as_integer(given.steps)
+            if count is None or count < 1:
+                raise ConfigError(
+                    f"{_option('steps', out_name)}: expected an integer >= 1, got "
+                    f"{shown(given.steps)}"
+                )
+            given = replace(given, steps=count)
         default = TrainSettings()
         ignored = [  # asked for (a default value too), and not what the run uses
             f"{_option(f.name, out_name)} {getattr(given, f.name)} (it uses "
