@@ -296,8 +296,8 @@ class Heartbeat:
 
     def absent(self, wait_s: float) -> tuple[int, ...]:
         """The other ranks that have written no entry within ``wait_s`` seconds (read on the
-        group's store every interval): they never came to where this heartbeat started. None
-        when the store cannot be read (what then fails names it)."""
+        group's store every interval): they never came to where this heartbeat started. ``()``
+        (none named) when the store cannot be read (what then fails names it)."""
         deadline = time.monotonic() + wait_s
         missing = tuple(r for r in range(self.world) if r != self.rank)
         while True:
