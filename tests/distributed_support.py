@@ -878,7 +878,8 @@ def unknown_update_write_worker(
     rank: int, world: int, port: int, trainable: str, out: Path
 ) -> None:
     """Every rank: a training step whose shard write fails (the test's OSError) and whose lookup
-    of its rows after it fails too (the test's OSError): what the step raised."""
+    of its rows after it fails too (the test's OSError): what the step and a lookup after it
+    raised."""
     _join_group(rank, world, port)
     result: dict[str, Any] = {}
     try:
@@ -901,6 +902,11 @@ def unknown_update_write_worker(
             result["step"] = table.step(1)
         except Exception as exc:  # noqa: BLE001 (recorded for the test)
             result["step"] = f"{type(exc).__name__}: {exc}"
+        try:
+            with torch.no_grad():
+                result["lookup"] = table.lookup(ids).tolist()
+        except Exception as exc:  # noqa: BLE001 (recorded for the test)
+            result["lookup"] = f"{type(exc).__name__}: {exc}"
         table.close()
         dist_destroy()
     except BaseException:

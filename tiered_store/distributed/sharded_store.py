@@ -1222,8 +1222,10 @@ class ShardedStore:
             f"the step applied on the shards of {applied} and not on those of "
             f"{ranks_named(lacks)}{partly}"
         )
+        # apart for certain when a shard wrote and another's write is known not to have applied
+        are = "are" if wrote and any(held == _LOST for _, held in outcomes) else "may be"
         self._torn_update = (
-            f"an update_rows round: {apart}, so the shards are a step apart; expected every shard "
+            f"an update_rows round: {apart}, so the shards {are} a step apart; expected every shard "
             "at one step: close every rank's store without committing and reopen it (each shard "
             "reopens at its last commit, every write since dropped; training resumes from "
             "committed_step)"
