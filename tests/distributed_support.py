@@ -319,6 +319,61 @@ def kill_or_stall(store: Any, rank: int, victim: int, how: str, result: dict) ->
     store.close()
 
 
+def interrupted_failed_round_worker(
+    rank: int, world: int, port: int, table: str, out: Path
+) -> None:
+    """Two ranks; rank 1 dies (SIGKILL) after a first lookup; rank 0 prefetches, its round held
+    until rank 0's lookup of the handle is interrupted (Ctrl-C) in its wait, then failing on the
+    dead rank: once that round is over, the failure rank 0's store records and what its next
+    lookup raises."""
+    from tiered_store.distributed import ShardedStore
+    from tiered_store.errors import RankFailureError
+
+    _init(rank, world, port)
+    result: dict[str, Any] = {}
+    try:
+        cfg = _store_config(Path(table), world, "rows")
+        cfg["sharding"]["timeout_s"] = KILL_TIMEOUT_S
+        store = ShardedStore.open(cfg)
+        ids = torch.arange(40).reshape(8, 5) * 11 % store.rows
+        store.lookup(ids)
+        if rank == 1:
+            os.kill(os.getpid(), signal.SIGKILL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        interrupted, real = threading.Event(), store._exchange
+
+        def exchange(*args: Any) -> Any:
+            interrupted.wait(30)  # the caller is interrupted first
+            return real(*args)
+
+        store._exchange = exchange
+        handle = store.prefetch(ids)
+
+        def interrupt() -> None:
+            while not handle.future._condition._waiters:
+                time.sleep(0.001)
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)  # a Ctrl-C
+
+        threading.Thread(target=interrupt, daemon=True).start()
+        try:
+            result["lookup"] = store.lookup(ids, handle).shape[0]
+        except KeyboardInterrupt:
+            result["lookup"] = "KeyboardInterrupt"
+        interrupted.set()
+        with contextlib.suppress(Exception):
+            handle.future.exception(timeout=60)  # the round is over
+        result["failed"] = None if store.failed is None else str(store.failed)
+        try:
+            store.lookup(ids)
+            result["after"] = None
+        except RankFailureError as exc:
+            result["after"] = str(exc)
+        store.close()
+    except BaseException:
+        result["crash"] = traceback.format_exc()
+    _report(out, rank, result)
+
+
 def hung_read_worker(rank: int, world: int, port: int, table: str, out: Path) -> None:
     """Two ranks; rank 1's shard read hangs in the second lookup (alive, in the round, its beat
     moving, as on a disk or file system that stopped answering): what each rank's lookup

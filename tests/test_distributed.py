@@ -1042,6 +1042,25 @@ def test_rank_0_killed_a_rank_stalling_or_failing_is_named_by_every_other_rank_i
         assert result["served_after"] is True
 
 
+def test_a_rank_interrupted_in_a_round_failing_on_a_dead_rank_records_the_failure(tables, tmp_path):
+    """Rank 0, interrupted (Ctrl-C) while it waited for a lookup round that then failed on rank
+    1 (killed), never recorded the failure (its wait did): its next lookup ran on the broken
+    group and failed again as a new failure. The round records it, so the store refuses the
+    next call at once, as after a failure its caller saw."""
+    from tests.distributed_support import interrupted_failed_round_worker
+
+    table = tables["plain"]
+    write_shards(
+        table, 2, "rows", template=shards_template(table, "rows"), progress=False, overwrite=True
+    )
+    codes = run_ranks(interrupted_failed_round_worker, 2, (str(table), tmp_path), 60)
+    result = json.loads((tmp_path / "rank0.json").read_text())
+    assert codes[0] == 0 and "crash" not in result, (codes, result)
+    assert result["lookup"] == "KeyboardInterrupt", result
+    assert str(result["failed"]).startswith("rank 0: lookup #2 failed: rank 1 "), result
+    assert result["after"].startswith("rank 0: this sharded store failed earlier (rank 0: lookup #2 failed: "), result  # fmt: skip
+
+
 @pytest.mark.gpu
 def test_on_cuda_the_exchange_runs_on_nccl_and_rows_stay_packed_until_the_gather(
     tables, monkeypatch

@@ -7,6 +7,7 @@ the process from exiting (``concurrent.futures`` workers are joined at exit).
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 from collections.abc import Callable
@@ -21,7 +22,10 @@ __all__ = ["CollectiveThread"]
 class CollectiveThread:
     """Run submitted calls one after another on a daemon thread; ``submit`` returns a Future."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, failed: Callable[[Exception], None] | None = None) -> None:
+        """``failed``: called on the thread with a call's error before its Future holds it (what
+        the call's caller, interrupted meanwhile, would never see); its own error is dropped."""
+        self._failed = failed
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.Lock()  # nothing is queued behind the stop marker
         self._closing = False
@@ -61,4 +65,7 @@ class CollectiveThread:
             try:
                 future.set_result(fn(*args))
             except BaseException as exc:  # handed to the waiting caller
+                if self._failed is not None and isinstance(exc, Exception):
+                    with contextlib.suppress(Exception):  # the Future gets its error whatever
+                        self._failed(exc)
                 future.set_exception(exc)

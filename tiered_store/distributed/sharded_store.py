@@ -182,6 +182,7 @@ class ShardedStore:
         self.owns_group = init_process_group_from_env(sharding, config.tiers.hot.device)
         _check_group(group)
         self._failure: BaseException | None = None
+        self._failing = threading.Lock()  # one diagnosis of a failure (``_fail``, a round's)
         self._closed = False
         self._closed_in_time = True  # False once close() left its shard's calls under way
         self.local: TieredStore | None = None
@@ -214,7 +215,7 @@ class ShardedStore:
             # the diagnosis reads the heartbeats for 3 intervals: the whole error comes within timeout_s
             self._interval = min(max(self.timeout_s / 12, 0.05), 2.0)
             self._wait_s = max(self.timeout_s - 3 * self._interval - 0.1, 0.1)
-            self._thread = CollectiveThread(f"sharded-store-rank{self.rank}")
+            self._thread = CollectiveThread(f"sharded-store-rank{self.rank}", self._round_failed)
             # until the open's exchange agrees on this store's own keys, the beats go under keys of
             # the group's ranks (an entry left by an earlier open over them does not move: stopped),
             # from before the subgroup is made: a rank that never opens the store is named
@@ -227,9 +228,7 @@ class ShardedStore:
                         backend=backend, timeout=timedelta(seconds=self.timeout_s)
                     )
                 except Exception as exc:  # torch's timeout, naming no rank
-                    self._fail(
-                        "open", exc, f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
-                    )
+                    self._fail("open", exc, _backend_error(exc))
                 self.owns_subgroup = True
             info, error = self._open_local()
             prints = self._wait(
@@ -1326,11 +1325,29 @@ class ShardedStore:
         except (TieredStoreError, PrefetchHandleError):
             raise
         except Exception as exc:  # the backend's error: a peer closed its connection, a timeout
-            self._fail(what, exc, f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
+            self._fail(what, exc, _backend_error(exc))
+
+    def _round_failed(self, exc: Exception) -> None:
+        """On the collective thread, a round's error: the backend's (as ``_wait`` tells them
+        apart) is recorded as this store's failure in the round, so that a caller interrupted
+        (Ctrl-C) while it waited, or one that never waited (its own input refused), has its next
+        call refused as after a failure it saw, not run on the broken group."""
+        if not isinstance(exc, (_LookupFailed, TieredStoreError, PrefetchHandleError)):
+            kind = self._heartbeat.kind
+            self._record_failure(_ROUND_CALLS.get(kind, kind), _backend_error(exc))
 
     def _fail(self, what: str, cause: BaseException | None, detail: str) -> None:
         """Name the failed rank(s), remember the failure, raise it."""
-        raise self.failure(what, detail) from cause
+        raise self._record_failure(what, detail) from cause
+
+    def _record_failure(self, what: str, detail: str) -> BaseException:
+        """``failure``, diagnosed once: a round failing on the store's thread as its caller's
+        wait runs out (or the other way round) takes the failure the first recorded, not a
+        second diagnosis after it (both waiting to connect to a gone store host)."""
+        with self._failing:
+            if self._failure is None:
+                self.failure(what, detail)
+            return self._failure
 
     def failure(self, what: str, detail: str) -> RankFailureError:
         """The error of a failed round of the group (``what``), naming the failed rank(s); this
@@ -1362,6 +1379,10 @@ class ShardedStore:
         if self._closed:
             raise StoreClosedError("sharded store is closed; open a new ShardedStore")
         self._refuse_torn()
+        self._refuse_failed()
+
+    def _refuse_failed(self) -> None:
+        """``RankFailureError`` once a round of the group failed (``failure``)."""
         if self._failure is not None:
             raise RankFailureError(
                 f"rank {self.rank}: this sharded store failed earlier ({self._failure}); close it "
@@ -1379,8 +1400,10 @@ class ShardedStore:
     def _enter(self, kind: str) -> None:
         """Start this rank's collective round of ``kind``: refused before any collective once an
         update round left the shards a step apart, so that a call queued before that round ended
-        (its caller interrupted, by Ctrl-C) is refused as the other ranks refuse theirs."""
+        (its caller interrupted, by Ctrl-C) is refused as the other ranks refuse theirs, and
+        once a round failed (the group is broken)."""
         self._refuse_torn()
+        self._refuse_failed()
         self._heartbeat.enter(kind)
 
     def _shutdown(self, deadline: float | None = None) -> bool:
@@ -1410,6 +1433,20 @@ class ShardedStore:
             dist.destroy_process_group()
             _ENV_GROUP.group, _ENV_GROUP.failed = None, False
         return closed_in_time
+
+
+def _backend_error(exc: BaseException) -> str:
+    """A backend's error (torch's, gloo's) as a failure's detail: its type and first line.
+
+    >>> _backend_error(RuntimeError())
+    'RuntimeError'
+    """
+    first = str(exc).splitlines()[:1]
+    return f"{type(exc).__name__}: {first[0][:300]}" if first else type(exc).__name__
+
+
+# the call whose round of a kind failed, as a failure names it (``Heartbeat.kind``: the others')
+_ROUND_CALLS = {"update": "update_rows"}
 
 
 def _ranks_digest(group: dist.ProcessGroup) -> str:
