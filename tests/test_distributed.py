@@ -2256,6 +2256,31 @@ def test_a_shard_set_two_shard_runs_left_mixed_is_named_so_not_a_torn_commit(tmp
         assert "a mixed set" in result["open"] and "not a torn commit" in result["open"]
 
 
+def test_committed_step_read_as_the_commit_round_forgets_the_torn_steps_is_a_step():
+    """The commit round forgets the torn steps on the store's thread (ef17ee9), while a caller
+    (interrupted in that commit, or a stats reader) may read committed_step: it checked
+    ``_torn_steps`` and read it again for min(), so the round clearing it between the two
+    raised TypeError ('NoneType' object is not iterable); a decided step cleared likewise
+    returned None. Each is read once. The round's clearing is played by the reads here."""
+
+    class Cleared(ShardedStore):
+        """``_torn_steps`` and ``_unfinished`` as the thread leaves them: set at the first read,
+        cleared at the next."""
+
+        reads: dict[str, list] = {"_torn_steps": [[1, 2]], "_unfinished": [3]}
+        _torn_steps = property(lambda self: (self.reads["_torn_steps"] or [None]).pop())
+        _unfinished = property(lambda self: (self.reads["_unfinished"] or [None]).pop())
+
+    class Local:
+        committed_step = 2
+
+    store = ShardedStore.__new__(Cleared)
+    store.local = Local()
+    assert store.committed_step == 1  # the torn steps as first read: the oldest
+    assert store.committed_step == 3  # the decided step as first read
+    assert store.committed_step == 2  # both cleared: the shard's own
+
+
 def _check_torn_commit_is_found_and_redone(plain: Path, out: Path) -> None:
     """Over shards of ``plain`` that a torn commit left at steps 1 (rank 0) and 2 (rank 1), one
     row of each written 1.0 and 2.0 at those steps: reopened on two new ranks, every rank warns,

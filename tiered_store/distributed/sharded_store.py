@@ -495,10 +495,11 @@ class ShardedStore:
         shards were opened at different steps (shards committed one by one, or by a version
         before the two-phase commit), the oldest of them on every rank until a commit succeeds
         everywhere: a training job resumes from it and redoes the newer steps on every shard."""
-        if self._torn_steps is not None:
-            return min(self._torn_steps)
-        if self._unfinished is not None:  # decided: staged here, committed on the others
-            return self._unfinished
+        # each read once: the commit round (on the store's thread) may clear it meanwhile
+        if (torn := self._torn_steps) is not None:
+            return min(torn)
+        if (unfinished := self._unfinished) is not None:  # decided: staged here, committed on
+            return unfinished  # the others
         return self.local.committed_step
 
     @property
