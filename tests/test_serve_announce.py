@@ -138,6 +138,24 @@ def test_announcing_server_answers_alike_and_releases_every_request(tmp_path):
         announcing.stop()
 
 
+def test_a_load_run_says_what_each_kind_of_error_answered(tmp_path):
+    """run_load counted a failed request by its status alone ({'503': 1}): a busy server, a
+    table fault and a drain read alike. The first answer of each status is kept, its error."""
+    limits = {"announce_requests": True, "request_timeout_s": 30.0}
+    server = start_server(make_checkpoint(tmp_path, server=limits))
+    try:
+        break_lookups(server.model.stores["engram_layer3"])  # fails after announcing
+        bodies = zipf_requests(3, batch=2, tokens=8, seed=5)
+        result = run_load(server.url + "/v1/engram", bodies, clients=2)
+        assert result.errors == {"503": 3} and result.answered == 0, result
+        expected = "table data unavailable (table engram_layer3: cold tier read failed)"
+        assert result.error_texts == {"503": expected}
+        assert result.to_dict()["error_texts"] == {"503": expected}
+        assert queued_requests(server) == [0, 0]
+    finally:
+        server.stop()
+
+
 def test_a_request_waiting_for_its_turn_is_announced_while_every_worker_computes(tmp_path):
     """max_concurrent 1: while request 1 computes, request 2 is parsed and announced as it waits
     (it was announced only once request 1 finished: announcing used the compute threads)."""

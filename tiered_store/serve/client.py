@@ -38,6 +38,8 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
+from ..errors import cut_text, error_text
+
 __all__ = [
     "LoadResult",
     "ServeProcess",
@@ -460,6 +462,9 @@ class LoadResult:
     requests: int
     answered: int = 0
     errors: dict[str, int] = field(default_factory=dict)  # status or exception name -> count
+    # each key of ``errors`` -> what its first one said (the answer's "error", the exception's
+    # message): a 503 says whether it was busy, a table fault or a drain
+    error_texts: dict[str, str] = field(default_factory=dict)
     wall_seconds: float = 0.0
     latencies_ms: list[float] = field(default_factory=list, repr=False)
 
@@ -488,6 +493,13 @@ class LoadResult:
         return out
 
 
+def _answer_text(answer: Any) -> str:
+    """What an answer that is not counted answered said: its "error", else its start."""
+    if isinstance(answer, dict) and isinstance(answer.get("error"), str):
+        return cut_text(answer["error"], 500)
+    return cut_text(json.dumps(answer), 200)
+
+
 def run_load(
     url: str,
     bodies: list[dict[str, Any]],
@@ -501,7 +513,8 @@ def run_load(
 
     A request counts as answered when it gets 200 (and ``check(answer)`` holds, when given);
     any other status (its body JSON or not: a proxy's 502 page) or exception is an error, by
-    name. The run is bounded: a fixed number of requests, each with ``timeout``.
+    name, and the first of each name's text is kept (``error_texts``). The run is bounded: a
+    fixed number of requests, each with ``timeout``.
 
     Parameters
     ----------
@@ -552,10 +565,12 @@ def run_load(
                     check is None or (isinstance(answer, dict) and check(answer))
                 )
                 key = "200" if ok else (str(status) if status != 200 else "bad-answer")
+                text = "" if ok else _answer_text(answer)
             except _AnswerNotJSON as exc:  # answered all the same (a proxy's 502 page): not lost
                 key, ok = (str(exc.status) if exc.status != 200 else "bad-answer"), False
+                text = str(exc)
             except Exception as exc:  # a lost request: name it, keep going
-                key, ok = type(exc).__name__, False
+                key, ok, text = type(exc).__name__, False, error_text(exc)
             elapsed = (time.perf_counter() - start) * 1e3
             with lock:
                 if ok:
@@ -563,6 +578,7 @@ def run_load(
                     result.latencies_ms.append(elapsed)
                 else:
                     result.errors[key] = result.errors.get(key, 0) + 1
+                    result.error_texts.setdefault(key, text)
 
     threads = [threading.Thread(target=client, daemon=True) for _ in range(clients)]
     start = time.perf_counter()
