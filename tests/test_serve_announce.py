@@ -108,10 +108,13 @@ def test_a_table_that_fails_to_be_told_a_request_is_served_leaves_the_others_tol
 
 
 def test_announcing_server_answers_alike_and_releases_every_request(tmp_path):
+    """6 clients on 4 compute turns: requests wait for a turn, and on a loaded machine (8
+    processes on 2 cores) a wait could pass the tests' 2 s request_timeout_s, a 503 "server
+    busy" that is no announcing fault: this server waits 30 s (the default); any error fails
+    the run naming what it answered (``error_texts``)."""
     plain = start_server(make_checkpoint(tmp_path / "plain"))
-    announcing = start_server(
-        make_checkpoint(tmp_path / "announcing", server={"announce_requests": True})
-    )
+    limits = {"announce_requests": True, "request_timeout_s": 30.0}
+    announcing = start_server(make_checkpoint(tmp_path / "announcing", server=limits))
     try:
         body = {"input_ids": [[5, 17, 900, 17, 5, 12]], "top_k": 3}
         status, answer = post_json(announcing.url + "/v1/engram", body)
@@ -123,7 +126,7 @@ def test_announcing_server_answers_alike_and_releases_every_request(tmp_path):
 
         bodies = zipf_requests(24, batch=2, tokens=32, seed=5)
         result = run_load(announcing.url + "/v1/engram", bodies, clients=6)
-        assert result.errors == {} and result.answered == 24
+        assert result.errors == {} and result.answered == 24, result.error_texts
         assert queued_requests(announcing) == [0, 0]  # released after each answer
 
         status, _ = post_json(announcing.url + "/v1/engram", {"input_ids": [[1, -4]]})
