@@ -260,7 +260,9 @@ def announce_cost(
             for name, target in (("plain", server), ("announcing", announcing)):
                 result = run_load(target.url + "/v1/engram", bodies, clients=args.soak_clients)
                 if result.errors or result.lost:
-                    raise RuntimeError(f"{name} server: errors {result.errors}, lost {result.lost}")
+                    raise RuntimeError(
+                        f"{name} server: errors {result.errors} ({result.error_texts}), lost {result.lost}"
+                    )
                 rates[name].append(result.requests_per_second)
         hit_rates = {
             name: {
