@@ -2054,3 +2054,82 @@ def test_a_request_interrupted_anywhere_in_announce_served_or_release_leaves_no_
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert int(proc.stdout.split()[1]) >= 50, proc.stdout
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_a_random_trace_served_through_the_store_keeps_every_slot_at_its_rows_next_use(
+    tmp_path, seed
+):
+    """A random trace through a real store (two tiers): requests announced, served in random
+    batches (out of order, repeated ids, ids never announced, lookups more often than
+    announced, the no-ids last batch, at any batch), looked up and released in any order.
+    After every call each tier's per-slot next use, and the queue's for every row, is a
+    Python model's: per request its lookups left of each row; a row's next use the earliest
+    request with one left. The caller's batch ids are left as passed (numpy and torch)."""
+    rows = 400
+    path, data = make_table(tmp_path, rows=rows, dim=4)
+    config = store_config(path, hot={"capacity": 40}, warm={"capacity": 120})
+    rng = np.random.default_rng(seed)
+    held: list = []  # (request, {row: lookups left}, its ids in announced order)
+
+    def want() -> torch.Tensor:
+        out = torch.full((rows,), NOT_QUEUED)
+        for request, left, _ in reversed(held):  # tokens increase along ``held``
+            mine = [r for r, n in left.items() if n > 0]
+            out[torch.tensor(mine, dtype=torch.int64)] = request.token
+        return out
+
+    def check(store, step) -> None:
+        model = want()
+        assert torch.equal(store.caches.queue.next_use(torch.arange(rows)), model), step
+        for cache in (store.hot, store.warm):
+            slots = torch.nonzero(cache.row_of_slot >= 0).squeeze(1)
+            got = cache._next_use[slots]
+            assert torch.equal(got, model[cache.row_of_slot[slots]]), (step, cache.name)
+
+    with TieredStore(config) as store:
+        for step in range(300):
+            roll = rng.random()
+            if held and (roll < 0.15 or len(held) > 6):
+                request, _, _ = held.pop(int(rng.integers(len(held))))
+                store.release(request)
+            elif held and roll < 0.75:
+                request, left, ids = held[int(rng.integers(len(held)))]
+                kind = rng.random()
+                if kind < 0.1:  # its last batch: every lookup it has left
+                    batch = None
+                    for row in left:
+                        left[row] = 0
+                else:
+                    cut = int(rng.integers(0, ids.size + 1))
+                    size = int(rng.integers(0, 12))
+                    if kind < 0.5:  # in announced order, from a random place
+                        batch = ids[cut : cut + size]
+                    else:  # any of its ids (repeats), out of order
+                        batch = rng.choice(ids, size) if ids.size else ids[:0]
+                    extra = rng.integers(0, rows, int(rng.integers(0, 3)))  # maybe unannounced
+                    batch = np.concatenate([batch, extra]).astype(np.int64)
+                    if kind > 0.8:
+                        rng.shuffle(batch)
+                    for row in batch.tolist():
+                        if left.get(row, 0) > 0:
+                            left[row] -= 1
+                    if rng.random() < 0.5:
+                        batch = torch.from_numpy(batch)
+                passed = None if batch is None else torch.as_tensor(batch).clone()
+                store.served(request, batch)
+                if batch is not None:  # the caller's ids as passed (numpy's, torch's memory)
+                    assert torch.equal(torch.as_tensor(batch), passed), step
+                    store.lookup(batch)
+            else:
+                ids = rng.integers(0, rows, int(rng.integers(0, 40)))
+                if rng.random() < 0.3:  # repeated ids within the request
+                    ids = np.repeat(ids, rng.integers(1, 4, ids.size))
+                request = store.announce(torch.from_numpy(ids))
+                counts = dict(zip(*np.unique(ids, return_counts=True), strict=True))
+                held.append((request, {int(r): int(n) for r, n in counts.items()}, ids))
+            check(store, step)
+        for request, _, _ in held:
+            store.release(request)
+        held.clear()
+        check(store, "end")
