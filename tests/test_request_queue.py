@@ -206,6 +206,50 @@ def test_a_batch_holding_ids_not_announced_leaves_the_next_ones_at_their_announc
     assert searches == [[7, 109], [], []] and taken == 40 and not request.left.any()
 
 
+class _Reads(np.ndarray):
+    """An array counting its reads of one element (a compiled pass's Python body's)."""
+
+    count = 0
+
+    def __getitem__(self, key):
+        if isinstance(key, int | np.integer):
+            _Reads.count += 1
+        return super().__getitem__(key)
+
+
+def test_a_batch_finishing_many_rows_searches_no_more_of_the_pairs_than_about_a_pass(monkeypatch):
+    """A batch served with its pairs' places not found yet (its first since the pairs changed,
+    or the no-ids last batch) searched for each finished row's pair over the whole queue's
+    pairs: a batch finishing many rows (a long prompt served in one: 65,536) read 17 pairs or
+    more for each, several times the one pass ``pairs_of`` makes. The rows ascend, each is
+    searched for from the last one's pair in doubling steps: reads past those the batch makes
+    with its places known of the order of a pass (its Python body's, counted)."""
+    from tiered_store import request_queue_kernels as kernels
+
+    queue = QueuedRequests()
+    for _ in range(3):
+        queue.add(torch.arange(0, 40_000, 2))
+    request = queue.add(torch.arange(0, 40_000, 2))
+    rows, where = request.rows.numpy(), request.where
+    pair_rows = queue._pair_rows.view(_Reads)
+    for name in ("_lower_bound", "_gallop"):
+        monkeypatch.setattr(kernels, name, getattr(kernels, name).py_func)
+    reads, outs = [], []
+    for places in (kernels.pairs_of(queue._pair_rows, queue._pair_tokens, rows, request.token),
+                   np.empty(0, np.int64)):  # fmt: skip
+        _Reads.count = 0
+        left, tokens = request.left.copy(), queue._pair_tokens.copy()
+        outs.append(
+            kernels.serve_batch.py_func(
+                rows, left, where, 0, rows, places, pair_rows, tokens, request.token, NOT_QUEUED
+            )
+        )
+        reads.append(_Reads.count)
+        assert not left.any() and (tokens < 0).sum() == rows.size
+    assert [a.tolist() for a in outs[0][:2]] == [a.tolist() for a in outs[1][:2]]
+    assert reads[1] - reads[0] < 2 * pair_rows.size, reads  # (5.3 passes before; 1.75)
+
+
 class _NumpyFailingAt:
     """numpy, but for its ``n``-th allocation (``empty``, ``sort``), which fails as out of
     memory does."""

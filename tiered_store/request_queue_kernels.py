@@ -148,8 +148,9 @@ def serve_batch(
     """Request ``token``'s lookups of ``ids`` made: each of ``ids`` in its ``rows`` (sorted,
     distinct) takes one off its ``left`` (in place, down to 0; other ids count for nothing), and
     the rows whose last lookup that was finish their pair (its token negated in place): at
-    ``pair_at`` (from ``pairs_of``), or found by a binary search each when ``pair_at`` is empty
-    (a request served in one batch pays no pass over the queue). ``where``: the position in
+    ``pair_at`` (from ``pairs_of``), or searched for when ``pair_at`` is empty (a request served
+    in one batch pays no pass over the queue), in ascending order, each from the last one's pair
+    (``_gallop``: many rows read of the order of a pass at most). ``where``: the position in
     ``rows`` of each id the request announced, in order; ``ids`` are first taken for those from
     ``start`` on (a request served in order, batch after batch: no search), an id that is not
     the next one announced searched for (and not taken: an id not announced, or one more often
@@ -179,12 +180,13 @@ def serve_batch(
     finished = finished[:done]
     finished.sort()  # the pairs in order: a pass, not a jump each (in place)
     n = pair_rows.size
+    i = 0  # the last row's pair: the rows ascend, each searched for from there
     for k in range(done):
         if pair_at.size:
             at_pairs[k] = pair_at[finished[k]]
             continue
         row = rows[finished[k]]
-        i = _lower_bound(pair_rows, row, 0, n)
+        i = _gallop(pair_rows, row, i, n)
         while i < n and pair_rows[i] == row and abs(pair_tokens[i]) != token:
             i += 1
         if i == n or pair_rows[i] != row:
@@ -241,6 +243,18 @@ def _lower_bound(values: np.ndarray, value: np.int64, low: int, high: int) -> in
         else:
             high = mid
     return low
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _gallop(values: np.ndarray, value: np.int64, low: int, high: int) -> int:
+    """``_lower_bound``, searched for from ``low`` in doubling steps: about twice the log of the
+    distance to it in reads (values searched for in ascending order: of the order of a pass)."""
+    if low >= high or values[low] >= value:
+        return low
+    step = 1  # values[low + step // 2] < value
+    while low + step < high and values[low + step] < value:
+        step *= 2
+    return _lower_bound(values, value, low + step // 2 + 1, min(low + step, high))
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
