@@ -206,6 +206,41 @@ def test_a_batch_holding_ids_not_announced_leaves_the_next_ones_at_their_announc
     assert searches == [[7, 109], [], []] and taken == 40 and not request.left.any()
 
 
+def test_a_batch_skipping_a_few_announced_ids_leaves_the_later_ones_at_their_places(monkeypatch):
+    """``served`` looks for each of a batch's ids at the place announced next, and searched for
+    any other: a batch that skipped an announced id (one its server dropped, or served later)
+    left that id at the cursor, so every later id of the request was searched for, batch after
+    batch. An id met a few places past the cursor moves it there: the ids skipped are searched
+    for when they come, the later ones taken at their places (its Python body, its searches
+    counted); what is counted is the same either way."""
+    from tiered_store import request_queue_kernels as kernels
+
+    ids = torch.arange(100, 160)
+    batches = [ids[1:10], ids[10:20], torch.cat([ids[23:40], ids[20:23]]), ids[40:], ids[:1]]
+    queue = QueuedRequests()
+    request = queue.add(ids)
+    rows, pairs = request.rows.numpy(), (queue._pair_rows, queue._pair_tokens)
+    pair_at = kernels.pairs_of(*pairs, rows, request.token)
+    searched: list[int] = []
+    lower_bound = kernels._lower_bound.py_func
+
+    def counted(values, value, low, high):
+        searched.append(int(value))
+        return lower_bound(values, value, low, high)
+
+    monkeypatch.setattr(kernels, "_lower_bound", counted)
+    taken, searches = 0, []
+    for batch in batches:
+        searched.clear()
+        *_, taken = kernels.serve_batch.py_func(
+            rows, request.left, request.where, taken, batch.numpy(), pair_at, *pairs,
+            request.token, NOT_QUEUED,
+        )  # fmt: skip
+        searches.append(list(searched))
+    assert searches == [[], [], [120, 121, 122], [], [100]], searches
+    assert not request.left.any() and (queue._pair_tokens < 0).all()
+
+
 class _Reads(np.ndarray):
     """An array counting its reads of one element (a compiled pass's Python body's)."""
 
@@ -1452,6 +1487,7 @@ def test_the_queues_passes_read_past_finished_pairs_as_a_brute_force_reading():
         moved = [r for r in sorted(done) if first_live(pairs, r) == token]
         next_use = [first_live(after_pairs, r, token) for r in moved]
         at = kernels.pairs_of(pair_rows, pair_tokens, rows, token)
+        cursors = set()  # where each left its cursor: the same, compiled or not
         for kernel in (kernels.serve_batch, kernels.serve_batch.py_func):
             for places in (at, at[:0]):  # found by pairs_of, or searched for row by row
                 tokens, left_now = pair_tokens.copy(), left.copy()
@@ -1471,6 +1507,8 @@ def test_the_queues_passes_read_past_finished_pairs_as_a_brute_force_reading():
                 pairs_now = list(zip(pair_rows.tolist(), tokens.tolist(), strict=True))
                 assert pairs_now == after_pairs, case
                 assert got[0].tolist() == moved and got[1].tolist() == next_use, case
+                cursors.add(got[2])
+        assert len(cursors) == 1 and start <= cursors.pop() <= max(start, where.size), case
         if done:  # a row finished that the request has no pair of: refused, no pair changed
             tokens, other = pair_tokens.copy(), max(requests) + 1
             for kernel in (kernels.serve_batch, kernels.serve_batch.py_func):

@@ -37,9 +37,9 @@ class QueuedRequest:
     owner: object = field(repr=False)
     first_rows: torch.Tensor = field(repr=False)  # of ``rows``, those no earlier request queued
     left: np.ndarray = field(repr=False)  # lookups of each of ``rows`` not yet served
-    # the position in ``rows`` of each id announced, in order (int32), and how many of those
-    # the batches served so far took at their places (ids not announced not counted): where
-    # ``served`` looks first for a batch's ids
+    # the position in ``rows`` of each id announced, in order (int32), and the place past the
+    # last of those the batches served so far took at its place (ids not announced not counted;
+    # a few skipped passed over): where ``served`` looks first for a batch's ids
     where: np.ndarray = field(repr=False)
     served_ids: int = field(default=0, repr=False)
     # the position of its pair of each of ``rows`` in the queue's pairs of version

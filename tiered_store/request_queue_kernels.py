@@ -132,6 +132,9 @@ def pairs_of(
     return at
 
 
+_AHEAD = 8  # ``serve_batch``: how far past the id announced next a batch's id is looked for
+
+
 @numba.njit(cache=True, nogil=True)
 def serve_batch(
     rows: np.ndarray,
@@ -153,8 +156,9 @@ def serve_batch(
     (``_gallop``: many rows read of the order of a pass at most). ``where``: the position in
     ``rows`` of each id the request announced, in order; ``ids`` are first taken for those from
     ``start`` on (a request served in order, batch after batch: no search), an id that is not
-    the next one announced searched for (and not taken: an id not announced, or one more often
-    than announced, leaves the next id its place). Returns the rows the request was the
+    the next one announced looked for among the few after it (``_AHEAD``: taken there, those
+    skipped searched for when they come) and else searched for (and not taken: an id not
+    announced, or one more often than announced, leaves the next id its place). Returns the rows the request was the
     earliest unfinished pair of (ascending), each one's next unfinished pair's token (``none``
     where none), and ``start`` past the ids taken at their places. Allocates (up to the batch's
     size) before anything changes: a failure (out of memory) changes nothing. ``ValueError``
@@ -170,8 +174,14 @@ def serve_batch(
         at = where[start] if start < where.size else m
         if at < m and rows[at] == ids[k]:  # the id announced next
             start += 1
-        else:
-            at = _lower_bound(rows, ids[k], 0, m)
+        else:  # announced a few places on (the batch skipped those before it), or searched for
+            ahead, stop = start + 1, min(start + _AHEAD, where.size)
+            while ahead < stop and rows[where[ahead]] != ids[k]:
+                ahead += 1
+            if ahead < stop:
+                at, start = where[ahead], ahead + 1
+            else:
+                at = _lower_bound(rows, ids[k], 0, m)
         if at < m and rows[at] == ids[k] and left[at] > 0:
             left[at] -= 1
             if left[at] == 0:
