@@ -285,6 +285,28 @@ def test_a_batch_finishing_many_rows_searches_no_more_of_the_pairs_than_about_a_
     assert reads[1] - reads[0] < 2 * pair_rows.size, reads  # (5.3 passes before; 1.75)
 
 
+def test_finding_a_short_requests_pairs_reads_a_few_pairs_a_row_not_the_queue(monkeypatch):
+    """A request's second batch since the pairs changed finds all of its pairs' places at once
+    (``pairs_of``): a pass over the queue's pairs up to its last row, however few its rows (a
+    short request behind long prompts read every pair, its lock held, at each such batch).
+    Each is searched for from the last one's in doubling steps: a few reads a row (its Python
+    body's, counted), the same places."""
+    from tiered_store import request_queue_kernels as kernels
+
+    queue = QueuedRequests()
+    for _ in range(4):
+        queue.add(torch.arange(0, 50_000))
+    request = queue.add(torch.tensor([3, 17_000, 25_000, 49_999]))
+    rows, pairs = request.rows.numpy(), (queue._pair_rows, queue._pair_tokens)
+    want = kernels.pairs_of(*pairs, rows, request.token)
+    for name in ("_lower_bound", "_gallop"):
+        monkeypatch.setattr(kernels, name, getattr(kernels, name).py_func)
+    _Reads.count = 0
+    got = kernels.pairs_of.py_func(pairs[0].view(_Reads), pairs[1], rows, request.token)
+    assert got.tolist() == want.tolist() == [16, 68_005, 100_006, 200_003]
+    assert _Reads.count < 400, _Reads.count  # (200,031 before: the queue's every pair)
+
+
 class _NumpyFailingAt:
     """numpy, but for its ``n``-th allocation (``empty``, ``sort``), which fails as out of
     memory does."""

@@ -197,8 +197,8 @@ class QueuedRequests:
         Returns those it was the earliest request for, and the token of the request that now
         looks each up first (``NOT_QUEUED`` where none does), as ``remove``. A compiled pass over
         the batch, and a search for each finished row's pair (at the request's second batch
-        since the queue's pairs last changed, one pass over them finds all of its pairs
-        instead; not at the no-ids form's: no batch follows it)."""
+        since the queue's pairs last changed, all of its pairs are found at once instead, each
+        searched for from the last one's; not at the no-ids form's: no batch follows it)."""
         from . import request_queue_kernels as kernels
 
         if ids is not None:
@@ -211,7 +211,7 @@ class QueuedRequests:
                 where = np.repeat(np.arange(rows.size, dtype=np.int32), request.left)
                 flat, start = rows[where], 0
             # where its pairs are: searched for at its first batch since the pairs were replaced
-            # (a request served in one batch pays no pass over the queue), found in one pass at
+            # (a request served in one batch pays no pass over the queue), all found at once at
             # its second (then kept while they stay), but at its last (no ids: no batch after)
             if request.pairs_version != self._version:
                 request.pair_at, request.pairs_version = None, self._version

@@ -113,15 +113,16 @@ def pairs_of(
     pair_rows: np.ndarray, pair_tokens: np.ndarray, rows: np.ndarray, token: np.int64
 ) -> np.ndarray:
     """The position of request ``token``'s pair (finished or not) of each of its ``rows``
-    (sorted, distinct): one pass over the pairs. ``ValueError`` where a row has none (then
-    ``serve_batch`` would write outside the pairs)."""
+    (sorted, distinct): each searched for from the last one's in doubling steps (``_gallop``:
+    of the order of a pass over the pairs at most, a few reads a row for a request of few rows
+    in a long queue). ``ValueError`` where a row has none (then ``serve_batch`` would write
+    outside the pairs)."""
     n, m = pair_rows.size, rows.size
     at = np.empty(m, dtype=np.int64)
     i = 0
     for j in range(m):
-        while i < n and (
-            pair_rows[i] < rows[j] or (pair_rows[i] == rows[j] and abs(pair_tokens[i]) != token)
-        ):
+        i = _gallop(pair_rows, rows[j], i, n)
+        while i < n and pair_rows[i] == rows[j] and abs(pair_tokens[i]) != token:
             i += 1
         if i == n or pair_rows[i] != rows[j]:
             raise ValueError(
