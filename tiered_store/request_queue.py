@@ -122,7 +122,7 @@ class QueuedRequests:
                 f"{call}: got {type(request).__name__} {shown(request)}; expected the "
                 "QueuedRequest that announce() returned"
             )
-        if request.owner is not self or request.token not in self._requests:
+        if request not in self:
             where = "was already released" if request.owner is self else "is another store's"
             expected = (
                 "release each request once, to the store that announced it"
