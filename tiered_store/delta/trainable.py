@@ -338,7 +338,7 @@ class TrainableTable:
             skip = updated is None  # this rank's or another's gradients overflowed
         elif skip or not unique.numel():
             if skip:  # a stored NaN makes every gradient NaN, every step: no overflow to skip
-                self._check_stored(unique, self.store.lookup(unique), number)
+                self._check_looked_up(unique, number)
             updated = 0
         else:  # the write is the last thing done: when anything fails before, no row changed
             current = self.store.lookup(unique)
@@ -432,6 +432,11 @@ class TrainableTable:
                 f"step {step}: {fault} (restore the table, or write the row anew; {_KEPT})"
             )
 
+    def _check_looked_up(self, ids: torch.Tensor, step: int) -> None:
+        """``_check_stored`` of ``ids`` as the store holds them now (no ids: nothing read)."""
+        if ids.numel():
+            self._check_stored(ids, self.store.lookup(ids), step)
+
     def _refuse(self, step: Any, message: str) -> None:
         """Raise ``ConfigError(message)``; over a sharded store after joining the update round
         with no gradients and a step no other rank passes, so every rank refuses it."""
@@ -440,17 +445,23 @@ class TrainableTable:
             refuse_update(step)
         raise ConfigError(message)
 
-    def _summed_gradients(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Unique ids in the table and their summed gradients since the last step (kept)."""
+    def _summed_gradients(self, sums: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Unique ids in the table and their summed gradients since the last step (kept); the
+        sums ``None`` unless ``sums``."""
         gradients = self._gradients or [
             (torch.empty(0, dtype=torch.int64), torch.empty((0, self.dim), dtype=torch.float32))
         ]
         id_device, grad_device = gradients[0][0].device, gradients[0][1].device  # ids may mix
         ids = torch.cat([i.reshape(-1).to(id_device) for i, _ in gradients])
-        grads = torch.cat([g.reshape(-1, self.dim).to(grad_device) for _, g in gradients])
+        inside = None
         if getattr(self.store, "zero_out_of_range", False):  # read as zeros: no row to update
             inside = (ids >= 0) & (ids < self.rows)
-            ids, grads = ids[inside], grads[inside.to(grads.device)]
+            ids = ids[inside]
+        if not sums:
+            return unique_inverse_counts(ids)[0], None
+        grads = torch.cat([g.reshape(-1, self.dim).to(grad_device) for _, g in gradients])
+        if inside is not None:
+            grads = grads[inside.to(grads.device)]
         unique, inverse, _ = unique_inverse_counts(ids)
         dtype = torch.promote_types(grads.dtype, torch.float32)  # half gradients sum in float32
         summed = torch.zeros((unique.numel(), self.dim), dtype=dtype, device=grads.device)
@@ -468,9 +479,7 @@ class TrainableTable:
         row they touch is not finite as stored: looked up, its NaN overflows every step. Over a
         ``ShardedStore`` it only drops them (its rows are read by a collective)."""
         if getattr(self.store, "update_rows", None) is None:
-            unique, _ = self._summed_gradients()
-            if unique.numel():
-                self._check_stored(unique, self.store.lookup(unique), step)
+            self._check_looked_up(self._summed_gradients(sums=False)[0], step)
         self._gradients.clear()
 
     def commit(self, step: int | None = None) -> int:
