@@ -119,7 +119,7 @@ def test_a_forward_of_the_ids_a_batch_hashed_does_not_compare_them_again(
         assert len(outs) == 3 and len(checked) == 3  # once per batch, by hash
     checked.clear()
     PrefetchPipeline(model).decode(batches[0], prompt=28)
-    assert len(checked) == 1 + 1 + 4  # the tokens, the prompt's hash, one hash per step
+    assert len(checked) == 1  # the tokens, once: not each step's again (nor the prompt's)
     batch = model.hash(batches[0])
     with pytest.raises(ConfigError, match="made for other input_ids"):
         model(batches[1], prefetched=batch)
@@ -809,18 +809,32 @@ def test_decode_pins_host_tokens_for_a_model_on_the_gpu(batches, monkeypatch, ki
         "int32 array": tokens.numpy().astype(np.int32),
         "list": tokens.tolist(),
     }[kind]
-    seen, prefetch = [], model.prefetch
-    monkeypatch.setattr(
-        model, "prefetch", lambda *a, **kw: seen.append(prefetch(*a, **kw)) or seen[-1]
-    )
+    seen, fetch = [], model.fetch
+    monkeypatch.setattr(model, "fetch", lambda batch: seen.append(fetch(batch)) or seen[-1])
     pipeline = PrefetchPipeline(model)
     outs, _ = pipeline.decode(given, prompt=24)
     assert len(seen) == 1 + 8
     assert all(b.input_ids.is_pinned() and b.token_mask.is_pinned() for b in seen)
+    assert all(b.input_ids.is_contiguous() for b in seen)  # copied there asynchronously
     monkeypatch.undo()
     want, _ = pipeline.decode(tokens.cuda(), prompt=24)
     for got, expected in zip(outs, want, strict=True):
         torch.testing.assert_close(got, expected)
+
+
+def test_decode_steps_hold_their_own_copy_of_the_callers_tokens(model, batches, monkeypatch):
+    """Every batch decode hashes holds its own copy of the caller's tokens (not their memory,
+    which the caller may refill), though the steps' tokens are checked once, by decode."""
+    tokens = batches[0]
+    want, _ = PrefetchPipeline(model).decode(tokens, prompt=24)
+    seen, fetch = [], model.fetch
+    monkeypatch.setattr(model, "fetch", lambda batch: seen.append(fetch(batch)) or seen[-1])
+    got, _ = PrefetchPipeline(model).decode(tokens, prompt=24)
+    assert len(seen) == 1 + 8
+    shared = tokens.untyped_storage().data_ptr()
+    assert all(b.input_ids.untyped_storage().data_ptr() != shared for b in seen)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
 
 
 def test_decode_names_its_tokens_argument_in_errors_about_them(model, batches):

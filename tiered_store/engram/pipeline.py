@@ -41,6 +41,7 @@ from ..id_ops import array_for_torch
 from ..integers import as_integer
 from ..stats import hit_ratio
 from .backend import TableBackend
+from .hashing import rewound_on_failure
 from .model import EngramBatch, EngramLM, Logits
 
 __all__ = [
@@ -242,12 +243,13 @@ class PrefetchPipeline:
     def decode(self, tokens: Any, prompt: int) -> tuple[list[torch.Tensor], DecodeStats]:
         """Prefill ``tokens[:, :prompt]``, then feed ``tokens[:, t]`` one per step for every
         later ``t``: the outputs (prompt's, then each step's) and the steps' statistics
-        (an example is in the class docstring). For a model on the GPU host tokens are pinned
-        once, as ``run`` pins each batch."""
+        (an example is in the class docstring). The tokens are checked once; for a model on the
+        GPU host tokens are pinned once, as ``run`` pins each batch, and the decoded ones laid
+        out step by step once more (no step copies its tokens)."""
         model, tables = self.model, self.model.tables
         cuda = model.embed.weight.device.type == "cuda"
         # pinned first (one copy, int32 tokens converted in it): a bad prompt wastes the copy
-        ids = _pinned_host_ids(model, tokens, "tokens")[0] if cuda else None
+        ids, own = _pinned_host_ids(model, tokens, "tokens") if cuda else (None, False)
         if ids is None:
             ids = model._check_input(tokens, "tokens")
         if ids.shape[1] < 2:
@@ -265,6 +267,13 @@ class PrefetchPipeline:
         state, cache = model.hasher.new_state(ids.shape[0], device=ids.device), model.new_cache()
         steps = ids.shape[1] - prompt
         times = np.zeros((4, steps))  # step, prepare, lookup, stall
+        # each step's tokens [B, 1]: of the pinned copy made here, rows of one pinned [steps, B]
+        # copy (contiguous: copied to the GPU asynchronously), kept as they are; else snapshotted
+        # by hashing (the caller's memory, or a slice of the copy)
+        stepped = None
+        if own:
+            stepped = torch.empty((steps, ids.shape[0]), dtype=ids.dtype, pin_memory=True)
+            stepped.copy_(ids[:, prompt:].t())
         outputs = []
         with torch.no_grad():
             t0 = time.perf_counter()
@@ -274,9 +283,12 @@ class PrefetchPipeline:
             for step in range(steps):
                 counters = _waits(tables)
                 t0 = time.perf_counter()
-                out, prepared = self._step(
-                    ids[:, prompt + step : prompt + step + 1], state, cache, cuda
-                )
+                if stepped is None:
+                    out, prepared = self._step(
+                        ids[:, prompt + step : prompt + step + 1], state, cache, cuda
+                    )
+                else:
+                    out, prepared = self._step(stepped[step, :, None], state, cache, cuda, True)
                 times[0, step] = time.perf_counter() - t0
                 times[1, step] = prepared
                 times[2:, step] = np.subtract(_waits(tables), counters)
@@ -289,14 +301,19 @@ class PrefetchPipeline:
         return outputs, stats
 
     def _step(
-        self, ids: torch.Tensor, state: Any, cache: Any, cuda: bool
+        self, ids: torch.Tensor, state: Any, cache: Any, cuda: bool, owned: bool = False
     ) -> tuple[torch.Tensor, float]:
-        """One forward of ``ids`` continuing ``state``/``cache``; its output and prepare time."""
+        """One forward of ``ids`` (checked by ``decode``; ``owned``: its own, else snapshotted)
+        continuing ``state``/``cache``; its output and prepare time."""
         t0 = time.perf_counter()
-        if self.prefetch:
-            batch = self.model.prefetch(ids, state=state)
+        model = self.model
+        if self.prefetch:  # as model.prefetch: a failed fetch leaves state where it was
+            with rewound_on_failure(state):
+                batch = model.fetch(
+                    model._hash(ids, state=state, owned=owned, name="tokens", checked=ids)
+                )
         else:
-            batch = self.model.hash(ids, state=state)
+            batch = model._hash(ids, state=state, owned=owned, name="tokens", checked=ids)
         prepared = time.perf_counter() - t0
         out = self.model(batch.input_ids, prefetched=batch, logits=self.logits, cache=cache)
         if cuda:
