@@ -1635,7 +1635,7 @@ def test_a_read_counted_as_the_table_closes_does_not_leave_it_open_after_close(t
         if event == "call" and frame.f_code is InFlight.then.__code__:
             count.set()  # the close found no read: the read counts itself now
             refused.wait(30)
-        elif event == "call" and frame.f_code is threading.Event.wait.__code__:
+        elif event == "call" and frame.f_code is ColdTable._release_once.__code__:
             go.set()  # the close waits for the release: the refused read goes on
 
     reader = threading.Thread(target=read, daemon=True)
@@ -1679,7 +1679,7 @@ def test_a_second_close_returns_once_the_first_closed_the_file(tmp_path):
             releasing.set()
 
     def second_waits(frame, event, arg):
-        if event == "call" and frame.f_code is threading.Event.wait.__code__:
+        if event == "call" and frame.f_code is ColdTable._release_once.__code__:
             go.set()  # the second close waits for the first's release: it goes on
 
     closer = threading.Thread(target=first, daemon=True)
@@ -1747,3 +1747,49 @@ def test_a_close_in_a_forked_child_does_not_wait_for_the_parents_other_threads_r
     assert proc.stdout.split() == ["child", "closed", "-1", "child", "0", "rows", "True"], (
         proc.stdout + proc.stderr
     )
+
+
+def test_a_ctrl_c_as_close_releases_the_table_is_finished_by_the_next_close(tmp_path):
+    """A Ctrl-C in close()'s release (its finalizer's detach, the pool's join, before the file's
+    close) left the release half done: the finalizer detached, so no later close released again
+    (the file and the pool's threads open for good), and one landing before the release had
+    marked itself run hung every later close for good. Every point of a close is interrupted in
+    turn, in a child process: the next close returns with the file and the threads closed."""
+    path = tmp_path / "t.npy"
+    create_table(path, np.zeros((64, 4), np.float32), progress=False)
+    script = textwrap.dedent(
+        f"""
+        import faulthandler, os
+        import numpy as np
+        from tiered_store.cold_table import ColdTable
+
+        faulthandler.dump_traceback_later(20, exit=True)  # a hang: the stack, a failure
+        path = {str(path)!r}
+
+        def open_here():
+            return [f for f in os.listdir("/proc/self/fd") if os.path.realpath(
+                "/proc/self/fd/" + f) == path]
+
+        k = 0
+        while True:
+            k += 1
+            table, hits = ColdTable(path, io="pread", threads=3, verify_pages=False), [0]
+            table.read_rows(np.arange(0, 64, 3))  # the pool's threads started
+            sys.setprofile(counted(k, hits))
+            try:
+                table.close()
+            except KeyboardInterrupt:
+                pass
+            finally:
+                sys.setprofile(None)
+            table.close()
+            assert not open_here(), f"interrupt {{k}}: the file is still open"
+            runners = [t for t in threading.enumerate() if t.name.startswith("cold-read")]
+            assert not runners, f"interrupt {{k}}: {{runners}} still run"
+            if hits[0] < k:  # every point has been interrupted once
+                break
+        print("points", k - 1)
+        """
+    )
+    said = _interrupted_at_each_point(script, ("cold_table.py", "weakref.py", "prefetch.py"))
+    assert int(said[1]) >= 10, said

@@ -204,9 +204,10 @@ class ColdTable:
         self._lock = threading.Lock()
         self._local = threading.local()
         self._closed = False
-        # held by the release (an RLock: a signal handler's close inside it returns), and set
-        # once it ran: every close returns after it
-        self._releasing, self._released = threading.RLock(), threading.Event()
+        # held by the release (an RLock: a signal handler's close inside it returns); every
+        # close returns after it. Left: the finalizer detached, the release not yet finished
+        # (interrupted by a Ctrl-C: the next close finishes it)
+        self._releasing, self._release_left = threading.RLock(), False
         closed = f"ColdTable {self.path} is closed; open it again to read"
         self._calls = InFlight(partial(TierIOError, errno.EBADF, closed, str(self.path)))
         self._fd = -1
@@ -300,25 +301,31 @@ class ColdTable:
     def close(self) -> None:
         """Refuse new reads, wait for those under way (in other threads), then stop the thread
         pool and close the file (idempotent; one interrupted while it waited, by a Ctrl-C, is
-        finished by the next). It returns with the file closed, also when another thread
-        releases it: another close, or a read refused as this one began (counted just after
-        the wait, it ran the release on its way out). A signal handler's close inside a read
-        (or the release) of its own thread leaves them to that read's end: the read still uses
-        the descriptor, whose number, once freed, names the next file opened."""
+        finished by the next, as one interrupted while it released). It returns with the file
+        closed, also when another thread releases it: another close, or a read refused as this
+        one began (counted just after the wait, it ran the release on its way out). A signal
+        handler's close inside a read (or the release) of its own thread leaves them to that
+        read's end: the read still uses the descriptor, whose number, once freed, names the
+        next file opened."""
         self._closed = True
         self._calls.close()
         self._calls.then(self._release_once, own=True)
-        if not (self._calls.running_here() or self._releasing._is_owned()):
-            self._released.wait()  # (released here, or on another thread: it ends at once)
+        if not self._calls.running_here():  # (a read refused as it began is no read)
+            self._release_once()  # once another thread's release ended (or was interrupted)
 
     def _release_once(self) -> None:
-        """The first close past the wait (or its own thread's read, see close) releases."""
+        """The first close past the wait (or its own thread's read, see close) releases, and
+        one interrupted (a Ctrl-C) is finished by the next; a signal handler's close inside it
+        returns (it goes on)."""
+        if self._releasing._is_owned():
+            return
         with self._releasing:
-            if self._finalizer.detach() is not None:
-                try:
-                    self._release()
-                finally:  # (interrupted: the closes waiting go on)
-                    self._released.set()
+            if self._finalizer.alive:  # noted first: a Ctrl-C in the detach leaves it to the next
+                self._release_left = True  # (not alive, and not left: the finalizer ran at exit)
+                self._finalizer.detach()
+            if self._release_left:
+                self._release()
+                self._release_left = False
 
     def __enter__(self) -> ColdTable:
         return self
@@ -462,8 +469,17 @@ class ColdTable:
             with contextlib.suppress(BufferError):  # views still alive (say, in a traceback):
                 self._mmap.close()  # then the map goes when they do
             self._mmap = None
-        _release_fd_pool(self._fd, self._pool, wait=True)
-        self._fd, self._pool = -1, None
+        try:  # a release interrupted (Ctrl-C) is run again: the pool's shutdown again, the file
+            if self._pool is not None:  # closed once (its number, freed, may name another)
+                self._pool.shutdown(wait=True)  # (interrupted, its threads end all the same)
+                self._pool = None
+        finally:
+            fd, self._fd = self._fd, -1  # no signal is handled between these and the close
+            if fd >= 0:
+                try:  # noqa: SIM105 (suppress's __enter__ is Python code: a Ctrl-C there leaked it)
+                    os.close(fd)
+                except OSError:
+                    pass
 
     def same_file(self, other: ColdTable) -> bool:
         """Whether ``other`` opened the file this one did: the same (st_dev, st_ino) and, once
@@ -992,7 +1008,7 @@ def _row_pages(ids: np.ndarray, row_bytes: int) -> np.ndarray:
 
 
 def _release_fd_pool(fd: int, pool: RunnerPool | None, wait: bool = False) -> None:
-    """Shut the pool down and close the descriptor (used by close() and the GC finalizer)."""
+    """Shut the pool down and close the descriptor (a dropped table's finalizer)."""
     if pool is not None:
         pool.shutdown(wait=wait)
     if fd >= 0:
