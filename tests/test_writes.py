@@ -1642,3 +1642,35 @@ def test_a_close_inside_a_pinned_read_of_the_delta_says_it_closed_for_every_read
         f"delta: {path} was closed during a read of it; expected it open until the read ended"
     )
     assert reader.read_errors == 0
+
+
+def test_a_read_of_a_closed_delta_says_it_is_closed_not_closed_during_it(tmp_path):
+    """A read of a delta closed before it began was said closed during the read (2dda3de's
+    message, for a close landing inside one), and ``len()``, ``latest_step()`` and ``pin()``
+    raised LMDB's own error, naming no file. Each read of a closed delta says it is closed
+    (EBADF), naming it, uncounted as a read failure."""
+    import errno
+
+    from tiered_store.errors import TierIOError
+
+    path = tmp_path / "t.delta"
+    delta = RowDelta(path, row_bytes=16, create=True, map_bytes=1 << 20)
+    delta.commit(np.arange(4), np.ones((4, 16), dtype=np.uint8), step=1)
+    delta.close()
+    reads = {
+        "step": lambda: delta.step,
+        "staged_step": lambda: delta.staged_step,
+        "latest_step": delta.latest_step,
+        "ids": delta.ids,
+        "len": lambda: len(delta),
+        "read": lambda: delta.read(np.arange(2)),
+        "pin": delta.pin,
+    }
+    for what, read in reads.items():
+        with pytest.raises(TierIOError) as closed:
+            read()
+        assert (closed.value.errno, closed.value.strerror) == (
+            errno.EBADF,
+            f"delta: {path} is closed; expected it open (open it again)",
+        ), what
+    assert delta.read_errors == 0

@@ -383,6 +383,7 @@ class RowDelta:
         """Read one committed version from now on (a long read transaction), whatever commits
         land meanwhile: a read-only store's view stays whole until it is reopened."""
         self._check_process()
+        self._check_open()
         if self._pinned is None:
             with self._grow_lock.shared():  # counted before a resize can look: it refuses then
                 self._pinned = self.env.begin()
@@ -399,7 +400,9 @@ class RowDelta:
     @contextlib.contextmanager
     def _txn(self, **kwargs: Any) -> Iterator[lmdb.Transaction]:
         """A transaction of this environment (``env.begin(**kwargs)``), held from a map resize
-        for its whole life: LMDB forbids one while any transaction of the process is open."""
+        for its whole life: LMDB forbids one while any transaction of the process is open.
+        Refused once closed."""
+        self._check_open()
         with self._grow_lock.shared(), self.env.begin(**kwargs) as txn:
             yield txn
 
@@ -584,6 +587,14 @@ class RowDelta:
             )
         self.read_errors += 1
         return TierIOError(f"delta: reading {what}{self.path} failed ({exc})")
+
+    def _check_open(self) -> None:
+        """Refuse a use of a closed delta (LMDB's own error names no file; a read said the
+        delta was closed during it)."""
+        if self._released:
+            raise TierIOError(
+                errno.EBADF, f"delta: {self.path} is closed; expected it open (open it again)"
+            )
 
     def _check_writable(self, what: str) -> None:
         """Refuse a write (``what``) through a read-only handle, or across fork()."""
