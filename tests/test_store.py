@@ -2648,3 +2648,35 @@ def test_a_prefetch_failed_by_its_workers_start_frees_its_depth_slot_and_ids(tmp
         assert torch.equal(store.lookup(torch.tensor([5, 6])), data[[5, 6]])
     finally:
         store.close()
+
+
+def test_a_lookup_with_a_cancelled_prefetch_handle_says_it_was_cancelled(tmp_path, monkeypatch):
+    """A ``PrefetchHandle.future`` cancelled while queued (113f26b frees its slot) made its
+    lookup raise a bare ``CancelledError``, no message, naming neither the handle nor what to
+    do. The first fetch's read is held so the second stays queued: cancelled, its lookup
+    raises ``PrefetchHandleError`` saying so, each time, and a lookup without it is served."""
+    path, data = make_table(tmp_path, rows=1_000, dim=4)
+    store = TieredStore(store_config(path, hot={"capacity": 0}, warm={"capacity": 0}))
+    entered, release = threading.Event(), threading.Event()
+    read_rows = store.cold.read_rows
+
+    def held_read(ids):
+        entered.set()
+        assert release.wait(30)
+        return read_rows(ids)
+
+    monkeypatch.setattr(store.cold, "read_rows", held_read)
+    try:
+        first = store.prefetch([1, 2, 3])
+        assert entered.wait(10)
+        second = store.prefetch([4, 5])
+        assert second.future.cancel()  # still queued behind the held fetch
+        release.set()
+        for _ in range(2):
+            with pytest.raises(PrefetchHandleError, match=r"this prefetch was cancelled .*"):
+                store.lookup([4, 5], second)
+        assert torch.equal(store.lookup([1, 2, 3], first), data[[1, 2, 3]])
+        assert torch.equal(store.lookup([4, 5]), data[[4, 5]])
+    finally:
+        release.set()
+        store.close()

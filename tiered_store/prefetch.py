@@ -120,11 +120,15 @@ def _run_into(future: Future, fn: Callable[..., T], args: tuple) -> None:
 
 
 class PrefetchHandleError(TieredStoreError, ValueError):
-    """A prefetch handle was used with other ids, twice, on another store, or after the store
-    closed."""
+    """A prefetch handle was used with other ids, twice, on another store, after the store
+    closed, or cancelled."""
 
 
 CONSUMED = "lookup: this prefetch handle was already consumed; prefetch again"
+CANCELLED = (
+    "lookup: this prefetch was cancelled (its future's cancel()) before its fetch ran, so it "
+    "holds no rows; prefetch again, or look up without the handle"
+)
 OTHER_STORE = (
     "lookup: this prefetch handle comes from another store's prefetch; pass a handle from this "
     "store's"
@@ -305,6 +309,8 @@ class Prefetcher:
         start = time.perf_counter()
         try:
             result = future.result()
+        except futures.CancelledError:  # (its caller's cancel() while it was queued)
+            raise PrefetchHandleError(CANCELLED) from None
         finally:  # a fetch that failed was waited for too
             self.wait_histogram.observe(time.perf_counter() - start)
         return result if then is None else then(result)
