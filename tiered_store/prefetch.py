@@ -258,11 +258,8 @@ class Prefetcher:
                     ) from None
                 self.handles += 1
             future.add_done_callback(functools.partial(self._never_ran, number, slot))
-        except BaseException:  # closed, or interrupted (Ctrl-C) on the way: no handle comes out
-            if take_once(slot):  # the fetch has not started (queued, it never will): its slot
-                with self._queued_lock:  # and ids go now; kept, depth of them hung prefetch()
-                    self._queued.pop(number, None)
-                self._in_flight.release()
+        except BaseException:  # closed, or interrupted (Ctrl-C) on the way: no handle comes out,
+            self._never_ran(number, slot)  # and a fetch not started yet never will
             raise
         return PrefetchHandle(ids, flat, shape, packed, future, self, write_seq, host)
 
@@ -272,10 +269,10 @@ class Prefetcher:
             pending = list(self._queued.values())
         return torch.cat(pending) if pending else None
 
-    def _never_ran(self, number: int, slot: list, future: Future) -> None:
-        """A fetch's done callback: one done without running (its caller cancelled it while
-        queued, or the worker's start failed it) frees its slot and ids now; kept, depth such
-        fetches hung prefetch(). One that ran took its slot as it started."""
+    def _never_ran(self, number: int, slot: list, future: Future | None = None) -> None:
+        """A fetch done without running (its caller cancelled it while queued, the worker's
+        start failed it: its done callback; or its prefetch() interrupted) frees its slot and ids
+        now; kept, depth such fetches hung prefetch(). One that ran took its slot as it started."""
         if take_once(slot):
             with self._queued_lock:
                 self._queued.pop(number, None)
