@@ -151,10 +151,9 @@ def train(
     if settings.corpus:  # as found from here (a resume may run in another directory)
         paths = [os.path.abspath(c) for c in corpus_paths(settings.corpus)]  # one: one path
         settings = replace(settings, corpus=paths)
-    asked, settings = settings, _settings(out, settings, resume, given, out_name)
-    # a resume's settings are the run's saved ones: an error in them names the file (the
-    # options a resume is given do not change them)
-    saved_in = out / SETTINGS_FILE if resume and _holds_a_run(out, out_name) else None
+    # a resume's settings are the run's saved ones (``saved_in``): an error in them names the
+    # file (the options a resume is given do not change them)
+    asked, (settings, saved_in) = settings, _settings(out, settings, resume, given, out_name)
     torch.manual_seed(settings.seed)
     with _in_saved(saved_in, out_name, "model: "):
         config = ModelConfig.from_dict(settings.model)
@@ -190,7 +189,7 @@ def train(
         with warnings.catch_warnings():  # said once already
             warnings.simplefilter("ignore")
             # a ConfigError if a run was made here meanwhile
-            if _settings(out, asked, resume, given, out_name) != settings:
+            if _settings(out, asked, resume, given, out_name)[0] != settings:
                 raise ConfigError(
                     f"{out_name}: {out} changed while this run was being set up (another trainer "
                     "made or ended a run there); nothing of that run was changed: run the command "
@@ -619,11 +618,12 @@ def _settings(
     resume: bool,
     asked: Collection[str] | None,
     out_name: str,
-) -> TrainSettings:
+) -> tuple[TrainSettings, Path | None]:
     """The run's settings, checked: saved ones on resume (the step count may grow: ``steps`` 0
     means not asked, the run's own), else ``given``; a resume warns of the ``asked`` settings
-    (None: those not at their default) it ignores. Reads ``out`` (named ``out_name`` in
-    errors), writes nothing."""
+    (None: those not at their default) it ignores. Returns them and the saved settings file
+    they came from (None: not a resume's). Reads ``out`` (named ``out_name`` in errors),
+    writes nothing."""
     path = out / SETTINGS_FILE
     saved_in = None  # the run's saved settings file, once they are the ones checked (a resume)
     if not _holds_a_run(out, out_name):  # the table of a run that committed steps gone: refused
@@ -733,7 +733,7 @@ def _settings(
         ):
             raise ConfigError(named(name, f"got {lr!r}; expected a positive finite learning rate"))
         given = replace(given, **{name: lr if isinstance(lr, int | float) else float(lr)})
-    return given
+    return given, saved_in
 
 
 def _saved_error(what: str, saved_in: Path, out_name: str) -> str:
