@@ -270,7 +270,7 @@ def _run(out, settings, model, table, layers, sizes, batches, progress, out_name
     flag = _resume_flag(out_name)  # what a failed checkpoint's error tells the caller to pass
     if start:
         applied = _load_dense(out / f"dense-{start}.pt", start, model, dense, scaler, out_name)
-        _recorded(out, table.store, start, flag)  # a checkpoint killed after its commit
+        _recorded(out, table.store, start, flag, check=True)  # a checkpoint killed after its commit
     losses = _loss_log(out, start, out_name)
     bar = tqdm(total=settings.steps, initial=start, disable=not progress, desc="train", unit="step")
     began, trained, skipped = time.perf_counter(), 0, 0
@@ -417,15 +417,20 @@ def _checkpoint(  # noqa: PLR0913 (the checkpoint's parts)
     _recorded(out, table.store, step, resume)
 
 
-def _recorded(out: Path, store: TieredStore, step: int, resume: str) -> None:
-    """A checkpoint's end, once the table committed ``step``: ``committed.json`` records it
-    (written only where it does not already), then the older ``dense-S.pt`` go (a resume finishes one a kill cut short: it may train no
-    step, and run no checkpoint). ``resume``: how the caller resumes."""
+def _recorded(
+    out: Path, store: TieredStore, step: int, resume: str, *, check: bool = False
+) -> None:
+    """A checkpoint's end, once the table committed ``step``: ``committed.json`` records it,
+    then the older ``dense-S.pt`` go (a resume finishes one a kill cut short: it may train no
+    step, and run no checkpoint). ``check``: the record is read first and written only where
+    it does not hold ``step`` already (a resume's; a checkpoint's is always behind its step).
+    ``resume``: how the caller resumes."""
     kept = f"step {step} is committed: {resume} goes on from it"
     record = out / COMMITTED_FILE
-    written = None  # damaged: written anew
-    with contextlib.suppress(ConfigError):
-        written = _record(out, str(out))
+    written = None  # not read, or damaged: written anew
+    if check:
+        with contextlib.suppress(ConfigError):
+            written = _record(out, str(out))
     if written != (step, _run_id(store)):  # a resume's holds its step, unless killed before
         with _run_file("checkpoint", record, kept, "w") as f:
             json.dump({"committed_step": step, RUN_ID_KEY: _run_id(store)}, f)
