@@ -629,6 +629,27 @@ def _settings(
     (None: those not at their default) it ignores. Returns them and the saved settings file
     they came from (None: not a resume's). Reads ``out`` (named ``out_name`` in errors),
     writes nothing."""
+
+    def named(name: str, expected: str, saved: Path | None) -> str:
+        """An error's subject and remedy: the option given (``saved`` None), or the run's saved
+        setting in ``saved`` (one an older version took, or an edit), which no option given
+        with a resume changes."""
+        if saved is None:
+            return f"{_option(name, out_name)}: {expected}"
+        return _saved_error(f"{name}: {expected}", saved, out_name)
+
+    def counted(settings: TrainSettings, name: str, saved: Path | None) -> TrainSettings:
+        """``settings`` with its count ``name`` an int, checked (``seq_len`` >= 2, others >= 1);
+        an error names it as ``named`` does."""
+        value = getattr(settings, name)
+        count = as_integer(value)  # saved as a JSON integer (True is no count)
+        least, why = (2, " (a next-token loss)") if name == "seq_len" else (1, "")
+        if count is None or count < least:
+            raise ConfigError(
+                named(name, f"expected an integer >= {least}{why}, got {shown(value)}", saved)
+            )
+        return replace(settings, **{name: count})
+
     path = out / SETTINGS_FILE
     saved_in = None  # the run's saved settings file, once they are the ones checked (a resume)
     if not _holds_a_run(out, out_name):  # the table of a run that committed steps gone: refused
@@ -642,13 +663,7 @@ def _settings(
     if resume and path.exists() and _holds_a_run(out, out_name):
         saved = _saved_settings(path, out_name)
         if given.steps:  # the count asked for (the run's may grow to it): the caller's to name
-            count = as_integer(given.steps)
-            if count is None or count < 1:
-                raise ConfigError(
-                    f"{_option('steps', out_name)}: expected an integer >= 1, got "
-                    f"{shown(given.steps)}"
-                )
-            given = replace(given, steps=count)
+            given = counted(given, "steps", None)
         default = TrainSettings()
         ignored = [  # asked for (a default value too), and not what the run uses
             f"{_option(f.name, out_name)} {getattr(given, f.name)} (it uses "
@@ -699,29 +714,12 @@ def _settings(
         raise ConfigError(
             f"{_option('io', out_name)}: {given.io!r}; expected one of {', '.join(IO_MODES)}"
         )
-
-    def named(name: str, expected: str) -> str:
-        """An error's subject and remedy: the option given, or the run's saved setting (one an
-        older version took, or an edit), which no option given with a resume changes."""
-        if saved_in is None:
-            return f"{_option(name, out_name)}: {expected}"
-        return _saved_error(f"{name}: {expected}", saved_in, out_name)
-
     for name in ("steps", "batch_size", "seq_len", "checkpoint_every"):
-        count = as_integer(getattr(given, name))  # saved as a JSON integer (True is no count)
-        least, why = (2, " (a next-token loss)") if name == "seq_len" else (1, "")
-        if count is None or count < least:
-            raise ConfigError(
-                named(
-                    name,
-                    f"expected an integer >= {least}{why}, got {shown(getattr(given, name))}",
-                )
-            )
-        given = replace(given, **{name: count})
+        given = counted(given, name, saved_in)
     seed = as_integer(given.seed)  # torch's and NumPy's generators take [0, 2**64)
     if seed is None or not 0 <= seed < 2**64:
         raise ConfigError(
-            named("seed", f"expected an integer in [0, 2**64), got {shown(given.seed)}")
+            named("seed", f"expected an integer in [0, 2**64), got {shown(given.seed)}", saved_in)
         )
     given = replace(given, seed=seed)
     for name in ("hot", "warm"):  # a NumPy row count saved as a JSON integer
@@ -736,7 +734,9 @@ def _settings(
             and math.isfinite(lr)
             and lr > 0
         ):
-            raise ConfigError(named(name, f"got {lr!r}; expected a positive finite learning rate"))
+            raise ConfigError(
+                named(name, f"got {lr!r}; expected a positive finite learning rate", saved_in)
+            )
         given = replace(given, **{name: lr if isinstance(lr, int | float) else float(lr)})
     return given, saved_in
 
