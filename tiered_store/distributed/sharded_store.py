@@ -1092,19 +1092,24 @@ class ShardedStore:
             )
         bad = [why for *_, why in asked]
         skipped = any(s for _, _, s, _ in asked)  # a rank's gradients overflowed: rows only read
+        reading = skipped or any(bad)  # no update: only the ids go (the gradients' width agreed)
+        width = next((w for w, *_ in asked if w is not None), 0)
         order = torch.argsort(ids, stable=True)  # grouped by owner
-        local_ids, received = self._route(ids[order], grads[order])
+        local_ids, received = self._route(
+            ids[order], grads[order][:, :0] if reading else grads[order]
+        )
         unique, inverse, _ = unique_inverse_counts(local_ids)
-        summed = torch.zeros((unique.numel(), received.shape[1]), dtype=received.dtype)
-        summed.index_add_(0, inverse, received)
+        if not reading:
+            summed = torch.zeros((unique.numel(), received.shape[1]), dtype=received.dtype)
+            summed.index_add_(0, inverse, received)
 
         new_rows: list[torch.Tensor] = []  # and the rows before
 
         def compute() -> None:
             if unique.numel():
                 current = self.local.lookup(unique)
-                if skipped or any(bad):  # no update: a row as stored behind NaN gradients
-                    self._finite_stored(unique, current, summed.shape[1])
+                if reading:  # no update: a row as stored behind NaN gradients
+                    self._finite_stored(unique, current, width)
                     return
                 rows = update(current, summed.to(current))
                 new_rows.append(self._finite_update(unique, current, rows, summed.shape[1]))
