@@ -608,6 +608,19 @@ def test_a_writer_in_a_missing_folder_is_refused_naming_it(tmp_path):
     with pytest.raises(TierIOError, match=f"its folder {path.parent} does not exist; expected"):
         TraceWriter(path)
     assert list(tmp_path.iterdir()) == []
+    notes = tmp_path / "notes"  # a file where the folder would be
+    notes.write_text("")
+    with pytest.raises(TierIOError, match=f"its folder {notes} is not a folder; expected an"):
+        TraceWriter(notes / "t.trace")
+    trace = tmp_path / "t.trace"
+    with TraceWriter(trace, {"tables": ["a"]}) as w:
+        w.write(np.arange(3), "a")
+    for folder, what in ((path.parent, "does not exist"), (notes, "is not a folder")):
+        with pytest.raises(
+            TierIOError, match=f"output {folder / 'a.npy'}: its folder {folder} {what}$"
+        ):
+            trace_to_npy(trace, folder / "a.npy")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes", "t.trace"]
 
 
 def _chunk_offsets(path):

@@ -131,6 +131,11 @@ class TraceChunk:
         return self.ids[mask]
 
 
+def _no_folder(folder: Path) -> str:
+    """Why ``folder``, not a directory, cannot hold a file: it is not a folder, or not there."""
+    return "is not a folder" if folder.exists() else "does not exist"
+
+
 def _shuffle(ids: np.ndarray, width: int) -> bytes:
     """Byte-shuffle ``ids`` as unsigned ``width``-byte integers."""
     raw = ids.astype(f"<u{width}", copy=False)
@@ -242,10 +247,10 @@ class TraceWriter:
         self._closed = False
         self.chunk_written_at = time.monotonic()  # the last chunk written (or the writer opened)
         if not self.path.parent.is_dir():  # not made: a typo's whole chain of folders
-            what = "is not a folder" if self.path.parent.exists() else "does not exist"
             raise TierIOError(
                 errno.ENOENT,
-                f"cannot write trace {self.path}: its folder {self.path.parent} {what}; "
+                f"cannot write trace {self.path}: its folder {self.path.parent} "
+                f"{_no_folder(self.path.parent)}; "
                 "expected an existing folder",
                 str(self.path),
             )
@@ -1258,7 +1263,9 @@ def _check_npy_target(trace: Path, npy_path: Path, overwrite: bool) -> None:
             "path",
         )
     if not npy_path.parent.is_dir():
-        what = "is not a folder" if npy_path.parent.exists() else "does not exist"
-        raise TierIOError(errno.ENOENT, f"output {npy_path}: its folder {npy_path.parent} {what}")
+        raise TierIOError(
+            errno.ENOENT,
+            f"output {npy_path}: its folder {npy_path.parent} {_no_folder(npy_path.parent)}",
+        )
     if npy_path.exists() and not overwrite:
         raise ConfigError(f"output {npy_path} already exists; pass --overwrite to replace it")
