@@ -268,7 +268,8 @@ def main(argv: list[str] | None = None) -> dict:
                     why = added.stderr.strip()
                     raise TieredStoreError(f"git worktree add {base} {args.rev}: {why}")
                 trees = {"base": base, "new": HERE}
-            states = {name: tree_state(tree) for name, tree in trees.items()}  # as measured
+            # as measured (a --rev base is named by its commit: its worktree's state unread)
+            states = {n: tree_state(t) for n, t in trees.items() if n == "new" or base_rev is None}
             report = measure(args, trees, work)
         finally:
             if base_rev is not None:
