@@ -241,6 +241,42 @@ def test_a_batch_skipping_a_few_announced_ids_leaves_the_later_ones_at_their_pla
     assert not request.left.any() and (queue._pair_tokens < 0).all()
 
 
+def test_a_batch_skipping_as_many_ids_as_the_look_ahead_takes_the_next_at_its_place(monkeypatch):
+    """An id is looked for up to ``_AHEAD`` (8) places past the one announced next: a batch that
+    skipped 8 ids looked only 7 places on, so the 8th on and every later id was searched for,
+    batch after batch. The 8th place on is taken at its place, the 9th searched for (its Python
+    body, its searches counted)."""
+    from tiered_store import request_queue_kernels as kernels
+
+    ahead = kernels._AHEAD
+    ids = torch.arange(100, 140)
+    # the cursor at 0, 8 skipped; then at 20, 9 skipped (one past); those skipped, then
+    batches = [ids[ahead:20], ids[21 + ahead :], ids[20 : 21 + ahead], ids[:ahead]]
+    queue = QueuedRequests()
+    request = queue.add(ids)
+    rows, pairs = request.rows.numpy(), (queue._pair_rows, queue._pair_tokens)
+    pair_at = kernels.pairs_of(*pairs, rows, request.token)
+    searched: list[int] = []
+    lower_bound = kernels._lower_bound.py_func
+
+    def counted(values, value, low, high):
+        searched.append(int(value))
+        return lower_bound(values, value, low, high)
+
+    monkeypatch.setattr(kernels, "_lower_bound", counted)
+    taken, searches = 0, []
+    for batch in batches:
+        searched.clear()
+        *_, taken = kernels.serve_batch.py_func(
+            rows, request.left, request.where, taken, batch.numpy(), pair_at, *pairs,
+            request.token, NOT_QUEUED,
+        )  # fmt: skip
+        searches.append(list(searched))
+    skipped = ids[21 + ahead :].tolist()
+    assert searches == [[], skipped, [], ids[:ahead].tolist()], searches
+    assert not request.left.any() and (queue._pair_tokens < 0).all()
+
+
 class _Reads(np.ndarray):
     """An array counting its reads of one element (a compiled pass's Python body's)."""
 

@@ -133,7 +133,7 @@ def pairs_of(
     return at
 
 
-_AHEAD = 8  # ``serve_batch``: how far past the id announced next a batch's id is looked for
+_AHEAD = 8  # ``serve_batch``: how many places past the id announced next a batch's id is looked for
 
 
 @numba.njit(cache=True, nogil=True)
@@ -176,7 +176,7 @@ def serve_batch(
         if at < m and rows[at] == ids[k]:  # the id announced next
             start += 1
         else:  # announced a few places on (the batch skipped those before it), or searched for
-            ahead, stop = start + 1, min(start + _AHEAD, where.size)
+            ahead, stop = start + 1, min(start + 1 + _AHEAD, where.size)
             while ahead < stop and rows[where[ahead]] != ids[k]:
                 ahead += 1
             if ahead < stop:
