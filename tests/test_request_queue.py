@@ -343,6 +343,25 @@ def test_finding_a_short_requests_pairs_reads_a_few_pairs_a_row_not_the_queue(mo
     assert _Reads.count < 400, _Reads.count  # (200,031 before: the queue's every pair)
 
 
+def test_the_searches_find_the_lower_bound_at_every_range_and_value():
+    """``_gallop`` and ``_lower_bound`` (compiled, and their Python bodies) give the first place
+    in ``values[low:high]`` not below the value at every range of short sorted arrays with
+    repeats: an empty range, one ending before the array's end, a value below, among, at the
+    last or past every value (the galloping step running past ``high``)."""
+    from tiered_store import request_queue_kernels as kernels
+
+    searches = [kernels._gallop, kernels._gallop.py_func]
+    searches += [kernels._lower_bound, kernels._lower_bound.py_func]
+    for values in ([], [5], [1, 1, 1], [0, 2, 2, 3, 7, 7, 7, 9, 12, 12, 15, 20, 21]):
+        values = np.array(values, dtype=np.int64)
+        for low in range(values.size + 1):
+            for high in range(low, values.size + 1):
+                for value in range(-1, 23):
+                    want = low + int(np.searchsorted(values[low:high], value))
+                    got = [int(f(values, np.int64(value), low, high)) for f in searches]
+                    assert got == [want] * 4, (values.tolist(), low, high, value, got)
+
+
 class _NumpyFailingAt:
     """numpy, but for its ``n``-th allocation (``empty``, ``sort``), which fails as out of
     memory does."""
