@@ -3768,7 +3768,9 @@ def test_a_refused_reload_of_a_closed_table_says_it_answers_503(tmp_path, monkey
 def test_a_refused_reload_of_two_closed_tables_logs_them_as_several(tmp_path, monkeypatch, caplog):
     """Two tables a reload left closed, their reopens refused: the log said "could not reopen
     engram_layer1, engram_layer3 (...) on its new version", "less often while it fails" and
-    "once its files change", of two tables. It says a new version, and "they", "their"."""
+    "once its files change", of two tables. It says a new version, and "they", "their"; and
+    engram_layer3's failure, reopened alone, was logged twice (by itself, then in that line):
+    once."""
     import errno
 
     config = ServeConfig.from_yaml(make_checkpoint(tmp_path))
@@ -3792,6 +3794,8 @@ def test_a_refused_reload_of_two_closed_tables_logs_them_as_several(tmp_path, mo
         for singular in ("its new version", "while it fails", "its files"):
             assert singular not in logged, logged
         assert "while they fail" in logged and "their files change" in logged, logged
+        said = [r.getMessage() for r in caplog.records]
+        assert sum("engram_layer3: injected open failure" in m for m in said) == 1, said
     finally:
         served.close()
 

@@ -707,8 +707,7 @@ class ServedModel:
                         new = self._open_checked(name, old)
                     self.model.set_tables(self._guarded({name: new}))
                 except Exception as exc:  # noqa: BLE001 (out of memory too: the others go on)
-                    failed[name] = error_text(exc)
-                    log.error("could not reopen %s (%s); it answers 503", name, failed[name])
+                    failed[name] = error_text(exc)  # logged by the caller, with the refusal
                 finally:
                     if new is not None:
                         self._serve_or_close({name: new})
