@@ -1675,6 +1675,34 @@ def test_a_reload_postponed_for_an_answer_still_running_closes_the_stores_it_ope
         assert _fds_open_on(layer3) == opened  # the old store's file closed, the new one's open
 
 
+def test_a_check_while_a_postponed_answer_still_runs_says_what_waits_now(tmp_path):
+    """A check while the answers a reload was postponed for still ran returned at once, leaving
+    /healthz's warning as that reload set it: a table stale since (or one whose version cannot
+    be told) went unnamed, as if on its current version, and the answers' count stayed. It
+    names every table waiting now."""
+
+    def hung_answer(served, done) -> None:  # an answer in flight, its worker hung on a read
+        done.wait(60)
+
+    with _an_answer_in_flight_over_a_commit(tmp_path, 0.2, hung_answer) as (
+        served,
+        config,
+        _,
+        _,
+        end,
+    ):
+        assert served.reload_if_stale(force_check=True) == []
+        assert served.reload_refused == "engram_layer3 (postponed: 1 answer(s) running)"
+        _commit_a_new_version(config.table_path(1))  # layer 1 stale too, meanwhile
+        assert served.reload_if_stale(force_check=True) == []  # still running: not tried
+        assert served.reload_refused == (
+            "engram_layer1, engram_layer3 (postponed: 1 answer(s) running)"
+        ), served.reload_refused
+        end()  # the answer ends
+        assert served.reload_if_stale(force_check=True) == TABLES
+        assert served.reload_refused is None
+
+
 def test_a_ctrl_c_as_a_postponed_reload_closes_the_stores_it_opened_closes_them(tmp_path):
     """A Ctrl-C (a real SIGINT) as a reload postponed for an answer still running began to close
     the stores it had opened for the swap left them open for good (neither served nor closed:

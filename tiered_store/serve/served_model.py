@@ -441,7 +441,9 @@ class ServedModel:
             if not stale:
                 self._refused(unreadable)
                 return []
-        if self._outlasted & self._gate.in_flight():  # tried again once they end
+        outlasted = len(self._outlasted & self._gate.in_flight())
+        if outlasted:  # tried again once they end; /healthz says what waits now
+            self._postponed(stale, unreadable, outlasted)
             return []
         bound = self.config.server.request_timeout_s
         opened: dict[str, TieredStore] = {}
@@ -465,12 +467,7 @@ class ServedModel:
                         running,
                         bound,
                     )
-                    self.reload_refused = "; ".join(
-                        [
-                            *unreadable,
-                            f"{', '.join(stale)} (postponed: {running} answer(s) running)",
-                        ]
-                    )
+                    self._postponed(stale, unreadable, running)
                     return []
             except BaseException:  # Ctrl-C while it waits for the answers (or before, or as it
                 _close_all(opened)  # closes them, postponed): none left open
@@ -630,6 +627,13 @@ class ServedModel:
             at = math.inf if self.stores[name].calls_left else time.monotonic() + wait
             why = failed.get(name, error)
             self._closed_retry[name] = (files[name][0], at, wait, f"{name} ({why})")
+
+    def _postponed(self, stale: list[str], reasons: list[str], running: int) -> None:
+        """Note in /healthz that ``stale``'s reload waits for ``running`` answers still running
+        (``reasons``: why the other tables keep the version open now)."""
+        self.reload_refused = "; ".join(
+            [*reasons, f"{', '.join(stale)} (postponed: {running} answer(s) running)"]
+        )
 
     def _refused(self, reasons: list[str]) -> None:
         """Note why tables keep the version open now (``reasons``; none: every table is on its
