@@ -1653,14 +1653,63 @@ def _an_answer_in_flight_over_a_commit(tmp_path, request_timeout_s, hold):
         served.close()
 
 
+def _hung_answer(served, done) -> None:
+    """For ``_an_answer_in_flight_over_a_commit``: an answer whose worker hangs on a read (until
+    ``done``)."""
+    done.wait(60)
+
+
+def _reload_interrupted_at(served, at) -> None:
+    """A forced check of ``served`` interrupted by a Ctrl-C (a real SIGINT, handled at the next
+    instruction) as ``at(frame, event, arg)`` first holds for a profiled event; it raises
+    KeyboardInterrupt."""
+    import signal
+    import sys
+
+    def interrupt(frame, event, arg):
+        if at(frame, event, arg):
+            sys.setprofile(None)
+            signal.raise_signal(signal.SIGINT)
+
+    sys.setprofile(interrupt)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            served.reload_if_stale(force_check=True)
+    finally:
+        sys.setprofile(None)
+
+
+def _called_by(name: str, caller: str):
+    """For ``_reload_interrupted_at``: as function ``name`` is called by ``caller``."""
+
+    def at(frame, event, arg) -> bool:
+        by = frame.f_back.f_code.co_name if frame.f_back is not None else ""
+        return event == "call" and (frame.f_code.co_name, by) == (name, caller)
+
+    return at
+
+
+def _recorded_opens(served, monkeypatch, refused: str | None = None) -> list:
+    """The stores ``served``'s reloads open from now on, in order; table ``refused``'s new
+    version does not open (a read error)."""
+    import errno
+
+    real, opened = served._open_checked, []
+
+    def recorded_open(name, old):
+        if name == refused:
+            raise TierIOError(errno.EIO, f"{name}: injected open failure")
+        opened.append(real(name, old))
+        return opened[-1]
+
+    monkeypatch.setattr(served, "_open_checked", recorded_open)
+    return opened
+
+
 def test_a_reload_postponed_for_an_answer_still_running_closes_the_stores_it_opened(tmp_path):
     """The new stores open before the swap waits for the answers in flight: one that outlasts
     request_timeout_s postpones the swap, and what was opened for it is closed again."""
-
-    def hung_answer(served, done) -> None:  # an answer in flight, its worker hung on a read
-        done.wait(60)
-
-    with _an_answer_in_flight_over_a_commit(tmp_path, 0.2, hung_answer) as (
+    with _an_answer_in_flight_over_a_commit(tmp_path, 0.2, _hung_answer) as (
         served,
         _,
         layer3,
@@ -1680,11 +1729,7 @@ def test_a_check_while_a_postponed_answer_still_runs_says_what_waits_now(tmp_pat
     /healthz's warning as that reload set it: a table stale since (or one whose version cannot
     be told) went unnamed, as if on its current version, and the answers' count stayed. It
     names every table waiting now."""
-
-    def hung_answer(served, done) -> None:  # an answer in flight, its worker hung on a read
-        done.wait(60)
-
-    with _an_answer_in_flight_over_a_commit(tmp_path, 0.2, hung_answer) as (
+    with _an_answer_in_flight_over_a_commit(tmp_path, 0.2, _hung_answer) as (
         served,
         config,
         _,
@@ -1707,31 +1752,14 @@ def test_a_ctrl_c_as_a_postponed_reload_closes_the_stores_it_opened_closes_them(
     """A Ctrl-C (a real SIGINT) as a reload postponed for an answer still running began to close
     the stores it had opened for the swap left them open for good (neither served nor closed:
     their descriptors held). They close; the Ctrl-C is raised then."""
-    import signal
-    import sys
-
-    def hung_answer(served, done) -> None:  # an answer in flight, its worker hung on a read
-        done.wait(60)
-
-    def interrupt(frame, event, arg):  # a Ctrl-C, handled at _close_all's first instruction
-        caller = frame.f_back.f_code.co_name if frame.f_back is not None else ""
-        if event == "call" and (frame.f_code.co_name, caller) == ("_close_all", "_reload_stale"):
-            sys.setprofile(None)
-            signal.raise_signal(signal.SIGINT)
-
-    with _an_answer_in_flight_over_a_commit(tmp_path, 0.2, hung_answer) as (
+    with _an_answer_in_flight_over_a_commit(tmp_path, 0.2, _hung_answer) as (
         served,
         _,
         layer3,
         opened,
         end,
     ):
-        sys.setprofile(interrupt)
-        try:
-            with pytest.raises(KeyboardInterrupt):
-                served.reload_if_stale(force_check=True)
-        finally:
-            sys.setprofile(None)
+        _reload_interrupted_at(served, _called_by("_close_all", "_reload_stale"))
         assert _fds_open_on(layer3) == opened  # the store opened for the swap closed again
         end()  # the answer ends
 
@@ -4134,34 +4162,13 @@ def test_a_ctrl_c_as_a_reload_looks_for_a_close_under_way_leaves_no_new_store_op
     looked whether a close had begun meanwhile (before it waited for the gate), left them open
     for good: neither served nor closed (their descriptors, tiers and version locks held). None
     is left open; the Ctrl-C is raised then."""
-    import signal
-    import sys
-
     config = ServeConfig.from_yaml(make_checkpoint(tmp_path))
     served = ServedModel(config)
     try:
         served.reload_check_seconds = 3600.0  # checks only when the test asks
         _commit_a_new_version(config.table_path(3))  # layer 3 stale, its new version opens
-        real, opened = served._open_checked, []
-
-        def recorded_open(name, old):
-            opened.append(real(name, old))
-            return opened[-1]
-
-        monkeypatch.setattr(served, "_open_checked", recorded_open)
-
-        def interrupt(frame, event, arg):  # a Ctrl-C, handled at is_set's first instruction
-            caller = frame.f_back.f_code.co_name if frame.f_back is not None else ""
-            if event == "call" and (frame.f_code.co_name, caller) == ("is_set", "_reload_stale"):
-                sys.setprofile(None)
-                signal.raise_signal(signal.SIGINT)
-
-        sys.setprofile(interrupt)
-        try:
-            with pytest.raises(KeyboardInterrupt):
-                served.reload_if_stale(force_check=True)
-        finally:
-            sys.setprofile(None)
+        opened = _recorded_opens(served, monkeypatch)
+        _reload_interrupted_at(served, _called_by("is_set", "_reload_stale"))
         [new] = opened
         assert new.closed and served.stores["engram_layer3"] is not new, new
         assert served.model.tables[3].table is served.stores["engram_layer3"]
@@ -4185,10 +4192,6 @@ def test_a_ctrl_c_as_a_refused_swap_is_undone_leaves_no_new_store_open(
     new store opened for the other table open for good: neither served nor closed (its
     descriptors, tiers and version lock held). Each is served once the model reads it, else
     closed; the Ctrl-C is raised then."""
-    import errno
-    import signal
-    import sys
-
     config = ServeConfig.from_yaml(make_checkpoint(tmp_path))
     served = ServedModel(config)
     try:
@@ -4198,30 +4201,15 @@ def test_a_ctrl_c_as_a_refused_swap_is_undone_leaves_no_new_store_open(
         else:
             _commit_a_new_version(config.table_path(1))  # layer 1 stale, its new version opens
         _commit_a_new_version(config.table_path(3))  # layer 3 stale, its new version refused
-        real, opened = served._open_checked, []
+        opened = _recorded_opens(served, monkeypatch, refused="engram_layer3")
 
-        def refused_open(name, old):  # layer 3's new version does not open (a read error)
-            if name == "engram_layer3":
-                raise TierIOError(errno.EIO, f"{name}: injected open failure")
-            opened.append(real(name, old))
-            return opened[-1]
-
-        monkeypatch.setattr(served, "_open_checked", refused_open)
-
-        def interrupt(frame, event_, arg):  # a Ctrl-C, handled at the next instruction
+        def interrupt_at(frame, event_, arg) -> bool:
             name = frame.f_code.co_name
             if event_ == "c_return":  # a builtin returning in that frame
                 name = f"{name}.{getattr(arg, '__name__', '')}"
-            if event_ == event and name == at:
-                sys.setprofile(None)
-                signal.raise_signal(signal.SIGINT)
+            return event_ == event and name == at
 
-        sys.setprofile(interrupt)
-        try:
-            with pytest.raises(KeyboardInterrupt):
-                served.reload_if_stale(force_check=True)
-        finally:
-            sys.setprofile(None)
+        _reload_interrupted_at(served, interrupt_at)
         [new] = opened
         assert new.closed or served.stores["engram_layer1"] is new, new
         assert served.model.tables[1].table is served.stores["engram_layer1"]
