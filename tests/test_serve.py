@@ -2320,6 +2320,43 @@ def test_the_log_of_a_refusal_kept_says_it_is_tried_once_its_files_change(tmp_pa
         served.close()
 
 
+def test_a_kept_refusal_whose_files_change_and_are_refused_again_is_logged_again(tmp_path, caplog):
+    """A refusal kept (its files settled) is logged as tried once its files change; once they
+    changed (settled when next checked) and the new ones were refused again for the same
+    reason, nothing was logged: the log (as /healthz) matched what was logged before, though
+    another version was tried and refused. Each version refused is logged once."""
+    from tiered_store.engram.checkpoint import table_metadata
+    from tiered_store.engram.hashing import NgramHasher
+    from tiered_store.engram.model import ModelConfig
+    from tiered_store.page_checksums import sidecar_path
+    from tiered_store.table_format import create_table, table_paths
+
+    config = ServeConfig.from_yaml(make_checkpoint(tmp_path))
+    table = config.table_path(3)
+    served = ServedModel(config)
+    try:
+        served.reload_check_seconds = 3600.0  # checks only when the test asks
+        seeded = ModelConfig.from_dict(
+            {**CONFIG["model"], "engram": {**CONFIG["model"]["engram"], "seed": 7}}
+        )
+        store = served.stores["engram_layer3"]
+        other = table_metadata(NgramHasher(seeded.engram), 3)
+        with caplog.at_level(logging.ERROR, logger="tiered_store.serve"):
+            for value, ago in ((1.0, 10), (2.0, 20)):  # another table of the other seed
+                rows = np.full((store.rows, store.dim), value, np.float32)
+                create_table(table, rows, progress=False, overwrite=True, metadata=other)
+                then = time.time_ns() - ago * 10**9  # settled: a refusal of them is kept
+                for path in (*table_paths(table), sidecar_path(table)):
+                    os.utime(path, ns=(then, then))
+                for _ in range(2):
+                    assert served.reload_if_stale(force_check=True) == []
+        logged = [r.getMessage() for r in caplog.records if "trying again" in r.getMessage()]
+        assert len(logged) == 2, logged  # each version, once
+        assert all("expects seed=0" in m and "once its files change" in m for m in logged), logged
+    finally:
+        served.close()
+
+
 def test_a_refused_version_is_not_opened_again_at_each_commit_to_another_table(
     tmp_path, monkeypatch
 ):

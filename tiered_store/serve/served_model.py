@@ -241,8 +241,8 @@ class ServedModel:
             self._scrub_again: set[str] = set()
             self._scrub_again_lock = threading.Lock()
             self.reload_refused: str | None = None  # why new versions are not served (/healthz)
-            # (why, what is served, the refusals kept) logged
-            self._refused_logged: tuple[str, str, list[str]] | None = None
+            # (why, what is served, the refusals kept: their files, by table) logged
+            self._refused_logged: tuple[str, str, dict[str, Any]] | None = None
             # table -> (its refused version's files, why): while they stay, no reload it is part
             # of opens a store (it would be refused again, and the tables stale with it)
             self._refusals: dict[str, tuple[Any, str]] = {}
@@ -638,11 +638,14 @@ class ServedModel:
     def _refused(self, reasons: list[str]) -> None:
         """Note why tables keep the version open now (``reasons``; none: every table is on its
         current one): logged once per reason, what is served meanwhile and the refusals kept
-        (``_refusals``: tried once their files change), not at every check, and in /healthz."""
+        (``_refusals``: tried once their files change; new files refused again are logged
+        again), not at every check, and in /healthz."""
         refused = "; ".join(reasons) or None
         serving = self.serving_meanwhile()
-        kept = sorted(self._refusals)  # refused for what their files hold: not tried meanwhile
-        if refused is not None and (refused, serving, kept) != self._refused_logged:
+        # refused for what their files hold: not tried meanwhile
+        held = {name: files for name, (files, _) in self._refusals.items()}
+        kept = sorted(held)
+        if refused is not None and (refused, serving, held) != self._refused_logged:
             again = f"trying again every {self.reload_check_seconds:.0f} s"
             if self._closed_retry:
                 it, its = (
@@ -660,7 +663,7 @@ class ServedModel:
                 its = "its" if len(kept) == 1 else "their"
                 again += f"; {', '.join(kept)} once {its} files change (refused for what they hold)"
             log.error("could not reopen %s on a new version; %s, %s", refused, serving, again)
-        self._refused_logged = None if refused is None else (refused, serving, kept)
+        self._refused_logged = None if refused is None else (refused, serving, held)
         self.reload_refused = refused
 
     def serving_meanwhile(self) -> str:
