@@ -1724,6 +1724,37 @@ def test_a_reload_postponed_for_an_answer_still_running_closes_the_stores_it_ope
         assert _fds_open_on(layer3) == opened  # the old store's file closed, the new one's open
 
 
+def test_the_reload_failures_help_says_which_checks_not_serving_a_version_count(
+    tmp_path, monkeypatch
+):
+    """tiered_store_reload_failures_total's help said each count was a check that found a new
+    version and did not serve it, its open failed or waiting; but a reload postponed for an
+    answer still running serves none and is not counted, and a table whose new version opened,
+    in a swap refused for another table, is counted though its open did not fail. The help
+    says both."""
+    from tiered_store.metrics import METRICS
+
+    with _an_answer_in_flight_over_a_commit(tmp_path, 0.2, _hung_answer) as (
+        served,
+        config,
+        _,
+        _,
+        end,
+    ):
+        assert served.reload_if_stale(force_check=True) == []  # postponed
+        assert served.health["engram_layer3"].reload_failures == 0
+        end()  # the answer ends
+        _commit_a_new_version(config.table_path(1))  # layer 1 stale too, its new version opens
+        opened = _recorded_opens(served, monkeypatch, refused="engram_layer3")
+        assert served.reload_if_stale(force_check=True) == []
+        assert len(opened) == 1 and opened[0].closed  # opened, not served: the swap refused
+        counted = {name: served.health[name].reload_failures for name in TABLES}
+        assert counted == {"engram_layer1": 1, "engram_layer3": 1}, counted
+    said = METRICS["tiered_store_reload_failures_total"][2]
+    assert "postponed" in said, said  # not counted
+    assert "another table's" in said, said  # counted though its own open did not fail
+
+
 def test_a_check_while_a_postponed_answer_still_runs_says_what_waits_now(tmp_path):
     """A check while the answers a reload was postponed for still ran returned at once, leaving
     /healthz's warning as that reload set it: a table stale since (or one whose version cannot

@@ -328,9 +328,11 @@ METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
         "counter",
         ("table",),
         "Checks that found a new version of the table and did not serve it (its open failed, "
-        "or waits: a refusal kept until its files change, a table left closed waiting for its "
-        "retry), or could not tell its version; counted at every check while it lasts (the "
-        "version open now served meanwhile, none for a table left closed).",
+        "or another table's in the same swap, all or nothing; or it waits: a refusal kept "
+        "until its files change, a table left closed waiting for its retry), or could not tell "
+        "its version; counted at every check while it lasts, not while a swap is postponed for "
+        "answers still running (the version open now served meanwhile, none for a table left "
+        "closed).",
     ),
     "tiered_store_written_rows_total": (
         "counter",
@@ -446,7 +448,8 @@ class TableHealth:
     last_lookup_error: str | None = None  # what the latest failed lookup raised
     last_lookup_failure_at: float | None = None  # time.monotonic() of that failure
     reloads: int = 0  # reopened on a new version (serve)
-    reload_failures: int = 0  # checks whose new version was not served, tried or not (serve)
+    # checks whose new version was not served, tried or not, but postponed ones (serve)
+    reload_failures: int = 0
     # (sample name, labels) -> what the table's stores closed by reloads counted (``carry``)
     carried: dict[SampleKey, float] = field(default_factory=dict, repr=False, compare=False)
     # held by a scrape reading the table's store and ``carried``, and by a swap changing them
