@@ -4506,6 +4506,48 @@ def test_a_reload_whose_discarded_new_store_fails_to_close_logs_it(
         served.close()
 
 
+def test_a_ctrl_c_as_a_reload_opens_ahead_closes_each_store_once(tmp_path, monkeypatch, caplog):
+    """A Ctrl-C as a reload opened layer 3's new store ahead of the swap, once layer 1's had
+    opened: the open ahead closed layer 1's, then the reload closed it again (the dict is the
+    reload's), so that a close failing (a device error) was logged twice. It is closed, and
+    logged, once; the Ctrl-C goes on."""
+    config = ServeConfig.from_yaml(make_checkpoint(tmp_path))
+    served = ServedModel(config)
+    try:
+        served.reload_check_seconds = 3600.0  # checks only when the test asks
+        for layer in (1, 3):  # both tables stale
+            _commit_a_new_version(config.table_path(layer))
+        real_open, opened = served._open_checked, []
+
+        def open_interrupted(name, old):  # layer 1's new store opens, its close failing
+            if name == "engram_layer3":
+                raise KeyboardInterrupt
+            new = real_open(name, old)
+            real_close = new.close
+
+            def failing_close(**kwargs):
+                real_close(**kwargs)
+                raise RuntimeError("injected device error")
+
+            new.close = failing_close
+            opened.append(new)
+            return new
+
+        monkeypatch.setattr(served, "_open_checked", open_interrupted)
+        with (
+            caplog.at_level(logging.ERROR, logger="tiered_store.serve"),
+            pytest.raises(KeyboardInterrupt),
+        ):
+            served.reload_if_stale(force_check=True)
+        monkeypatch.undo()
+        [new] = opened
+        assert new.closed and served.stores["engram_layer1"] is not new
+        logged = [r.getMessage() for r in caplog.records if "injected device" in r.getMessage()]
+        assert len(logged) == 1, logged
+    finally:
+        served.close()
+
+
 def test_a_ctrl_c_as_a_closed_table_s_reopen_is_taken_serves_it(tmp_path, monkeypatch):
     """After a refused swap, a table its store left closed is reopened alone; a Ctrl-C once the
     model took the store it opened (before ``stores`` named it) closed that store under the

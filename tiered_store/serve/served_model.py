@@ -552,8 +552,8 @@ class ServedModel:
         """The stores of ``stale``'s new versions, put in ``opened`` (by table: the caller's, so
         that none is out of its reach once opened), opened in turn outside the request gate
         until one fails (returns its table and error), but for those that need the gate (a map
-        grown elsewhere: ``_open_new_version`` closes the old store first); interrupted, none
-        left open; none opened once ``close`` began."""
+        grown elsewhere: ``_open_new_version`` closes the old store first); interrupted, the
+        caller closes them (once); none opened once ``close`` began."""
         try:
             for name in stale:
                 if self._closing.is_set():  # the caller closes what it opened
@@ -566,9 +566,6 @@ class ServedModel:
                     # opened under the gate; the tables after it open here still
         except Exception as exc:  # noqa: BLE001 (raised again under the gate, as it was)
             return name, exc
-        except BaseException:  # Ctrl-C: it goes on, no store it opened left open
-            _close_all(opened)
-            raise
         return None
 
     def _undo_swap(self, opened: dict[str, TieredStore]) -> None:
