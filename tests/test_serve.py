@@ -1689,15 +1689,15 @@ def _called_by(name: str, caller: str):
     return at
 
 
-def _recorded_opens(served, monkeypatch, refused: str | None = None) -> list:
-    """The stores ``served``'s reloads open from now on, in order; table ``refused``'s new
-    version does not open (a read error)."""
+def _recorded_opens(served, monkeypatch, refused=()) -> list:
+    """The stores ``served``'s reloads open from now on, in order; the new versions of the
+    tables in ``refused`` (looked at in each open) do not open (a read error)."""
     import errno
 
     real, opened = served._open_checked, []
 
     def recorded_open(name, old):
-        if name == refused:
+        if name in refused:
             raise TierIOError(errno.EIO, f"{name}: injected open failure")
         opened.append(real(name, old))
         return opened[-1]
@@ -1745,7 +1745,7 @@ def test_the_reload_failures_help_says_which_checks_not_serving_a_version_count(
         assert served.health["engram_layer3"].reload_failures == 0
         end()  # the answer ends
         _commit_a_new_version(config.table_path(1))  # layer 1 stale too, its new version opens
-        opened = _recorded_opens(served, monkeypatch, refused="engram_layer3")
+        opened = _recorded_opens(served, monkeypatch, refused={"engram_layer3"})
         assert served.reload_if_stale(force_check=True) == []
         assert len(opened) == 1 and opened[0].closed  # opened, not served: the swap refused
         counted = {name: served.health[name].reload_failures for name in TABLES}
@@ -1985,6 +1985,50 @@ def test_a_reload_interrupted_as_it_announces_serves_and_closes_as_swapped(tmp_p
         served.close()
 
 
+def _counted_opens(monkeypatch) -> list[str]:
+    """The file name of each store opened from now on (``TieredStore``), in order."""
+    from tiered_store import TieredStore
+
+    real_init, opened = TieredStore.__init__, []
+
+    def counted_init(self, store_config, *args, **kwargs) -> None:
+        opened.append(Path(store_config.table.path).name)
+        real_init(self, store_config, *args, **kwargs)
+
+    monkeypatch.setattr(TieredStore, "__init__", counted_init)
+    return opened
+
+
+def _make_for_another_seed(served, table, value: float = 1.0) -> np.ndarray:
+    """Write layer 3's ``table`` anew as another model's (seed 7: only its layout differs),
+    every value ``value``: a reload of ``served`` refuses it for what its files hold; returns
+    the rows written."""
+    from tiered_store.engram.checkpoint import table_metadata
+    from tiered_store.engram.hashing import NgramHasher
+    from tiered_store.engram.model import ModelConfig
+    from tiered_store.table_format import create_table
+
+    seeded = ModelConfig.from_dict(
+        {**CONFIG["model"], "engram": {**CONFIG["model"]["engram"], "seed": 7}}
+    )
+    store = served.stores["engram_layer3"]
+    rows = np.full((store.rows, store.dim), value, np.float32)
+    other = table_metadata(NgramHasher(seeded.engram), 3)
+    create_table(table, rows, progress=False, overwrite=True, metadata=other)
+    return rows
+
+
+def _settle(table, ago_s: float = 10.0) -> None:
+    """Date ``table``'s files (data, manifest, page checksums) ``ago_s`` seconds back: settled,
+    a refusal of them is kept (files just written may change unseen)."""
+    from tiered_store.page_checksums import sidecar_path
+    from tiered_store.table_format import table_paths
+
+    then = time.time_ns() - int(ago_s * 10**9)
+    for path in (*table_paths(table), sidecar_path(table)):
+        os.utime(path, ns=(then, then))
+
+
 def test_a_pass_judges_no_file_made_anew_over_a_table_and_not_served(tmp_path):
     """The scrubber verified the file a table's path names, not the one served: a damaged table
     made anew over the path, and refused at reload (another layout), was found corrupt though
@@ -1992,8 +2036,6 @@ def test_a_pass_judges_no_file_made_anew_over_a_table_and_not_served(tmp_path):
     replaced, is read by no lookup either (each fails as a read error: README's "not served
     meanwhile"), so no pass judges it."""
     from tiered_store.engram.checkpoint import table_metadata
-    from tiered_store.engram.hashing import NgramHasher
-    from tiered_store.engram.model import ModelConfig
     from tiered_store.serve.guarded_table import TableUnavailableError
     from tiered_store.table_format import create_table, read_manifest
 
@@ -2002,13 +2044,7 @@ def test_a_pass_judges_no_file_made_anew_over_a_table_and_not_served(tmp_path):
     served = ServedModel(config)
     try:
         served.reload_check_seconds = 3600.0  # checks only when the test asks
-        seeded = ModelConfig.from_dict(
-            {**CONFIG["model"], "engram": {**CONFIG["model"]["engram"], "seed": 7}}
-        )
-        store = served.stores["engram_layer3"]
-        rows = np.ones((store.rows, store.dim), np.float32)
-        other = table_metadata(NgramHasher(seeded.engram), 3)
-        create_table(table, rows, progress=False, overwrite=True, metadata=other)
+        rows = _make_for_another_seed(served, table)
         manifest = read_manifest(table)
         with open(table, "r+b") as f:  # and damaged
             f.seek(manifest.data_offset)
@@ -2209,8 +2245,6 @@ def test_reloads_and_refused_reloads_are_counted_per_table(tmp_path):
     listed in /healthz's warnings, but counted nowhere: no metric told a refused reload (nor a
     reload) from none. Both are counters per table now, in the metrics and in /stats."""
     from tiered_store.engram.checkpoint import table_metadata
-    from tiered_store.engram.hashing import NgramHasher
-    from tiered_store.engram.model import ModelConfig
     from tiered_store.metrics import build_registry
     from tiered_store.table_format import create_table
 
@@ -2229,13 +2263,7 @@ def test_reloads_and_refused_reloads_are_counted_per_table(tmp_path):
 
     try:
         served.reload_check_seconds = 3600.0  # checks only when the test asks
-        seeded = ModelConfig.from_dict(
-            {**CONFIG["model"], "engram": {**CONFIG["model"]["engram"], "seed": 7}}
-        )
-        store = served.stores["engram_layer3"]
-        rows = np.ones((store.rows, store.dim), np.float32)
-        other = table_metadata(NgramHasher(seeded.engram), 3)
-        create_table(table, rows, progress=False, overwrite=True, metadata=other)
+        rows = _make_for_another_seed(served, table)
         assert served.reload_if_stale(force_check=True) == []
         assert served.reload_if_stale(force_check=True) == []  # every check that refused it
         zero = {"engram_layer1": 0, "engram_layer3": 0}
@@ -2259,7 +2287,6 @@ def test_a_refused_version_is_not_opened_again_until_its_files_change(tmp_path, 
     again once the table's files change; it stays refused, and counted, meanwhile."""
     import os
 
-    from tiered_store import TieredStore
     from tiered_store.engram.checkpoint import table_metadata
     from tiered_store.engram.hashing import NgramHasher
     from tiered_store.engram.model import ModelConfig
@@ -2269,14 +2296,7 @@ def test_a_refused_version_is_not_opened_again_until_its_files_change(tmp_path, 
     config = ServeConfig.from_yaml(make_checkpoint(tmp_path))
     table = config.table_path(3)
     served = ServedModel(config)
-    opened: list[str] = []
-    real_init = TieredStore.__init__
-
-    def counted_init(self, store_config, *args, **kwargs) -> None:
-        opened.append(Path(store_config.table.path).name)
-        real_init(self, store_config, *args, **kwargs)
-
-    monkeypatch.setattr(TieredStore, "__init__", counted_init)
+    opened = _counted_opens(monkeypatch)
     try:
         served.reload_check_seconds = 3600.0  # checks only when the test asks
         seeded = ModelConfig.from_dict(
@@ -2315,29 +2335,15 @@ def test_the_log_of_a_refusal_kept_says_it_is_tried_once_its_files_change(tmp_pa
     (nor the tables stale with it), but the log said "trying again every 1 s", also once the
     refusal was kept (its files settled after a first refusal). Once it is kept the log says it
     is tried once its files change, once."""
-    from tiered_store.engram.checkpoint import table_metadata
-    from tiered_store.engram.hashing import NgramHasher
-    from tiered_store.engram.model import ModelConfig
-    from tiered_store.page_checksums import sidecar_path
-    from tiered_store.table_format import create_table, table_paths
-
     config = ServeConfig.from_yaml(make_checkpoint(tmp_path))
     table = config.table_path(3)
     served = ServedModel(config)
     try:
         served.reload_check_seconds = 3600.0  # checks only when the test asks
-        seeded = ModelConfig.from_dict(
-            {**CONFIG["model"], "engram": {**CONFIG["model"]["engram"], "seed": 7}}
-        )
-        store = served.stores["engram_layer3"]
-        rows = np.ones((store.rows, store.dim), np.float32)
-        other = table_metadata(NgramHasher(seeded.engram), 3)
-        create_table(table, rows, progress=False, overwrite=True, metadata=other)
+        _make_for_another_seed(served, table)
         with caplog.at_level(logging.ERROR, logger="tiered_store.serve"):
             assert served.reload_if_stale(force_check=True) == []  # just written: not kept
-            then = time.time_ns() - 10**10  # written a while ago: a refusal of them is kept
-            for path in (*table_paths(table), sidecar_path(table)):
-                os.utime(path, ns=(then, then))
+            _settle(table)  # written a while ago: a refusal of them is kept
             for _ in range(3):
                 assert served.reload_if_stale(force_check=True) == []
         logged = [r.getMessage() for r in caplog.records if "trying again" in r.getMessage()]
@@ -2356,29 +2362,15 @@ def test_a_kept_refusal_whose_files_change_and_are_refused_again_is_logged_again
     changed (settled when next checked) and the new ones were refused again for the same
     reason, nothing was logged: the log (as /healthz) matched what was logged before, though
     another version was tried and refused. Each version refused is logged once."""
-    from tiered_store.engram.checkpoint import table_metadata
-    from tiered_store.engram.hashing import NgramHasher
-    from tiered_store.engram.model import ModelConfig
-    from tiered_store.page_checksums import sidecar_path
-    from tiered_store.table_format import create_table, table_paths
-
     config = ServeConfig.from_yaml(make_checkpoint(tmp_path))
     table = config.table_path(3)
     served = ServedModel(config)
     try:
         served.reload_check_seconds = 3600.0  # checks only when the test asks
-        seeded = ModelConfig.from_dict(
-            {**CONFIG["model"], "engram": {**CONFIG["model"]["engram"], "seed": 7}}
-        )
-        store = served.stores["engram_layer3"]
-        other = table_metadata(NgramHasher(seeded.engram), 3)
         with caplog.at_level(logging.ERROR, logger="tiered_store.serve"):
             for value, ago in ((1.0, 10), (2.0, 20)):  # another table of the other seed
-                rows = np.full((store.rows, store.dim), value, np.float32)
-                create_table(table, rows, progress=False, overwrite=True, metadata=other)
-                then = time.time_ns() - ago * 10**9  # settled: a refusal of them is kept
-                for path in (*table_paths(table), sidecar_path(table)):
-                    os.utime(path, ns=(then, then))
+                _make_for_another_seed(served, table, value)
+                _settle(table, ago)  # a refusal of them is kept
                 for _ in range(2):
                     assert served.reload_if_stale(force_check=True) == []
         logged = [r.getMessage() for r in caplog.records if "trying again" in r.getMessage()]
@@ -2396,39 +2388,18 @@ def test_a_refused_version_is_not_opened_again_at_each_commit_to_another_table(
     at each of its commits (a whole store each, beside the old ones), the refused one to be
     refused again and the other with it. A refusal is remembered per table: while the refused
     table's files stay, no store is opened for a reload it is part of."""
-    import os
 
     from tiered_store import TieredStore
-    from tiered_store.engram.checkpoint import table_metadata
-    from tiered_store.engram.hashing import NgramHasher
-    from tiered_store.engram.model import ModelConfig
-    from tiered_store.page_checksums import sidecar_path
-    from tiered_store.table_format import create_table, table_paths
 
     config = ServeConfig.from_yaml(make_checkpoint(tmp_path))
     table = config.table_path(3)
     served = ServedModel(config)
-    opened: list[str] = []
-    real_init = TieredStore.__init__
-
-    def counted_init(self, store_config, *args, **kwargs) -> None:
-        opened.append(Path(store_config.table.path).name)
-        real_init(self, store_config, *args, **kwargs)
-
     try:
         served.reload_check_seconds = 3600.0  # checks only when the test asks
-        seeded = ModelConfig.from_dict(
-            {**CONFIG["model"], "engram": {**CONFIG["model"]["engram"], "seed": 7}}
-        )
-        store = served.stores["engram_layer3"]
-        rows = np.ones((store.rows, store.dim), np.float32)
-        other = table_metadata(NgramHasher(seeded.engram), 3)
-        create_table(table, rows, progress=False, overwrite=True, metadata=other)
-        then = time.time_ns() - 10**10  # written a while ago: a refusal of them is remembered
-        for path in (*table_paths(table), sidecar_path(table)):
-            os.utime(path, ns=(then, then))
+        _make_for_another_seed(served, table)
+        _settle(table)  # written a while ago: a refusal of them is remembered
         assert served.reload_if_stale(force_check=True) == []
-        monkeypatch.setattr(TieredStore, "__init__", counted_init)
+        opened = _counted_opens(monkeypatch)
         for step in range(2):  # a trainer commits to the other table
             with TieredStore.open({"table": {"path": str(config.table_path(1))}}) as writer:
                 writer.write([step], torch.zeros(1, writer.dim))
@@ -3862,18 +3833,14 @@ def test_a_refused_reload_of_a_closed_table_says_it_answers_503(tmp_path, monkey
     """A table whose store a reload left closed, its reopen refused: the log and /healthz's
     warning said "serving the version open now", though no version of it is open and each of
     its lookups answers 503. They name the table closed and say so."""
-    import errno
-
     config = ServeConfig.from_yaml(make_checkpoint(tmp_path))
     served = ServedModel(config)
     try:
         served.reload_check_seconds = 3600.0  # checks only when the test asks
         served.stores["engram_layer3"].close()  # what a refused reload may leave
 
-        def refused_open(name, old):  # its new version does not open (a read error)
-            raise TierIOError(errno.EIO, f"{name}: injected open failure")
-
-        monkeypatch.setattr(served, "_open_checked", refused_open)
+        # its new version does not open (a read error)
+        _recorded_opens(served, monkeypatch, refused=TABLES)
         with caplog.at_level(logging.ERROR, logger="tiered_store.serve"):
             assert served.reload_if_stale(force_check=True) == []
         logged = [r.getMessage() for r in caplog.records if "could not reopen" in r.getMessage()]
@@ -3895,8 +3862,6 @@ def test_a_refused_reload_of_two_closed_tables_logs_them_as_several(tmp_path, mo
     "once its files change", of two tables. It says a new version, and "they", "their"; and
     engram_layer3's failure, reopened alone, was logged twice (by itself, then in that line):
     once."""
-    import errno
-
     config = ServeConfig.from_yaml(make_checkpoint(tmp_path))
     served = ServedModel(config)
     try:
@@ -3904,10 +3869,8 @@ def test_a_refused_reload_of_two_closed_tables_logs_them_as_several(tmp_path, mo
         for name in TABLES:  # what a refused reload may leave
             served.stores[name].close()
 
-        def refused_open(name, old):  # no new version opens (a read error)
-            raise TierIOError(errno.EIO, f"{name}: injected open failure")
-
-        monkeypatch.setattr(served, "_open_checked", refused_open)
+        # no new version opens (a read error)
+        _recorded_opens(served, monkeypatch, refused=TABLES)
         with caplog.at_level(logging.ERROR, logger="tiered_store.serve"):
             assert served.reload_if_stale(force_check=True) == []
         [logged] = [r.getMessage() for r in caplog.records if "trying again" in r.getMessage()]
@@ -3932,22 +3895,14 @@ def test_a_refused_reload_returns_and_logs_a_closed_table_it_reopened_alone(
     that table among those refused, and neither 'reopened' nor the trace's warning (its counters
     started anew) was logged. It is returned, logged as reopened and named with the refused no
     more."""
-    import errno
-
     config = ServeConfig.from_yaml(make_checkpoint(tmp_path))
     served = ServedModel(config, trace=tmp_path / "served.trace")
     try:
         served.reload_check_seconds = 3600.0  # checks only when the test asks
         served.stores["engram_layer1"].close()  # what a refused reload may leave
         _commit_a_new_version(config.table_path(3))  # layer 3 stale, its new version refused
-        real = served._open_checked
-
-        def refused_open(name, old):  # layer 3's new version does not open (a read error)
-            if name == "engram_layer3":
-                raise TierIOError(errno.EIO, f"{name}: injected open failure")
-            return real(name, old)
-
-        monkeypatch.setattr(served, "_open_checked", refused_open)
+        # layer 3's new version does not open (a read error)
+        _recorded_opens(served, monkeypatch, refused={"engram_layer3"})
         with caplog.at_level(logging.INFO, logger="tiered_store.serve"):
             assert served.reload_if_stale(force_check=True) == ["engram_layer1"]
         assert not served.stores["engram_layer1"].closed
@@ -3968,22 +3923,14 @@ def test_a_closed_table_reopened_alone_is_counted_as_a_reload_only(tmp_path, mon
     counted as a reload (its store swapped) and as a reload failure (with every table stale in
     the refused swap), both for one reopen. It is counted once, as a reload; the refused table
     as a failure."""
-    import errno
-
     config = ServeConfig.from_yaml(make_checkpoint(tmp_path))
     served = ServedModel(config)
     try:
         served.reload_check_seconds = 3600.0  # checks only when the test asks
         served.stores["engram_layer1"].close()  # what a refused reload may leave
         _commit_a_new_version(config.table_path(3))  # layer 3 stale, its new version refused
-        real = served._open_checked
-
-        def refused_open(name, old):  # layer 3's new version does not open (a read error)
-            if name == "engram_layer3":
-                raise TierIOError(errno.EIO, f"{name}: injected open failure")
-            return real(name, old)
-
-        monkeypatch.setattr(served, "_open_checked", refused_open)
+        # layer 3's new version does not open (a read error)
+        _recorded_opens(served, monkeypatch, refused={"engram_layer3"})
         assert served.reload_if_stale(force_check=True) == ["engram_layer1"]
         counts = {n: (h.reloads, h.reload_failures) for n, h in served.health.items()}
         assert counts == {"engram_layer1": (1, 0), "engram_layer3": (0, 1)}, counts
@@ -3998,32 +3945,15 @@ def test_a_closed_table_opened_ahead_of_a_refused_swap_is_served_not_opened_agai
     version is refused: its new store was closed with the refused swap's, then the table opened
     again alone under the gate (every request held back meanwhile), two opens in one check. The
     store opened ahead is served."""
-    import errno
-
-    from tiered_store import TieredStore
-
     config = ServeConfig.from_yaml(make_checkpoint(tmp_path))
     served = ServedModel(config)
-    opened: list[str] = []
-    real_init = TieredStore.__init__
-
-    def counted_init(self, store_config, *args, **kwargs) -> None:
-        opened.append(Path(store_config.table.path).name)
-        real_init(self, store_config, *args, **kwargs)
-
     try:
         served.reload_check_seconds = 3600.0  # checks only when the test asks
         served.stores["engram_layer1"].close()  # what a refused reload may leave
         _commit_a_new_version(config.table_path(3))  # layer 3 stale, its new version refused
-        real = served._open_checked
-
-        def refused_open(name, old):  # layer 3's new version does not open (a read error)
-            if name == "engram_layer3":
-                raise TierIOError(errno.EIO, f"{name}: injected open failure")
-            return real(name, old)
-
-        monkeypatch.setattr(served, "_open_checked", refused_open)
-        monkeypatch.setattr(TieredStore, "__init__", counted_init)
+        # layer 3's new version does not open (a read error)
+        _recorded_opens(served, monkeypatch, refused={"engram_layer3"})
+        opened = _counted_opens(monkeypatch)
         assert served.reload_if_stale(force_check=True) == ["engram_layer1"]
         assert opened == ["engram_layer1.npy"], opened
         assert served.model.tables[1].table is served.stores["engram_layer1"]
@@ -4036,25 +3966,19 @@ def test_healthz_is_503_while_a_table_is_closed(tmp_path, monkeypatch):
     """A table whose store a reload left closed, its reopen refused: every request answers 503,
     yet /healthz answered 200 (a warning only) until a request failed, so a load balancer kept
     sending it requests. /healthz is 503 naming the table closed until a check reopens it."""
-    import errno
-
     server = start_server(make_checkpoint(tmp_path))
     try:
         served = server.model
         served.reload_check_seconds = 3600.0  # checks only when the test asks
         served.stores["engram_layer3"].close()  # what a refused reload may leave
-        real = served._open_checked
-
-        def refused_open(name, old):  # its new version does not open (a read error)
-            raise TierIOError(errno.EIO, f"{name}: injected open failure")
-
-        monkeypatch.setattr(served, "_open_checked", refused_open)
+        refused = set(TABLES)  # its new version does not open (a read error)
+        _recorded_opens(served, monkeypatch, refused=refused)
         assert served.reload_if_stale(force_check=True) == []
         status, doc = get_json(server.url + "/healthz")
         assert status == 503, doc
         assert any(p.startswith("table engram_layer3: closed") for p in doc["problems"]), doc
         assert not any("engram_layer1" in p for p in doc["problems"]), doc
-        monkeypatch.setattr(served, "_open_checked", real)
+        refused.clear()
         assert served.reload_if_stale(force_check=True) == ["engram_layer3"]
         assert get_json(server.url + "/healthz") == (200, {"status": "ok"})
     finally:
@@ -4109,21 +4033,13 @@ def test_a_closed_table_that_cannot_reopen_holds_back_no_other_table_s_reload(
     reload for as long as it failed (all or nothing: the stale tables waited for its retry),
     though no request is served meanwhile that could mix their versions. Once it waits for its
     retry, the other tables reload without it; it stays closed, named in /healthz's warning."""
-    import errno
-
     config = ServeConfig.from_yaml(make_checkpoint(tmp_path))
     served = ServedModel(config)
     try:
         served.reload_check_seconds = 0.0  # every call checks, as if a second had passed
         served.stores["engram_layer1"].close()  # what a refused reload may leave
-        real = served._open_checked
-
-        def failing_open(name, old):  # layer 1's reopen fails (a read error)
-            if name == "engram_layer1":
-                raise TierIOError(errno.EIO, f"{name}: injected open failure")
-            return real(name, old)
-
-        monkeypatch.setattr(served, "_open_checked", failing_open)
+        # layer 1's reopen fails (a read error)
+        _recorded_opens(served, monkeypatch, refused={"engram_layer1"})
         assert served.reload_if_stale() == []
         old = served.stores["engram_layer3"]
         _commit_a_new_version(config.table_path(3))  # layer 3 stale
@@ -4147,42 +4063,20 @@ def test_a_closed_table_is_reopened_though_another_table_s_refusal_is_remembered
     tried), and every check after it held back the closed table with it, which stayed closed
     (every request 503) until the refused table's files changed. A table left closed is
     reopened alone while another's refusal holds."""
-    import errno
-
-    from tiered_store.engram.checkpoint import table_metadata
-    from tiered_store.engram.hashing import NgramHasher
-    from tiered_store.engram.model import ModelConfig
-    from tiered_store.page_checksums import sidecar_path
-    from tiered_store.table_format import create_table, table_paths
-
     config = ServeConfig.from_yaml(make_checkpoint(tmp_path))
     table = config.table_path(3)
     served = ServedModel(config)
     try:
         served.reload_check_seconds = 0.0  # every call checks, as if a second had passed
         served.stores["engram_layer1"].close()  # what a refused reload may leave
-        real = served._open_checked
-
-        def failing_open(name, old):  # layer 1's reopen fails (a read error)
-            if name == "engram_layer1":
-                raise TierIOError(errno.EIO, f"{name}: injected open failure")
-            return real(name, old)
-
-        monkeypatch.setattr(served, "_open_checked", failing_open)
+        refused = {"engram_layer1"}  # layer 1's reopen fails (a read error)
+        _recorded_opens(served, monkeypatch, refused=refused)
         assert served.reload_if_stale() == []  # layer 1 waits for its retry
-        seeded = ModelConfig.from_dict(
-            {**CONFIG["model"], "engram": {**CONFIG["model"]["engram"], "seed": 7}}
-        )
-        store = served.stores["engram_layer3"]
-        rows = np.ones((store.rows, store.dim), np.float32)
-        other = table_metadata(NgramHasher(seeded.engram), 3)
-        create_table(table, rows, progress=False, overwrite=True, metadata=other)
-        then = time.time_ns() - 10**10  # written a while ago: a refusal of them is remembered
-        for path in (*table_paths(table), sidecar_path(table)):
-            os.utime(path, ns=(then, then))
+        _make_for_another_seed(served, table)
+        _settle(table)  # written a while ago: a refusal of them is remembered
         assert served.reload_if_stale() == []  # layer 3 refused without layer 1
         assert "expects seed=0" in (served.reload_refused or "")
-        monkeypatch.setattr(served, "_open_checked", real)  # layer 1 would open now
+        refused.clear()  # layer 1 would open now
         assert served.reload_if_stale(force_check=True) == ["engram_layer1"]
         assert not served.stores["engram_layer1"].closed
         assert served.model.tables[1].table is served.stores["engram_layer1"]
@@ -4198,8 +4092,6 @@ def test_a_closed_table_waiting_for_its_retry_is_named_with_its_own_error(tmp_pa
     table waited for its retry under the refused table's error: /healthz's warning then named
     it with the other table's failure ("engram_layer3 (engram_layer1: ...)"). It is named with
     its own reopen's error."""
-    import errno
-
     config = ServeConfig.from_yaml(make_checkpoint(tmp_path))
     served = ServedModel(config)
     try:
@@ -4207,10 +4099,8 @@ def test_a_closed_table_waiting_for_its_retry_is_named_with_its_own_error(tmp_pa
         served.stores["engram_layer3"].close()  # what a refused reload may leave
         _commit_a_new_version(config.table_path(1))  # layer 1 stale, its new version refused
 
-        def failing_open(name, old):  # both fail, each with its own error
-            raise TierIOError(errno.EIO, f"{name}: injected open failure")
-
-        monkeypatch.setattr(served, "_open_checked", failing_open)
+        # both fail, each with its own error
+        _recorded_opens(served, monkeypatch, refused=TABLES)
         assert served.reload_if_stale(force_check=True) == []
         reasons = [served.reload_refused or ""]  # as refused
         assert served.reload_if_stale() == []  # layer 3 waits for its retry, layer 1 refused
@@ -4269,7 +4159,7 @@ def test_a_ctrl_c_as_a_refused_swap_is_undone_leaves_no_new_store_open(
         else:
             _commit_a_new_version(config.table_path(1))  # layer 1 stale, its new version opens
         _commit_a_new_version(config.table_path(3))  # layer 3 stale, its new version refused
-        opened = _recorded_opens(served, monkeypatch, refused="engram_layer3")
+        opened = _recorded_opens(served, monkeypatch, refused={"engram_layer3"})
 
         def interrupt_at(frame, event_, arg) -> bool:
             name = frame.f_code.co_name
@@ -4289,8 +4179,6 @@ def test_a_refused_reload_with_every_table_closed_names_no_other_table(tmp_path,
     """Every table's store left closed, the reopens refused: /healthz's warning (and the log)
     said the other tables were on the version open now, though there were none, and "its
     lookups" of two tables. It names both closed, their lookups answering 503, and no other."""
-    import errno
-
     config = ServeConfig.from_yaml(make_checkpoint(tmp_path))
     served = ServedModel(config)
     try:
@@ -4298,10 +4186,8 @@ def test_a_refused_reload_with_every_table_closed_names_no_other_table(tmp_path,
         for name in TABLES:  # what a refused reload may leave
             served.stores[name].close()
 
-        def refused_open(name, old):  # no new version opens (a read error)
-            raise TierIOError(errno.EIO, f"{name}: injected open failure")
-
-        monkeypatch.setattr(served, "_open_checked", refused_open)
+        # no new version opens (a read error)
+        _recorded_opens(served, monkeypatch, refused=TABLES)
         assert served.reload_if_stale(force_check=True) == []
         server = InferenceServer(config)
         server.model = served
