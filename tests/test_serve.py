@@ -4139,7 +4139,7 @@ def test_a_ctrl_c_as_a_reload_looks_for_a_close_under_way_leaves_no_new_store_op
     [
         ("call", "_undo_swap", False),  # as the undo begins: a new store of a table open
         ("call", "_reopen_closed", True),  # as the reopen alone begins: one opened ahead
-        ("c_return", "_reopen_closed.pop", True),  # as it takes the store opened ahead
+        ("c_return", "_reopen_closed.get", True),  # as it takes the store opened ahead
     ],
 )
 def test_a_ctrl_c_as_a_refused_swap_is_undone_leaves_no_new_store_open(

@@ -695,30 +695,27 @@ class ServedModel:
         """After a refused swap: each table whose old store is closed (a map grown elsewhere, or
         a reload before) on its new version alone, so that another table's failure does not take
         it down: the store the swap opened for it (``ahead``, by table), else one opened now; one
-        that does not open answers 503 until a check opens it. Interrupted (Ctrl-C), each store
-        it has is served once the model took it, else closed. Returns the tables reopened, and
-        why each of those that did not failed."""
-        ahead = dict(ahead or {})
+        that does not open answers 503 until a check opens it. Interrupted (Ctrl-C), the store of
+        the table it was at is served once the model took it, else closed (the caller's guard
+        closes those of ``ahead`` not reached). Returns the tables reopened, and why each of
+        those that did not failed."""
         reopened, failed = [], {}
-        try:
-            for name in names:
-                old = self.stores[name]
-                if not old.closed:
-                    continue
-                new = ahead.pop(name, None)
-                try:
-                    if new is None:
-                        new = self._open_checked(name, old)
-                    self.model.set_tables(self._guarded({name: new}))
-                except Exception as exc:  # noqa: BLE001 (out of memory too: the others go on)
-                    failed[name] = error_text(exc)  # logged by the caller, with the refusal
-                finally:
-                    if new is not None:
-                        self._serve_or_close({name: new})
-                if new is not None and self.stores[name] is new:
-                    reopened.append(name)
-        finally:  # interrupted: those not reached
-            self._serve_or_close(ahead)
+        for name in names:
+            old = self.stores[name]
+            if not old.closed:
+                continue
+            new = (ahead or {}).get(name)
+            try:
+                if new is None:
+                    new = self._open_checked(name, old)
+                self.model.set_tables(self._guarded({name: new}))
+            except Exception as exc:  # noqa: BLE001 (out of memory too: the others go on)
+                failed[name] = error_text(exc)  # logged by the caller, with the refusal
+            finally:
+                if new is not None:
+                    self._serve_or_close({name: new})
+            if new is not None and self.stores[name] is new:
+                reopened.append(name)
         return reopened, failed
 
     def _guarded(self, stores: dict[str, TieredStore]) -> dict[int, GuardedTable]:
