@@ -415,9 +415,6 @@ class ServedModel:
             if kept:
                 unreadable = [*unreadable, f"{', '.join(kept)} ({'; '.join(held)})"]
             stale = [name for name in stale if name not in kept]
-            if not stale:
-                self._refused(unreadable)
-                return []
         # a table left closed whose files changed (a repair), or whose old store's hung calls
         for name in stale:  # ended (``left_closing``): tried at once, though another still waits
             retry = self._closed_retry.get(name)
@@ -438,9 +435,9 @@ class ServedModel:
                 self.health[name].reload_failures += 1
             stale = [name for name in stale if name not in waiting]
             unreadable = [*unreadable, *dict.fromkeys(waiting.values())]
-            if not stale:
-                self._refused(unreadable)
-                return []
+        if not stale:  # every one held by its refusal, or waiting for its retry
+            self._refused(unreadable)
+            return []
         outlasted = len(self._outlasted & self._gate.in_flight())
         if outlasted:  # tried again once they end; /healthz says what waits now
             self._postponed(stale, unreadable, outlasted)
