@@ -162,61 +162,12 @@ def test_served_without_ids_after_a_batch_makes_no_pass_over_the_queues_pairs():
     assert second.pair_at is not None
 
 
-def test_a_batch_holding_ids_not_announced_leaves_the_next_ones_at_their_announced_places(
-    monkeypatch,
-):
-    """``served`` looks for each of a batch's ids first at its place among the ids announced,
-    from the count the batches before took (a batch in order: no search); that count took
-    every id of a batch, so after one holding an id the request did not announce (or one more
-    often than it did) every later id was looked for a place off, and searched for. It counts
-    the ids taken at their places: a later batch in order is searched for no id."""
+def _searches_serving(monkeypatch, ids, batches):
+    """A queue holding one request of ``ids``, its ``batches`` served by ``serve_batch``'s
+    Python body (its pairs' places given): the ids it searched for, batch by batch; the ids
+    taken at their places; the request; the queue."""
     from tiered_store import request_queue_kernels as kernels
 
-    ids = torch.arange(100, 140)
-    first = torch.cat([ids[:10], t(7, 109)])  # 7: not announced; 109: once more than announced
-    queue = QueuedRequests()
-    request = queue.add(ids)
-    queue.served(request, first)
-    assert request.served_ids == 10
-    queue.served(request, ids[10:20])
-    assert request.served_ids == 20
-    queue.served(request)
-    assert request.served_ids == 40 and not request.left.any()
-    # the compiled pass's Python body, its searches counted (its pairs' places given)
-    queue = QueuedRequests()
-    request = queue.add(ids)
-    rows, pairs = request.rows.numpy(), (queue._pair_rows, queue._pair_tokens)
-    pair_at = kernels.pairs_of(*pairs, rows, request.token)
-    searched: list[int] = []
-    lower_bound = kernels._lower_bound.py_func
-
-    def counted(values, value, low, high):
-        searched.append(int(value))
-        return lower_bound(values, value, low, high)
-
-    monkeypatch.setattr(kernels, "_lower_bound", counted)
-    taken, searches = 0, []
-    for batch in (first, ids[10:20], ids[20:]):
-        searched.clear()
-        *_, taken = kernels.serve_batch.py_func(
-            rows, request.left, request.where, taken, batch.numpy(), pair_at, *pairs,
-            request.token, NOT_QUEUED,
-        )  # fmt: skip
-        searches.append(list(searched))
-    assert searches == [[7, 109], [], []] and taken == 40 and not request.left.any()
-
-
-def test_a_batch_skipping_a_few_announced_ids_leaves_the_later_ones_at_their_places(monkeypatch):
-    """``served`` looks for each of a batch's ids at the place announced next, and searched for
-    any other: a batch that skipped an announced id (one its server dropped, or served later)
-    left that id at the cursor, so every later id of the request was searched for, batch after
-    batch. An id met a few places past the cursor moves it there: the ids skipped are searched
-    for when they come, the later ones taken at their places (its Python body, its searches
-    counted); what is counted is the same either way."""
-    from tiered_store import request_queue_kernels as kernels
-
-    ids = torch.arange(100, 160)
-    batches = [ids[1:10], ids[10:20], torch.cat([ids[23:40], ids[20:23]]), ids[40:], ids[:1]]
     queue = QueuedRequests()
     request = queue.add(ids)
     rows, pairs = request.rows.numpy(), (queue._pair_rows, queue._pair_tokens)
@@ -237,6 +188,46 @@ def test_a_batch_skipping_a_few_announced_ids_leaves_the_later_ones_at_their_pla
             request.token, NOT_QUEUED,
         )  # fmt: skip
         searches.append(list(searched))
+    return searches, taken, request, queue
+
+
+def test_a_batch_holding_ids_not_announced_leaves_the_next_ones_at_their_announced_places(
+    monkeypatch,
+):
+    """``served`` looks for each of a batch's ids first at its place among the ids announced,
+    from the count the batches before took (a batch in order: no search); that count took
+    every id of a batch, so after one holding an id the request did not announce (or one more
+    often than it did) every later id was looked for a place off, and searched for. It counts
+    the ids taken at their places: a later batch in order is searched for no id."""
+
+    ids = torch.arange(100, 140)
+    first = torch.cat([ids[:10], t(7, 109)])  # 7: not announced; 109: once more than announced
+    queue = QueuedRequests()
+    request = queue.add(ids)
+    queue.served(request, first)
+    assert request.served_ids == 10
+    queue.served(request, ids[10:20])
+    assert request.served_ids == 20
+    queue.served(request)
+    assert request.served_ids == 40 and not request.left.any()
+    # the compiled pass's Python body, its searches counted (its pairs' places given)
+    searches, taken, request, queue = _searches_serving(
+        monkeypatch, ids, [first, ids[10:20], ids[20:]]
+    )
+    assert searches == [[7, 109], [], []] and taken == 40 and not request.left.any()
+
+
+def test_a_batch_skipping_a_few_announced_ids_leaves_the_later_ones_at_their_places(monkeypatch):
+    """``served`` looks for each of a batch's ids at the place announced next, and searched for
+    any other: a batch that skipped an announced id (one its server dropped, or served later)
+    left that id at the cursor, so every later id of the request was searched for, batch after
+    batch. An id met a few places past the cursor moves it there: the ids skipped are searched
+    for when they come, the later ones taken at their places (its Python body, its searches
+    counted); what is counted is the same either way."""
+
+    ids = torch.arange(100, 160)
+    batches = [ids[1:10], ids[10:20], torch.cat([ids[23:40], ids[20:23]]), ids[40:], ids[:1]]
+    searches, taken, request, queue = _searches_serving(monkeypatch, ids, batches)
     assert searches == [[], [], [120, 121, 122], [], [100]], searches
     assert not request.left.any() and (queue._pair_tokens < 0).all()
 
@@ -252,26 +243,7 @@ def test_a_batch_skipping_as_many_ids_as_the_look_ahead_takes_the_next_at_its_pl
     ids = torch.arange(100, 140)
     # the cursor at 0, 8 skipped; then at 20, 9 skipped (one past); those skipped, then
     batches = [ids[ahead:20], ids[21 + ahead :], ids[20 : 21 + ahead], ids[:ahead]]
-    queue = QueuedRequests()
-    request = queue.add(ids)
-    rows, pairs = request.rows.numpy(), (queue._pair_rows, queue._pair_tokens)
-    pair_at = kernels.pairs_of(*pairs, rows, request.token)
-    searched: list[int] = []
-    lower_bound = kernels._lower_bound.py_func
-
-    def counted(values, value, low, high):
-        searched.append(int(value))
-        return lower_bound(values, value, low, high)
-
-    monkeypatch.setattr(kernels, "_lower_bound", counted)
-    taken, searches = 0, []
-    for batch in batches:
-        searched.clear()
-        *_, taken = kernels.serve_batch.py_func(
-            rows, request.left, request.where, taken, batch.numpy(), pair_at, *pairs,
-            request.token, NOT_QUEUED,
-        )  # fmt: skip
-        searches.append(list(searched))
+    searches, taken, request, queue = _searches_serving(monkeypatch, ids, batches)
     skipped = ids[21 + ahead :].tolist()
     assert searches == [[], skipped, [], ids[:ahead].tolist()], searches
     assert not request.left.any() and (queue._pair_tokens < 0).all()
