@@ -1422,6 +1422,28 @@ def killed_in_commit_worker(
     os._exit(0)  # the group is broken: no teardown
 
 
+def killed_redo_worker(rank: int, world: int, port: int, plain: str, out: Path) -> None:
+    """Every rank, over shards a torn commit left at steps 1 and 2: the step redone (row 3 or 460
+    at 3.0), every rank killed (SIGKILL) as its shard enters ``finish_commit``, once every shard
+    staged it."""
+    from tiered_store.distributed import ShardedStore
+
+    _join_group(rank, world, port)
+    result: dict[str, Any] = {}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the torn commit's warning (tested elsewhere)
+            store = ShardedStore.open(_store_config(Path(plain), world, "rows"))
+        mine = torch.tensor([3 if rank == 0 else 460])  # a row of this rank's shard
+        store.write(mine, torch.full((1, store.row_width), 3.0))  # the step redone
+        store.local.finish_commit = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)
+        result["commit"] = store.commit(store.committed_step + 1)
+    except BaseException:
+        result["crash"] = traceback.format_exc()
+    _report(out, rank, result)
+    os._exit(0)
+
+
 def resumed_commit_worker(rank: int, world: int, port: int, plain: str, out: Path) -> None:
     """Every rank, over shards a killed sharded commit of rows 3 and 460 (2.0, step 2) left
     behind: reopened (warnings, step, every row, this shard's staged step), the step redone

@@ -2281,6 +2281,34 @@ def test_committed_step_read_as_the_commit_round_forgets_the_torn_steps_is_a_ste
     assert store.committed_step == 2  # both cleared: the shard's own
 
 
+def test_a_redone_step_killed_once_every_shard_staged_it_is_committed_at_the_reopen(tmp_path):
+    """Over shards a torn commit left at steps 1 (rank 0) and 2 (rank 1), the step 2 redone and
+    every rank killed once every shard had staged it: the reopen committed rank 0's staged step
+    but dropped rank 1's (a staged step at its shard's committed step read as stale), so both
+    opened untorn at step 2 with rank 1's redone row lost. Each shard stages the round's id
+    with the step, so the reopen tells the redo from a stale one and commits both."""
+    from tests.distributed_support import killed_redo_worker, resumed_commit_worker
+
+    plain = make_plain_table(tmp_path)
+    shards = write_shards(plain, 2, "rows", template=shards_template(plain, "rows"), progress=False)
+    start = shards[1].shard_map.shard_range(1)[0]
+    for shard, row, steps in ((shards[0], 3, 1), (shards[1], 460 - start, 2)):  # 2: rank 1 only
+        with TieredStore.open({"table": {"path": str(shard.path)}}) as store:
+            for value in range(1, steps + 1):
+                store.write([row], torch.full((1, store.row_width), float(value)))
+                store.commit()
+    out = tmp_path / "out"
+    out.mkdir()
+    assert run_ranks(killed_redo_worker, 2, (str(plain), out), 60) == [-9, -9]
+    codes = run_ranks(resumed_commit_worker, 2, (str(plain), out), 60)
+    results = _results(out, 2)
+    assert codes == [0, 0] and not any("crash" in r for r in results), results
+    for result in results:
+        assert result["reopened warnings"] == [] and result["reopened step"] == 2
+        assert result["reopened staged"] is None and "redone" not in result
+        assert [result["reopened rows"][i][0] for i in (3, 460)] == [3.0, 3.0]
+
+
 def _check_torn_commit_is_found_and_redone(plain: Path, out: Path) -> None:
     """Over shards of ``plain`` that a torn commit left at steps 1 (rank 0) and 2 (rank 1), one
     row of each written 1.0 and 2.0 at those steps: reopened on two new ranks, every rank warns,
@@ -2741,6 +2769,7 @@ def _fingerprint(rank: int, bounds: list[int]) -> dict:
         "heartbeat": "h",
         "committed_step": 0,
         "staged_step": None,
+        "commit_rounds": None,
         "world": 2,
         "config": {"ranks": 2, "by": "rows", "out_of_range": "error"},
         "shard_rank": rank,

@@ -495,16 +495,17 @@ class TieredStore:
 
     # -- the two phases of a sharded commit (ShardedStore's building blocks) ---------------------
     @_touches_files
-    def prepare_commit(self, step: int, *, redo: bool = False) -> int:
+    def prepare_commit(self, step: int, *, redo: bool = False, round_id: str | None = None) -> int:
         """Phase 1: stage every write so far at ``step`` (checked as ``commit`` checks it) in one
         durable transaction beside the last commit, which stays the committed step (no reader
-        sees the staged rows); the writes stay pending. Returns the step. ``CommitError`` when
-        it fails (what was staged before stands)."""
+        sees the staged rows), with the sharded commit round's ``round_id``; the writes stay
+        pending. Returns the step. ``CommitError`` when it fails (what was staged before
+        stands)."""
         self._check_open()
         with self._lock:
             step, ids, rows = self._rows_to_commit(step, redo)
             try:
-                self._writes.delta.stage(ids, rows, step)
+                self._writes.delta.stage(ids, rows, step, round_id)
             except CommitError:
                 self.commit_errors += 1
                 raise
@@ -548,6 +549,12 @@ class TieredStore:
         """The step staged on disk (as of this store's view) and not yet committed or dropped:
         a sharded commit interrupted between its phases; None when nothing is."""
         return None if self._writes is None else self._writes.delta.staged_step
+
+    @property
+    def commit_rounds(self) -> tuple[str | None, str | None] | None:
+        """The delta's (staged round, last committed round) (``RowDelta.commit_rounds``); None
+        for a store that never wrote."""
+        return None if self._writes is None else self._writes.delta.commit_rounds
 
     def _rows_to_commit(self, step: int | None, redo: bool) -> tuple[int, np.ndarray, np.ndarray]:
         """As the writer: the commit's step, checked, and every row written since the last

@@ -59,6 +59,8 @@ LOCK_FILE_BYTES = 128 + MAX_READERS * 64  # LMDB's lock file: a header, a 64-byt
 GROW_ATTEMPTS = 8  # a commit that fills the map doubles it and retries this many times at most
 STAGED_DB = b"staged"  # a sharded commit's first phase: records put aside, not yet committed
 STAGED_STEP_KEY = b"staged_step"  # in ``meta``: the step of the staged records (absent: none)
+STAGED_ROUND_KEY = b"staged_round"  # in ``meta``: the sharded commit round that staged them
+COMMITTED_ROUND_KEY = b"committed_round"  # in ``meta``: the round of the last staged commit
 
 
 def delta_path(table_path: str | os.PathLike[str]) -> Path:
@@ -515,9 +517,25 @@ class RowDelta:
             raise self._read_failed("the staged step of ", exc) from None
         return None if raw is None else _int_value(raw)
 
-    def stage(self, ids: np.ndarray, rows: np.ndarray, step: int) -> None:
+    @property
+    def commit_rounds(self) -> tuple[str | None, str | None]:
+        """(the round ``stage`` recorded with the staged records, the round of the last
+        ``commit_staged``), each None where none was recorded; read in one transaction."""
+        self._check_process()
+        try:
+            with self._read_txn() as txn:
+                raw = [txn.get(k, db=self.meta_db) for k in (STAGED_ROUND_KEY, COMMITTED_ROUND_KEY)]
+        except lmdb.Error as exc:
+            raise self._read_failed("the commit rounds of ", exc) from None
+        staged, committed = (None if r is None else bytes(r).decode() for r in raw)
+        return staged, committed
+
+    def stage(
+        self, ids: np.ndarray, rows: np.ndarray, step: int, round_id: str | None = None
+    ) -> None:
         """A sharded commit's first phase: put the records of ``rows`` for unique ``ids`` at
-        ``step`` aside (replacing any staged before) in one durable transaction; the committed
+        ``step`` aside (replacing any staged before) in one durable transaction, with the id of
+        the sharded commit's round (``round_id``: its open decides from it); the committed
         rows and step are untouched, and no reader sees the staged ones. ``CommitError`` as
         ``commit``; the previous commit and what was staged before then stand."""
         keys, values, step_bytes = self._records(ids, rows, step, "stage")
@@ -528,6 +546,10 @@ class RowDelta:
             if keys:
                 txn.cursor(db=staged).putmulti(zip(keys, values, strict=True))
             txn.put(STAGED_STEP_KEY, step_bytes, db=self.meta_db)
+            if round_id is None:
+                txn.delete(STAGED_ROUND_KEY, db=self.meta_db)
+            else:
+                txn.put(STAGED_ROUND_KEY, round_id.encode(), db=self.meta_db)
 
         self._write(f"staging of step {step}", write, len(keys))
 
@@ -550,6 +572,12 @@ class RowDelta:
             txn.cursor(db=self.rows_db).putmulti(txn.cursor(db=staged).iternext())
             txn.drop(staged, delete=False)
             txn.delete(STAGED_STEP_KEY, db=self.meta_db)
+            round_id = txn.get(STAGED_ROUND_KEY, db=self.meta_db)
+            if round_id is None:
+                txn.delete(COMMITTED_ROUND_KEY, db=self.meta_db)
+            else:  # the round's other shards read it at their open: this one committed it
+                txn.put(COMMITTED_ROUND_KEY, bytes(round_id), db=self.meta_db)
+                txn.delete(STAGED_ROUND_KEY, db=self.meta_db)
             txn.put(b"step", _step_bytes(step), db=self.meta_db)
 
         self._write(f"commit of the staged step {step}", write)
@@ -564,6 +592,7 @@ class RowDelta:
         def write(txn: lmdb.Transaction) -> None:
             txn.drop(self._staged_db(txn), delete=False)
             txn.delete(STAGED_STEP_KEY, db=self.meta_db)
+            txn.delete(STAGED_ROUND_KEY, db=self.meta_db)
 
         self._write("drop of the staged records", write)
 

@@ -101,7 +101,7 @@ _ENV_GROUP = _EnvGroup()
 
 # the format of the messages ranks exchange (fingerprint, rounds): one more when a release changes
 # it, so that ranks of two such releases are refused at open instead of misreading each other
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 RESOLVE_LOCK_WAIT_S = 5.0  # an open waits this long (at most timeout_s / 4) for a shard's lock
 _EXCHANGE_KEYS = (
     "lookups",
@@ -663,6 +663,7 @@ class ShardedStore:
             "heartbeat": uuid.uuid4().hex,  # rank 0's names this store's heartbeat keys
             "committed_step": None if self.local is None else self.local.committed_step,
             "staged_step": None if self.local is None else self.local.staged_step,
+            "commit_rounds": None if self.local is None else self.local.commit_rounds,
             "world": self.world,
             "config": {
                 "ranks": sharding.ranks,
@@ -684,17 +685,19 @@ class ShardedStore:
 
     def _resolve_staged(self, prints: list[dict[str, Any]]) -> list[int]:
         """Finish or drop what a two-phase commit interrupted between its phases left staged on
-        the shards (``staged_outcome`` decides, the same on every rank); every shard's committed
+        the shards (``staged_decided`` decides, the same on every rank); every shard's committed
         step once that is done (a shard another store resolved otherwise meanwhile: its own). A
         shard that cannot (its writer lock held elsewhere past a short
         wait: that writer's commit may be under way; a read-only delta) is left as it is, with a
         warning on every rank; this store then refuses to commit until reopened."""
         committed = [doc["committed_step"] for doc in prints]
         staged = [doc["staged_step"] for doc in prints]
-        steps = staged_outcome(committed, staged)
+        rounds = [doc["commit_rounds"] for doc in prints]
+        decided = staged_decided(committed, staged, rounds)
+        steps = [s if d else c for c, s, d in zip(committed, staged, decided, strict=True)]
         if all(s is None for s in staged):
             return steps  # the usual open: no further round
-        mine, finish = staged[self.rank], steps[self.rank] != committed[self.rank]
+        mine, finish = staged[self.rank], decided[self.rank]
         action, error = "commit" if finish else "drop", None
         if mine is not None:
             error = self._resolve_mine(mine, finish)
@@ -1023,15 +1026,16 @@ class ShardedStore:
         (the step, every rank's error of each phase or None: no second phase, none; this rank's
         error dropping what it staged after a failed first phase, or None)."""
         self._enter("commit")
-        asked = self._all_gather((self.local.committed_step, step))
-        if len({s for _, s in asked}) > 1:  # raised on every rank: they stay in step
+        asked = self._all_gather((self.local.committed_step, step, uuid.uuid4().hex))
+        if len({s for _, s, _ in asked}) > 1:  # raised on every rank: they stay in step
             raise StepMismatchError(
                 f"rank {self.rank}: commit: ranks passed different steps "
-                f"({_ranks_by_value([s for _, s in asked])}); expected the same step on every "
+                f"({_ranks_by_value([s for _, s, _ in asked])}); expected the same step on every "
                 "rank (or None on all); nothing was committed on any shard"
             )
-        step = max(c for c, _ in asked) + 1 if step is None else step
-        staged = self._all_gather(self._local_error(self._prepare_shard, step))
+        step = max(c for c, _, _ in asked) + 1 if step is None else step
+        round_id = asked[0][2]  # rank 0's: each shard stages it, and keeps it once committed
+        staged = self._all_gather(self._local_error(self._prepare_shard, step, round_id))
         if any(e is not None for e in staged):
             # every rank that staged drops it; a failed drop leaves it to the next commit's
             # staging or the next open (a shard did not stage it: the open drops it)
@@ -1043,7 +1047,7 @@ class ShardedStore:
         self._torn_steps = None
         return step, staged, self._all_gather(self._local_error(self._finish_shard, step)), None
 
-    def _prepare_shard(self, step: int) -> None:
+    def _prepare_shard(self, step: int, round_id: str) -> None:
         """Phase 1 on this shard: finish the step it staged and failed to commit in an earlier
         round, then stage ``step``; after a torn commit, a shard already at ``step`` takes the
         redone step's writes at that step (its newer rows are rewritten, the others reach it)."""
@@ -1054,7 +1058,7 @@ class ShardedStore:
         torn = self._torn_steps
         # only a shard ahead of the oldest redoes its step (never the oldest's own, committed whole)
         redo = torn is not None and min(torn) < step == self.local.committed_step <= max(torn)
-        self.local.prepare_commit(step, redo=redo)
+        self.local.prepare_commit(step, redo=redo, round_id=round_id)
 
     def _finish_shard(self, step: int) -> None:
         """Phase 2 on this shard: commit what it staged; failing, it stays staged, decided."""
@@ -1515,13 +1519,51 @@ def _ranks_by_value(values: list[Any]) -> str:
     return "; ".join(f"{ranks_named(ranks)}: {value}" for value, ranks in groups.items())
 
 
+def staged_decided(
+    committed: list[int],
+    staged: list[int | None],
+    rounds: list[tuple[str | None, str | None] | None],
+) -> list[bool]:
+    """Whether each shard commits what a two-phase commit left staged on it (False: drops it,
+    or nothing is staged), from every shard's committed and staged step and its (staged, last
+    committed) round ids (``RowDelta.commit_rounds``; None: a shard never written). Staged
+    with its round R: committed when some shard committed R or every shard staged or committed
+    R (every shard had staged it: decided), so a redone step staged on a shard already at it
+    (after a torn commit) is too; else dropped. Staged without a round (a release before
+    them): as ``staged_outcome``.
+
+    >>> staged_decided([2, 2], [None, 2], [(None, "r"), ("r", None)])  # a redo, killed
+    [False, True]
+    >>> staged_decided([1, 2], [2, 2], [("r", None), ("r", None)])  # every shard staged it
+    [True, True]
+    >>> staged_decided([1, 2], [None, 2], [(None, None), ("r", None)])  # rank 0 did not stage
+    [False, False]
+    """
+    staged_rounds = [None if r is None else r[0] for r in rounds]
+    committed_rounds = [None if r is None else r[1] for r in rounds]
+    steps = staged_outcome(committed, staged)
+
+    def decided(rank: int) -> bool:
+        """Whether the shard of ``rank`` commits its staged step."""
+        if staged[rank] is None:
+            return False
+        mine = staged_rounds[rank]
+        if mine is None:  # staged by a release before rounds: by the steps
+            return steps[rank] != committed[rank]
+        held = [mine in (s, c) for s, c in zip(staged_rounds, committed_rounds, strict=True)]
+        return mine in committed_rounds or all(held)
+
+    return [decided(rank) for rank in range(len(committed))]
+
+
 def staged_outcome(committed: list[int], staged: list[int | None]) -> list[int]:
     """The step each shard ends at once what a two-phase commit left staged is resolved, from
-    every shard's committed and staged step: a shard's staged step S is committed (rolled
+    every shard's committed and staged step (staged by a release before round ids:
+    ``staged_decided`` reads those first): a shard's staged step S is committed (rolled
     forward) when some shard committed S or every shard staged or committed it (every shard had
     staged it: it was decided); else (some shard neither staged nor committed S, so none can
-    have committed it) it is dropped, as is one at or below its shard's committed step (left
-    behind by single-process commits since).
+    have committed it) it is dropped, as is one at or below its shard's committed step (a
+    redone step: ``staged_decided`` tells it by its round).
 
     >>> staged_outcome([2, 1], [None, 2])  # rank 1 killed before committing: rolled forward
     [2, 2]
@@ -1569,6 +1611,7 @@ _PRINT_KEYS = (
     "heartbeat",
     "committed_step",
     "staged_step",
+    "commit_rounds",
     "world",
     "config",
 )
