@@ -1144,11 +1144,13 @@ def stored_nan_step_worker(  # noqa: PLR0913 (the test's choices)
     out: Path,
     squared: bool = False,
     scaled: bool = False,
+    skipping: tuple[int, ...] = (),
 ) -> None:
     """Every rank: a training step over one row of each shard, whose row on rank 1's shard holds
     a NaN as stored (the test put it there), the gradients finite (of a sum) or, ``squared``,
     each one NaN (of the sum squared, as a model's loss makes them), ``scaled`` by a GradScaler
-    (its step taken for an overflow); the error, the rows and the table's steps after."""
+    (its step taken for an overflow), the ranks in ``skipping`` skipping it (``skip``, as for
+    an overflow of dense gradients); the error, the rows and the table's steps after."""
     _join_group(rank, world, port)
     result: dict[str, Any] = {}
     try:
@@ -1160,7 +1162,10 @@ def stored_nan_step_worker(  # noqa: PLR0913 (the test's choices)
         loss = table.lookup(ids).sum() ** (2 if squared else 1)
         (loss if scaler is None else scaler.scale(loss)).backward()
         try:
-            result["updated"] = table.step(2, scaler)  # the shards' commit is step 1
+            if rank in skipping:
+                result["updated"] = table.skip(2)
+            else:
+                result["updated"] = table.step(2, scaler)  # the shards' commit is step 1
         except Exception as exc:  # noqa: BLE001 (recorded for the test)
             result["nan"] = f"{type(exc).__name__}: {exc}"
         with torch.no_grad():
@@ -1199,6 +1204,31 @@ def overflowed_step_worker(rank: int, world: int, port: int, trainable: str, out
             result["moved"] = (table.lookup(ids) - before).tolist()
         result["after step"] = (table.skipped_steps, table.last_step, scaler.get_scale())
         table.commit()
+        table.close()
+        dist_destroy()
+    except BaseException:
+        result["crash"] = traceback.format_exc()
+    _report(out, rank, result)
+
+
+def skipping_rank_worker(rank: int, world: int, port: int, trainable: str, out: Path) -> None:
+    """Every rank: step 1, which rank 0 skips (``skip``, as for its dense gradients' overflow)
+    while rank 1 steps; then step 1 on both. Returns, rows and steps after each."""
+    _join_group(rank, world, port)
+    result: dict[str, Any] = {}
+    try:
+        table = _adam_over_row_shards(trainable, world)
+        ids = torch.tensor([1, TRAIN_ROWS - 2])  # one row on each rank's shard
+        with torch.no_grad():
+            before = table.lookup(ids)
+        table.lookup(ids).sum().backward()
+        result["first"] = table.skip(1) if rank == 0 else table.step(1)
+        with torch.no_grad():
+            result["unchanged"] = torch.equal(table.lookup(ids), before)
+        result["after skip"] = (table.skipped_steps, table.last_step)
+        table.lookup(ids).sum().backward()
+        result["applied"] = table.step(1)
+        result["after step"] = (table.skipped_steps, table.last_step)
         table.close()
         dist_destroy()
     except BaseException:

@@ -2154,6 +2154,54 @@ def test_a_step_over_a_stored_row_that_is_not_finite_on_a_shard_names_the_row(
         assert result["unchanged"] and result["steps"] == [0, 1], result
 
 
+def test_a_step_one_rank_skips_for_its_dense_overflow_is_skipped_on_every_rank(tmp_path):
+    """Rank 0 skips step 1 (skip(), its dense gradients overflowed) while rank 1 steps: rank 1
+    waited in the update round until the timeout failed the store on every rank. skip() joins
+    the round: rank 1's step is skipped too (no row changes, last_step stays), and the next
+    step applies on both."""
+    from tests.distributed_support import skipping_rank_worker
+
+    results = _on_two_trainable_row_shards(tmp_path, skipping_rank_worker)
+    assert [r["first"] for r in results] == [None, 0], results
+    assert [r["unchanged"] for r in results] == [True, True]
+    assert [r["after skip"] for r in results] == [[0, 0], [1, 0]]
+    assert [r["applied"] for r in results] == [1, 1]
+    assert [r["after step"] for r in results] == [[0, 1], [1, 1]]
+
+
+@pytest.mark.parametrize("skipping", [(0, 1), (0,)], ids=["every-rank", "rank-0"])
+def test_a_skip_over_a_stored_row_that_is_not_finite_names_it_and_a_rank_stepping_is_not_kept_waiting(
+    tmp_path, skipping
+):
+    """A row on rank 1's shard holds a NaN as stored. Over a ShardedStore, skip() only dropped
+    the gradients: a loop skipping for its dense overflow never had the row named (its NaN
+    overflows every step), and a rank stepping while rank 0 skipped waited in the update round
+    until the timeout failed the store. skip() joins the round as a skipped step: the row is
+    named on every rank, none changes, and every rank keeps its gradients."""
+    from tests.distributed_support import make_trainable, stored_nan_step_worker
+    from tiered_store.delta.row_delta import RowDelta, delta_path
+
+    trainable = make_trainable(tmp_path / "trainable.npy")
+    template = shards_template(trainable, "rows")
+    shards = write_shards(trainable, 2, "rows", template=template, progress=False)
+    width = shards[1].manifest.row_bytes // 4
+    stored = np.ones((1, width), np.float32)
+    for shard in shards:  # both at step 1, rank 1's row a NaN
+        stored[0, 2] = np.nan if shard.rank == 1 else 1.0
+        delta = RowDelta(delta_path(shard.path), 4 * width, create=True)
+        local = 95 - shard.shard_map.bounds[1] if shard.rank == 1 else 1
+        delta.commit(np.array([local]), stored.view(np.uint8), 1)
+        delta.close()
+    out = tmp_path / "out"
+    out.mkdir()
+    codes = run_ranks(stored_nan_step_worker, 2, (str(trainable), out, False, False, skipping), 60)
+    results = _results(out, 2)
+    assert codes == [0, 0] and not any("crash" in r for r in results), results
+    for rank, result in enumerate(results):
+        assert result.get("nan", "").startswith(f"RowDataError: rank {rank}: update_rows: rank 1: RowDataError: row 95 as stored holds a non-finite value (nan) in its weights; expected finite stored rows"), result  # fmt: skip
+        assert result["unchanged"] and result["steps"] == [0, 1], result
+
+
 def test_a_shard_that_cannot_read_its_rows_for_a_step_leaves_every_rank_its_gradients(
     tmp_path,
 ):

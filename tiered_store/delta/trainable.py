@@ -472,14 +472,28 @@ class TrainableTable:
         """Drop row gradients not yet applied."""
         self._gradients.clear()
 
-    def skip(self, step: int) -> None:
+    def skip(self, step: int, *, optimizer_step: int | None = None) -> None:
         """Drop the row gradients of ``step``, which a loop skips for an overflow it found in
         other gradients (a model's dense ones, under a ``GradScaler``): no row changes, as in a
         step :meth:`step` skips. ``RowDataError`` naming the row (the gradients kept) where a
         row they touch is not finite as stored: looked up, its NaN overflows every step. Over a
-        ``ShardedStore`` it only drops them (its rows are read by a collective)."""
-        if getattr(self.store, "update_rows", None) is None:
+        ``ShardedStore`` it is a collective, as :meth:`step` is, with the same ``step`` (and
+        ``optimizer_step``) as the other ranks pass: the owners read the rows as stored (a NaN
+        there is named on every rank), and a rank that steps meanwhile has its step skipped
+        (``ShardedStore.update_rows``' ``skip``), not left waiting for this rank."""
+        update_rows = getattr(self.store, "update_rows", None)
+        if update_rows is None:
             self._check_looked_up(self._summed_gradients(sums=False)[0], step)
+        else:
+            unique, summed = self._summed_gradients()
+            update_rows(
+                unique,
+                summed,
+                self.optimizer.update,  # never applied: a skipped round only reads the rows
+                step=step,
+                skip=True,
+                optimizer_step=optimizer_step,
+            )
         self._gradients.clear()
 
     def commit(self, step: int | None = None) -> int:

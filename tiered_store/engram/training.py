@@ -289,7 +289,7 @@ def _run(out, settings, model, table, layers, sizes, batches, progress, out_name
                 scaler.unscale_(dense)
                 overflowed = scaler.is_enabled() and _overflowed(dense)
                 if overflowed:  # a row stored NaN (not an overflow) makes every step's: named
-                    table.skip(step)
+                    table.skip(step, optimizer_step=applied + 1)
                 else:
                     before = table.skipped_steps
                     table.step(step, scaler, optimizer_step=applied + 1)  # as Adam counts
