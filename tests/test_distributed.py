@@ -978,7 +978,9 @@ def check_named(result: dict, rank: int, victim: int, how: str) -> None:
     """A surviving rank's report: the failed rank named, in time, and the store failed for good."""
     assert "crash" not in result, result["crash"]
     error = result["error"]
-    assert error is not None and error.startswith(f"rank {rank}: lookup #3 failed")
+    assert error is not None and error.startswith(
+        f"rank {rank}: lookup in collective round 3 (lookups, writes, updates and commits counted) failed"
+    )
     if victim == 0:
         assert "rank 0 died" in error
     elif how == "kill":
@@ -1001,7 +1003,9 @@ def test_a_rank_whose_shard_read_hangs_mid_lookup_is_named_by_every_rank(tables,
     results = _results(tmp_path, 2)
     assert codes == [0, 0] and not any("crash" in r for r in results), results
     for rank, result in enumerate(results):  # alive and in the round: neither silent nor behind
-        assert result["error"].startswith(f"rank {rank}: lookup #2 failed: "), result
+        assert result["error"].startswith(
+            f"rank {rank}: lookup in collective round 2 (lookups, writes, updates and commits counted) failed: "
+        ), result
         assert "rank 1 has not finished its own shard's part of the lookup" in result["error"]
 
 
@@ -1036,7 +1040,9 @@ def test_rank_0_killed_a_rank_stalling_or_failing_is_named_by_every_other_rank_i
         if rank == victim:  # the shard's own error
             assert error.startswith("TierIOError") and "shard-1-of-3" in error, error
         else:
-            assert error.startswith(f"ShardReadError: rank {rank}: lookup #3: 1 of 3"), error
+            assert error.startswith(
+                f"ShardReadError: rank {rank}: lookup in collective round 3 (lookups, writes, updates and commits counted): 1 of 3"
+            ), error
             assert f"rank {victim}: a cold read failed" in error, error
         assert result["seconds"] < KILL_TIMEOUT_S / 2
         assert result["served_after"] is True
@@ -1057,8 +1063,10 @@ def test_a_rank_interrupted_in_a_round_failing_on_a_dead_rank_records_the_failur
     result = json.loads((tmp_path / "rank0.json").read_text())
     assert codes[0] == 0 and "crash" not in result, (codes, result)
     assert result["lookup"] == "KeyboardInterrupt", result
-    assert str(result["failed"]).startswith("rank 0: lookup #2 failed: rank 1 "), result
-    assert result["after"].startswith("rank 0: this sharded store failed earlier (rank 0: lookup #2 failed: "), result  # fmt: skip
+    assert str(result["failed"]).startswith(
+        "rank 0: lookup in collective round 2 (lookups, writes, updates and commits counted) failed: rank 1 "
+    ), result
+    assert result["after"].startswith("rank 0: this sharded store failed earlier (rank 0: lookup in collective round 2 (lookups, writes, updates and commits counted) failed: "), result  # fmt: skip
 
 
 @pytest.mark.gpu
@@ -1730,9 +1738,13 @@ def test_a_rank_whose_shard_open_hangs_is_named_by_the_others(tmp_path):
     codes, results = _two_ranks_over_plain_shards(tmp_path, hung_open_worker, 90)
     assert codes == [0, 0] and not any("crash" in r for r in results), results
     # alive and beating, in no round yet: neither silent nor behind ("no rank was found")
-    assert results[0]["open"].startswith("RankFailureError: rank 0: open #0 failed: "), results
+    assert results[0]["open"].startswith(
+        "RankFailureError: rank 0: open (before the first collective round) failed: "
+    ), results
     assert "rank 1 has not finished its own shard's part of the open" in results[0]["open"]
-    assert results[1]["open"].startswith("RankFailureError: rank 1: open #0 failed: "), results
+    assert results[1]["open"].startswith(
+        "RankFailureError: rank 1: open (before the first collective round) failed: "
+    ), results
 
 
 @pytest.mark.parametrize("world", [2, 3])
@@ -1758,7 +1770,7 @@ def test_a_rank_that_never_opens_the_store_is_named_by_the_others(tmp_path, worl
         else ("ranks 1, 2 have", "them", "they have", "them")
     )
     assert results[0]["open"] == (
-        f"RankFailureError: rank 0: open #0 failed: {said[0]} not come to this store's open: no "
+        f"RankFailureError: rank 0: open (before the first collective round) failed: {said[0]} not come to this store's open: no "
         f"heartbeat from {said[1]} under the open's keys within sharding.timeout_s=4 ({said[2]} "
         "not called ShardedStore.open: busy elsewhere, or died before)"
     ), results
@@ -1823,7 +1835,9 @@ def test_a_failed_open_leaves_no_closed_mark_that_a_later_open_reads(tmp_path):
     codes, results = _two_ranks_over_plain_shards(tmp_path, absent_after_failed_open_worker, 90)
     assert codes == [0, 0] and not any("crash" in r for r in results), results
     assert all(r["first"].startswith("ShardMismatchError: rank 0: ") for r in results), results
-    assert results[0]["open"].startswith("RankFailureError: rank 0: open #0 failed: "), results
+    assert results[0]["open"].startswith(
+        "RankFailureError: rank 0: open (before the first collective round) failed: "
+    ), results
     assert "rank 1 stopped: no heartbeat for" in results[0]["open"], results
     assert "closed its store" not in results[0]["open"], results
 
@@ -2405,7 +2419,7 @@ def test_a_rank_0_killed_inside_a_commit_is_named_in_time_and_the_shards_reopen_
     assert codes == [-9, 0], codes
     result = json.loads((out / "rank1.json").read_text())
     assert "crash" not in result and result["step 1"] == 1 and "step 2" not in result, result
-    assert result["error"].startswith("RankFailureError: rank 1: commit #4 failed: the process group's store (hosted by rank 0, or by torchrun's agent) is unreachable")  # fmt: skip
+    assert result["error"].startswith("RankFailureError: rank 1: commit in collective round 4 (lookups, writes, updates and commits counted) failed: the process group's store (hosted by rank 0, or by torchrun's agent) is unreachable")  # fmt: skip
     assert "rank 0 died" in result["error"], result
     assert result["seconds"] <= 2 * 6, result  # the timeout, plus slack on a loaded machine
     codes = run_ranks(resumed_commit_worker, 2, (str(plain), out), 60)
@@ -2996,7 +3010,10 @@ def test_a_store_reopened_with_a_short_timeout_never_waits_for_a_new_store_conne
     codes = run_ranks(slow_connect_reopen_worker, 2, (str(tables["plain"]), tmp_path), 90)
     reports = [tmp_path / f"rank{r}.json" for r in range(2)]
     results = [json.loads(p.read_text()) if p.exists() else None for p in reports]
-    assert codes == [0, 0], (codes, results)  # before: rank 0 'open #0 failed', rank 1 hung
+    assert codes == [0, 0], (
+        codes,
+        results,
+    )  # before: rank 0 'open (before the first collective round) failed', rank 1 hung
     assert [r.get("served") for r in results] == [True, True], results
 
 

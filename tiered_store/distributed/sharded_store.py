@@ -611,7 +611,7 @@ class ShardedStore:
         if absent:
             has, it, them = ("has", "it", "it") if len(absent) == 1 else ("have", "they", "them")
             self._failure = RankFailureError(
-                f"rank {self.rank}: open #0 failed: {ranks_named(absent)} {has} not come to this "
+                f"rank {self.rank}: {_in_round('open', 0)} failed: {ranks_named(absent)} {has} not come to this "
                 f"store's open: no heartbeat from {them} under the open's keys within "
                 f"sharding.timeout_s={self.timeout_s:g} ({it} {has} not called "
                 "ShardedStore.open: busy elsewhere, or died before)"
@@ -959,7 +959,7 @@ class ShardedStore:
         named = "; ".join(f"rank {r}: {why}" for r, why in failed.items())
         raise _LookupFailed(
             ShardReadError(
-                f"rank {self.rank}: lookup #{self._heartbeat.entered}: {len(failed)} of "
+                f"rank {self.rank}: {_in_round('lookup', self._heartbeat.entered)}: {len(failed)} of "
                 f"{self.world} rank(s) could not serve their rows ({named}; see their logs); "
                 "this lookup failed on every rank, the next is served as usual",
                 failed,
@@ -1364,7 +1364,7 @@ class ShardedStore:
         store refuses further rounds from now on (the group's collectives are out of step)."""
         found = self._heartbeat.diagnose()
         self._failure = RankFailureError(
-            f"rank {self.rank}: {what} #{self._heartbeat.entered} failed: "
+            f"rank {self.rank}: {_in_round(what, self._heartbeat.entered)} failed: "
             f"{found.describe(3 * self._interval)} ({detail})"
         )
         return self._failure
@@ -1505,6 +1505,20 @@ _NO_GRADIENTS = (torch.empty(0, dtype=torch.int64), torch.empty((0, 0), dtype=to
 def _refused(step: Any) -> str:
     """The step a rank that refused its input passes into the round: no rank passes it."""
     return f"{step!r}{_REFUSED}"
+
+
+def _in_round(what: str, entered: int) -> str:
+    """``what`` (a call) and the store's collective round it came in: the heartbeat's count of
+    rounds entered, of every kind (the number the ranks' liveness compares), not of ``what``'s.
+
+    >>> _in_round("commit", 4)
+    'commit in collective round 4 (lookups, writes, updates and commits counted)'
+    >>> _in_round("open", 0)
+    'open (before the first collective round)'
+    """
+    if entered == 0:
+        return f"{what} (before the first collective round)"
+    return f"{what} in collective round {entered} (lookups, writes, updates and commits counted)"
 
 
 def _ranks_by_value(values: list[Any]) -> str:
