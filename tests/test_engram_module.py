@@ -533,3 +533,68 @@ def test_a_table_swap_interrupted_anywhere_leaves_the_old_table_or_the_new(setup
             assert table is new
             break
     assert k > 10
+
+
+def _interrupted_twice_at(k: int, j: int, call, *args) -> tuple[int, int]:
+    """Run ``call(*args)`` with a Ctrl-C raised at the k-th point where a signal may be handled
+    (as ``_interrupted_at``) and a second one at the j-th line run after it (of tiered_store or
+    torch): the points and the lines after the first it met (fewer than k or j: not
+    interrupted there)."""
+    import sys
+
+    hits, lines = [0], [0]
+
+    def trace(frame, event, arg):
+        file = frame.f_code.co_filename
+        if event == "line" and hits[0] >= k and ("tiered_store" in file or "torch" in file):
+            lines[0] += 1
+            if lines[0] == j:
+                raise KeyboardInterrupt
+        return trace
+
+    def profile(frame, event, arg):
+        if arg is sys.setprofile:  # the profiler's own end
+            return
+        hits[0] += 1
+        if hits[0] == k:
+            raise KeyboardInterrupt
+
+    sys.settrace(trace)
+    sys.setprofile(profile)
+    try:
+        call(*args)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        sys.setprofile(None)
+        sys.settrace(None)
+    return hits[0], lines[0]
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.parametrize("to_module", [True, False], ids=["plain-to-module", "module-to-plain"])
+def test_a_second_ctrl_c_in_a_table_swaps_restore_still_leaves_a_table(setup, to_module):
+    """A Ctrl-C in set_table's swap put the old table back; a second one inside that restore
+    (between its removal of the new one and its setting of the old) left a layer with no table.
+    Interrupted at each point, then again at each line after it, the layer now serves the old
+    table or the new one."""
+    config, backbone, hasher, data, path = setup
+    weight, _ = split_checkpoint(path, 1)
+    runs, k = 0, 0
+    while True:
+        k += 1
+        j = 0
+        while True:
+            j += 1
+            module, plain = InMemoryTable(weight.clone()), CountingTable(weight)
+            old, new = (plain, module) if to_module else (module, plain)
+            engram = Engram(config, backbone, 1, hasher=hasher, backend=old)
+            points, lines = _interrupted_twice_at(k, j, engram.set_table, new)
+            runs += 1
+            table = getattr(engram.multi_head_embedding, "embedding", None)
+            assert table is old or table is new, f"interrupts {k}, {j}: no table"
+            if points < k or lines < j:  # the second interrupt met no line: the next point
+                break
+        if points < k:
+            break
+    assert runs > 20

@@ -30,16 +30,30 @@ def check_row_id_values(row_ids: object) -> None:
 
 def swap_table(owner: nn.Module, name: str, table: object) -> None:
     """``owner.<name> = table``, a child module or a plain attribute replacing either (a Ctrl-C
-    or any error during the swap leaves the old one, never neither)."""
+    or any error during the swap leaves the old one, never neither: not even a second Ctrl-C
+    as the old one is put back)."""
     old = getattr(owner, name)
     try:
-        delattr(owner, name)  # a submodule or a plain attribute: either way a new one may go in
-        setattr(owner, name, table)
+        _set_table(owner, name, table)
     except BaseException:
-        owner.__dict__.pop(name, None)  # whichever of the two is there
-        owner._modules.pop(name, None)
-        setattr(owner, name, old)
+        while True:
+            try:
+                _set_table(owner, name, old)
+                break
+            except BaseException:  # noqa: BLE001 (a further Ctrl-C: put back again, the first raised)
+                continue
         raise
+
+
+def _set_table(owner: nn.Module, name: str, table: object) -> None:
+    """``owner.<name> = table`` in steps that each leave one of the two readable there (set in
+    one dict, then dropped from the other: no signal is handled inside either)."""
+    if isinstance(table, nn.Module):  # a plain attribute shadows a child module until dropped
+        owner._modules[name] = table
+        owner.__dict__.pop(name, None)
+    else:
+        owner.__dict__[name] = table
+        owner._modules.pop(name, None)
 
 
 @runtime_checkable
