@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tiered_store import id_ops
-from tiered_store.id_ops import nonzero, unique_inverse_counts
+from tiered_store.id_ops import array_for_torch, nonzero, unique_inverse_counts
 
 IDS = st.lists(st.integers(0, 2**40), max_size=300) | st.lists(st.integers(0, 50), max_size=300)
 
@@ -67,3 +67,26 @@ def test_unique_inverse_counts_of_a_batch():
 def test_nonzero_equals_torch_nonzero(flags):
     mask = torch.tensor(flags, dtype=torch.bool)
     assert torch.equal(nonzero(mask), torch.nonzero(mask).squeeze(1))
+
+
+def test_array_for_torch_shares_a_strided_array_and_copies_only_what_torch_cannot_take():
+    """A strided array (ids[:, ::2]) was copied though torch shares it: a strided int32 batch
+    was copied twice on its way to the pipeline's int64 pinned copy. It is shared now; arrays
+    torch cannot take (negative strides, strides not a multiple of the item, read-only) are
+    copied, and torch takes each without a warning."""
+    import warnings
+
+    ids = np.arange(24, dtype=np.int32).reshape(4, 6)
+    strided = ids[:, ::2]
+    shared = array_for_torch(strided)
+    assert np.shares_memory(shared, ids)
+    assert torch.from_numpy(shared).tolist() == strided.tolist()
+    read_only = np.arange(3)
+    read_only.flags.writeable = False
+    packed = np.zeros(4, dtype=[("a", "i1"), ("b", "i4")])["b"]
+    for array in (ids[::-1], ids[:, ::-2], packed, read_only):
+        copied = array_for_torch(array)
+        assert not np.shares_memory(copied, array)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert torch.from_numpy(copied).tolist() == array.tolist()

@@ -79,12 +79,11 @@ def array_for_torch(value: Any) -> np.ndarray:
     (True, (8,))
     """
     array = np.asarray(value)
-    # torch takes no negative strides, which NumPy calls contiguous in an array of one element,
-    # and has no read-only tensors (it warns that writing one is undefined)
-    if (
-        not array.flags.c_contiguous
-        or not array.flags.writeable
-        or any(stride < 0 for stride in array.strides)
+    # torch takes other strides (ids[:, ::2] is shared), but no negative ones (which NumPy calls
+    # contiguous in an array of one element) nor ones not a multiple of the item size, and has no
+    # read-only tensors (it warns that writing one is undefined)
+    if not array.flags.writeable or any(
+        stride < 0 or (array.itemsize and stride % array.itemsize) for stride in array.strides
     ):
         array = array.copy()
     return array
