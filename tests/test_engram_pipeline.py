@@ -195,6 +195,27 @@ def test_a_batch_of_int32_ids_for_the_gpu_is_pinned_as_int64(batches):
     assert all(torch.equal(a, b) for a, b in zip(outs, want, strict=True))
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_pinned_int32_ids_hashed_outside_the_pipeline_are_kept_pinned_as_int64(batches):
+    """On CUDA, model.hash or prefetch of pinned int32 ids (outside the pipeline) kept an int64
+    copy that was not pinned, so the forward's copy to the GPU was synchronous; they are
+    converted into one pinned copy, the batch's own, and the logits are those of int64 ids."""
+    model = cuda_model()
+    with torch.no_grad():
+        want = model(batches[0].cuda(), logits="last")
+    for make in (model.hash, model.prefetch):
+        buffer = batches[0].int().pin_memory()
+        batch = make(buffer)
+        assert batch.input_ids.dtype == torch.int64 and batch.input_ids.is_pinned()
+        assert batch.input_ids.data_ptr() != buffer.data_ptr()
+        assert batch.token_mask.is_pinned()
+        with torch.no_grad():
+            got = model(buffer, prefetched=batch, logits="last")
+        buffer.fill_(0)  # refilled once the forward ran: the batch keeps its own
+        assert torch.equal(got, want) and torch.equal(batch.input_ids, batches[0])
+
+
 @pytest.mark.parametrize("kind", ["int32 array", "int64 array", "list", "tensor"])
 def test_host_ids_of_every_kind_are_chosen_for_pinning(model, batches, kind):
     """On CUDA the pipeline pinned only torch CPU tensors: a source of NumPy arrays or lists

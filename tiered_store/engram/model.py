@@ -434,9 +434,14 @@ class EngramLM(nn.Module):
         refills it: the pipeline's pinned copy), kept without a copy of its own; ``name``: the
         ids in errors about them; ``checked``: ``_check_input``'s ids of ``input_ids``, made
         already (not checked again)."""
+        gpu = self.embed.weight.device.type == "cuda"  # pinned ids to keep pinned (else unasked)
+        narrow = _narrow_host_ids(input_ids) if checked is None and gpu else None
+        if narrow is not None and narrow.is_pinned():  # converted into a pinned copy, the
+            # batch's own, as the pipeline does: not into an int64 one the GPU's copy waits for
+            own = torch.empty(narrow.shape, dtype=torch.int64, pin_memory=True)
+            checked, owned = self._check_input(own.copy_(narrow), name), True
         if checked is None:
             checked = self._check_input(input_ids, name)
-        gpu = self.embed.weight.device.type == "cuda"  # pinned ids to keep pinned (else unasked)
         ids = checked if owned else _snapshot(checked, input_ids, gpu)
         mask = _snapshot(_token_mask(token_mask, ids, gpu), token_mask, gpu)
         position = state.position if state is not None else 0
@@ -790,6 +795,26 @@ def check_model_memory(
         f"{format_bytes(table_bytes)}, dense weights {format_bytes(dense * width)}) but only "
         f"{format_bytes(available)} is available; expected a smaller model{instead}"
     )
+
+
+# host id dtypes converted to int64 straight into the pinned copy (int64 holds every value)
+_NARROW = (torch.int8, torch.int16, torch.int32, torch.uint8)
+_NARROW_ARRAYS = tuple(np.dtype(t) for t in (np.int8, np.int16, np.int32, np.uint8))
+
+
+def _narrow_host_ids(input_ids: Any) -> torch.Tensor | None:
+    """``input_ids`` as a tensor sharing their memory when they are a host tensor or array of a
+    ``_NARROW`` dtype (checked once converted); None for any other ids."""
+    if isinstance(input_ids, np.ndarray) and input_ids.dtype in _NARROW_ARRAYS:
+        return torch.from_numpy(array_for_torch(input_ids))
+    if (
+        isinstance(input_ids, torch.Tensor)
+        and input_ids.dtype in _NARROW
+        and input_ids.layout == torch.strided
+        and not input_ids.is_nested
+    ):
+        return input_ids
+    return None
 
 
 def _snapshot(checked: torch.Tensor, given: Any, gpu: bool) -> torch.Tensor:

@@ -37,12 +37,11 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError
-from ..id_ops import array_for_torch
 from ..integers import as_integer
 from ..stats import hit_ratio
 from .backend import TableBackend
 from .hashing import rewound_on_failure
-from .model import EngramBatch, EngramLM, Logits
+from .model import EngramBatch, EngramLM, Logits, _narrow_host_ids
 
 __all__ = [
     "DecodeStats",
@@ -332,11 +331,6 @@ class PrefetchPipeline:
         return self.model.fetch(batch) if self.prefetch else batch
 
 
-# host id dtypes converted to int64 straight into the pinned copy (int64 holds every value)
-_NARROW = (torch.int8, torch.int16, torch.int32, torch.uint8)
-_NARROW_ARRAYS = tuple(np.dtype(t) for t in (np.int8, np.int16, np.int32, np.uint8))
-
-
 def _pinned_host_ids(
     model: EngramLM, input_ids: Any, name: str = "input_ids", *, pin_memory: bool = True
 ) -> tuple[torch.Tensor | None, bool]:
@@ -356,21 +350,6 @@ def _pinned_host_ids(
     source = ids if narrow is None else narrow
     own = torch.empty(source.shape, dtype=torch.int64, pin_memory=pin_memory).copy_(source)
     return (model._check_input(own, name) if narrow is not None else own), True
-
-
-def _narrow_host_ids(input_ids: Any) -> torch.Tensor | None:
-    """``input_ids`` as a tensor sharing their memory when they are a host tensor or array of a
-    ``_NARROW`` dtype (checked once converted); None for any other ids."""
-    if isinstance(input_ids, np.ndarray) and input_ids.dtype in _NARROW_ARRAYS:
-        return torch.from_numpy(array_for_torch(input_ids))
-    if (
-        isinstance(input_ids, torch.Tensor)
-        and input_ids.dtype in _NARROW
-        and input_ids.layout == torch.strided
-        and not input_ids.is_nested
-    ):
-        return input_ids
-    return None
 
 
 def _snapshot(table: TableBackend) -> dict | None:
