@@ -216,6 +216,26 @@ def test_pinned_int32_ids_hashed_outside_the_pipeline_are_kept_pinned_as_int64(b
         assert torch.equal(got, want) and torch.equal(batch.input_ids, batches[0])
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_callers_unpinned_mask_with_pinned_ids_is_pinned_once(batches):
+    """On CUDA a caller's own unpinned CPU token_mask (a tensor, an array or a list) given with
+    pinned ids stayed unpinned, so V4.1 layers copied it to the GPU synchronously on every
+    forward; the batch keeps one pinned copy of it, its own."""
+    model = cuda_model()
+    ids = batches[0].pin_memory()
+    given = torch.ones(ids.shape, dtype=torch.bool)
+    given[0, -1] = False
+    for mask in (given, given.numpy(), given.tolist()):
+        batch = model.hash(ids, token_mask=mask)
+        assert batch.token_mask.is_pinned() and torch.equal(batch.token_mask, given)
+        if isinstance(mask, torch.Tensor):
+            assert batch.token_mask.data_ptr() != mask.data_ptr()
+    pinned = given.pin_memory()  # pinned already: copied, pinned, as before
+    batch = model.hash(ids, token_mask=pinned)
+    assert batch.token_mask.is_pinned() and batch.token_mask.data_ptr() != pinned.data_ptr()
+
+
 @pytest.mark.parametrize("kind", ["int32 array", "int64 array", "list", "tensor"])
 def test_host_ids_of_every_kind_are_chosen_for_pinning(model, batches, kind):
     """On CUDA the pipeline pinned only torch CPU tensors: a source of NumPy arrays or lists

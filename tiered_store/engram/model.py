@@ -443,7 +443,13 @@ class EngramLM(nn.Module):
         if checked is None:
             checked = self._check_input(input_ids, name)
         ids = checked if owned else _snapshot(checked, input_ids, gpu)
-        mask = _snapshot(_token_mask(token_mask, ids, gpu), token_mask, gpu)
+        mask = _token_mask(token_mask, ids, gpu)
+        if gpu and mask.device.type == "cpu" and ids.is_pinned() and not mask.is_pinned():
+            # a caller's unpinned mask: pinned with the ids in the batch's own copy (V4.1 layers
+            # copy it to the GPU with them, else synchronously on every forward)
+            mask = torch.empty(mask.shape, dtype=torch.bool, pin_memory=True).copy_(mask)
+        else:
+            mask = _snapshot(mask, token_mask, gpu)
         position = state.position if state is not None else 0
         rows = self.hasher.row_ids(ids, token_mask=mask, state=state)
         layers = dict.fromkeys(self.engram_layers)
