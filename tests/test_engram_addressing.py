@@ -433,6 +433,18 @@ def test_an_empty_list_mask_goes_with_empty_list_ids(golden):
         hasher.row_ids([[1, 2]], token_mask=[[1.0, 0.0]])
 
 
+def test_a_ragged_or_non_numeric_token_mask_is_named(golden):
+    """A ragged list mask raised NumPy's bare ValueError ("inhomogeneous shape"), and a mask of
+    strings or objects torch's bare TypeError ("can't convert np.ndarray"): both are named."""
+    _, _, hasher = golden
+    ids = [[1, 2, 3], [4, 5, 6]]
+    with pytest.raises(ConfigError, match=r"^token_mask: expected a rectangular bool array"):
+        hasher.row_ids(ids, token_mask=[[True, True, True], [True]])
+    for bad, dtype in (("abc", "<U3"), (np.array([[None] * 3] * 2), "object")):
+        with pytest.raises(ConfigError, match=rf"^token_mask: got {dtype} .*; expected bool"):
+            hasher.row_ids(ids, token_mask=bad)
+
+
 def test_a_token_mask_without_values_is_named(golden):
     """A meta, nested or sparse token_mask: named, not torch's bare NotImplementedError (.to,
     torch.where) or 'NestedTensorImpl doesn't support sizes'."""

@@ -411,9 +411,20 @@ class NgramHasher:
     def _mask(token_mask: Any, ids: torch.Tensor) -> torch.Tensor:
         """``token_mask`` as a bool tensor shaped like ``ids``, on its device."""
         if not isinstance(token_mask, torch.Tensor):
-            token_mask = array_for_torch(token_mask)  # no negative strides, writable; 0-d stays
+            try:  # no negative strides, writable; 0-d stays
+                token_mask = array_for_torch(token_mask)
+            except ValueError as exc:  # ragged lists
+                raise ConfigError(
+                    f"token_mask: expected a rectangular bool array {tuple(ids.shape)}, the shape "
+                    f"of input_ids, got {exc}"
+                ) from None
             if token_mask.size == 0 and token_mask.dtype == np.float64:  # NumPy reads [] so
                 token_mask = token_mask.astype(bool)  # as check_token_ids takes ids of no tokens
+            if token_mask.dtype.kind not in "biufc":  # strings, objects: torch's bare TypeError
+                raise ConfigError(
+                    f"token_mask: got {token_mask.dtype} {tuple(token_mask.shape)}; expected bool "
+                    f"{tuple(ids.shape)}, the shape of input_ids"
+                )
         mask = torch.as_tensor(token_mask)
         if (problem := tensor_without_values(mask)) is not None:  # torch's bare error from .shape
             raise ConfigError(f"token_mask: tensor {describe_tensor(mask)} {problem}")
