@@ -1491,3 +1491,11 @@ def test_a_model_on_the_cpu_never_asks_whether_its_ids_are_pinned(model, batches
     assert asked.calls == 0
     assert torch.equal(batch.input_ids, ids) and batch.input_ids.data_ptr() != ids.data_ptr()
     assert batch.token_mask.all() and mask.all() and not batch.token_mask.is_pinned()
+
+
+def test_a_state_that_is_no_hash_state_is_named_by_hash_and_prefetch(model, batches):
+    """model.hash(ids, state="x") raised AttributeError ('str' object has no attribute
+    'position') before the hasher's check of the state: it is the hasher's ConfigError now."""
+    for call in (model.hash, model.prefetch):
+        with pytest.raises(ConfigError, match=r"^state: got a str; expected a HashState"):
+            call(batches[0], state="x")

@@ -450,7 +450,7 @@ class EngramLM(nn.Module):
             mask = torch.empty(mask.shape, dtype=torch.bool, pin_memory=True).copy_(mask)
         else:
             mask = _snapshot(mask, token_mask, gpu)
-        position = state.position if state is not None else 0
+        position = state.position if isinstance(state, HashState) else 0  # others: refused below
         rows = self.hasher.row_ids(ids, token_mask=mask, state=state)
         layers = dict.fromkeys(self.engram_layers)
         return EngramBatch(ids, rows, layers, mask, position, given=input_ids, hasher=self.hasher)
