@@ -1499,3 +1499,11 @@ def test_a_state_that_is_no_hash_state_is_named_by_hash_and_prefetch(model, batc
     for call in (model.hash, model.prefetch):
         with pytest.raises(ConfigError, match=r"^state: got a str; expected a HashState"):
             call(batches[0], state="x")
+
+
+def test_fetch_of_no_engram_batch_is_named(model, batches):
+    """model.fetch("x") raised AttributeError ('str' object has no attribute 'row_ids'); it is
+    a ConfigError naming what fetch takes, as the forward's prefetched is refused."""
+    for bad in ("x", None, {1: torch.zeros(1)}):
+        with pytest.raises(ConfigError, match=r"^batch: got a \w+; expected an EngramBatch from"):
+            model.fetch(bad)

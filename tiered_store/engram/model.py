@@ -467,6 +467,11 @@ class EngramLM(nn.Module):
     def fetch(self, batch: EngramBatch) -> EngramBatch:
         """Start each table's fetch of a batch ``hash`` made (``prefetch`` without the hashing:
         for rows hashed earlier, e.g. to announce a queued request)."""
+        if not isinstance(batch, EngramBatch):
+            raise ConfigError(
+                f"batch: got a {type(batch).__name__}; expected an EngramBatch from "
+                "model.hash(input_ids)"
+            )
         self._check_batch_origin(batch)
         for layer_id, table in self.tables.items():
             batch.handles[layer_id] = table.prefetch(batch.row_ids[layer_id])
