@@ -598,3 +598,12 @@ def test_a_second_ctrl_c_in_a_table_swaps_restore_still_leaves_a_table(setup, to
         if points < k:
             break
     assert runs > 20
+
+
+def test_an_empty_in_memory_table_of_a_bad_size_is_named():
+    """InMemoryTable.empty(-1, 2) raised torch's bare RuntimeError ("negative dimension") and
+    empty(3.5, 2) a TypeError about empty()'s arguments: each names its argument now."""
+    for rows, dim, name in ((-1, 2, "rows"), (3.5, 2, "rows"), (4, 0, "dim"), (True, 2, "rows")):
+        with pytest.raises(ConfigError, match=rf"^{name}: got {dim if name == 'dim' else rows!r}"):
+            InMemoryTable.empty(rows, dim)
+    assert InMemoryTable.empty(np.int64(3), 2).weight.shape == (3, 2)

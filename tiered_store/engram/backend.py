@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError, RowIdError
+from ..integers import as_integer
 from ..quantization import RowQuantization, dequantize_rows
 from ..store import as_id_tensor
 from ..table_sources import describe_tensor, tensor_without_values
@@ -166,7 +167,10 @@ class InMemoryTable(nn.Module, TableBackend):
         device: torch.device | str | None = None,
     ) -> InMemoryTable:
         """A trainable table initialised like ``nn.Embedding`` (standard normal)."""
-        weight = torch.empty(rows, dim, dtype=dtype, device=device)
+        for key, value in (("rows", rows), ("dim", dim)):
+            if (count := as_integer(value)) is None or count < 1:
+                raise ConfigError(f"{key}: got {value!r}; expected a positive integer")
+        weight = torch.empty(int(rows), int(dim), dtype=dtype, device=device)
         nn.init.normal_(weight)
         return cls(nn.Parameter(weight))
 
