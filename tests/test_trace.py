@@ -1133,6 +1133,22 @@ def test_an_npy_that_holds_no_row_ids_is_refused_by_name(tmp_path):
     assert not (tmp_path / "t.trace").exists()
 
 
+def test_an_npy_of_other_values_or_too_many_dims_is_refused_naming_the_npy(tmp_path):
+    """A float, bool or 6-D .npy was named as the trace's fault ('t.trace: row ids of dtype
+    float64', 't.trace: ids of 5 dims'), not the .npy's, nor with the .npy's own dims."""
+    np.save(tmp_path / "floats.npy", np.arange(4.0))
+    np.save(tmp_path / "flags.npy", np.ones(4, dtype=bool))
+    np.save(tmp_path / "six.npy", np.zeros((2, 1, 1, 1, 1, 1), dtype=np.int64))
+    for name, error, message in (
+        ("floats.npy", RowIdError, "row ids of dtype float64; expected integers"),
+        ("flags.npy", RowIdError, "row ids of dtype bool; expected integers"),
+        ("six.npy", TraceFormatError, r"a 6-D array; expected 1-D row ids, or up to 5-D"),
+    ):
+        with pytest.raises(error, match=rf"^{re.escape(str(tmp_path / name))}: {message}"):
+            trace_from_npy(tmp_path / name, tmp_path / "t.trace")
+    assert not (tmp_path / "t.trace").exists()
+
+
 @pytest.mark.parametrize("rows", ["1000", -1, 0, 1000.0])
 def test_layout_rows_that_are_not_a_positive_integer_are_refused(tmp_path, rows):
     """Refused when the writer opens, not as a TypeError (or every id rejected) on a write."""

@@ -1124,7 +1124,8 @@ def trace_from_npy(
     Parameters
     ----------
     npy_path : str or Path
-        Integer array. 1-D: one stream of ids; N-D: the leading axis is the batch axis.
+        Integer array. 1-D: one stream of ids; N-D (up to 5-D): the leading axis is the batch
+        axis.
     trace_path : str or Path
         Trace to write (not ``npy_path`` itself: a ``ConfigError``).
     header : dict, optional
@@ -1164,6 +1165,13 @@ def trace_from_npy(
     if arr.ndim == 0:
         raise TraceFormatError(
             f"{npy_path}: a 0-d array (one value); expected row ids: 1-D, or N-D with a batch axis"
+        )
+    if arr.dtype.kind not in "iu":  # else named as the trace's ids, at the first write
+        raise RowIdError(f"{npy_path}: row ids of dtype {arr.dtype}; expected integers")
+    if arr.ndim > _MAX_NDIM + 1:
+        raise TraceFormatError(
+            f"{npy_path}: a {arr.ndim}-D array; expected 1-D row ids, or up to "
+            f"{_MAX_NDIM + 1}-D (a batch axis, then records of at most {_MAX_NDIM} dims)"
         )
     step = as_integer(batch_size)
     if batch_size is not None and (step is None or step < 1):  # 2.5: range()'s bare TypeError
