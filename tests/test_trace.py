@@ -1207,6 +1207,15 @@ def test_a_chunk_size_that_is_not_a_positive_integer_is_named(tmp_path, chunk_id
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("level", [2.5, True, "3", None, 23])
+def test_a_compression_level_that_is_not_a_zstd_level_is_named(tmp_path, level):
+    """zstandard's own errors named nothing ('level must be less than 23', "'float' object cannot
+    be interpreted as an integer") and True was taken as level 1."""
+    with pytest.raises(ValueError, match=rf"level: got {re.escape(repr(level))}; expected a zstd"):
+        TraceWriter(tmp_path / "t.trace", level=level)
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("batch", [2.5, True, "3", float("nan"), 2**70])
 def test_a_record_batch_that_is_not_an_integer_index_is_refused_by_name(tmp_path, batch):
     """2.5 was written as batch 2 and True as batch 1; "3" and NaN were bare TypeError and

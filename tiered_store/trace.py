@@ -188,7 +188,7 @@ class TraceWriter:
     chunk_ids : int
         Ids buffered before a chunk is compressed and written (default 4Mi = 32 MiB of int64).
     level : int
-        zstd compression level.
+        zstd compression level, up to 22 (negative: faster).
 
     Examples
     --------
@@ -224,6 +224,12 @@ class TraceWriter:
                 raise TraceFormatError(f"trace header key {key!r} is reserved; remove it")
         if (chunk := as_integer(chunk_ids)) is None or chunk < 1:  # int() took 2.5 as 2, True as 1
             raise ValueError(f"chunk_ids: got {chunk_ids!r}; expected a positive integer")
+        zstd_level = as_integer(level)  # zstandard's errors named nothing; it took True as 1
+        if zstd_level is None or zstd_level > zstandard.MAX_COMPRESSION_LEVEL:
+            raise ValueError(
+                f"level: got {level!r}; expected a zstd compression level, an integer up to "
+                f"{zstandard.MAX_COMPRESSION_LEVEL} (negative: faster)"
+            )
         self._layout = self._parse_layout(header.get("tables"))
         self._tables: list[str] = [t["name"] for t in self._layout] if self._layout else []
         self._table_rows: list[int | None] = [t.get("rows") for t in self._layout or []]
@@ -235,7 +241,7 @@ class TraceWriter:
                 f"trace header for {self.path} is not JSON-serialisable: {exc}"
             ) from None
         self._chunk_ids = chunk
-        self._compressor = zstandard.ZstdCompressor(level=level)
+        self._compressor = zstandard.ZstdCompressor(level=zstd_level)
         self._buf_ids: list[np.ndarray] = []
         self._buf_meta: list[list[int]] = []
         self._buf_n = 0
