@@ -1446,6 +1446,22 @@ def test_ngram_key_counter_matches_a_python_set():
     assert "mix" in counter.key_method[3] and "exact" in counter.key_method[2]
 
 
+def test_ngram_key_counter_refuses_what_it_cannot_pack_exactly():
+    """Ids or a pad id past the compressed vocabulary spilled into the next id's bits and were
+    counted as another key ((0, 5) as (1, 1): 2 keys, not 3), and orders below 2 were a bare
+    IndexError at the first add."""
+    counter = NgramKeyCounter(2, num_compressed=4, pad_id=0)
+    with pytest.raises(ValueError, match=r"compressed ids span \[1, 5\]; expected ids in \[0, 4\)"):
+        counter.add([np.array([1, 1]), np.array([5])])
+    for args, message in (
+        ((1, 10, 0), r"max_ngram_size: got 1; expected an integer >= 2"),
+        ((3, 4, 7), r"pad_id: got 7; expected a compressed id in \[0, 4\)"),
+        ((3, 0, 0), r"num_compressed: got 0; expected an integer >= 1"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            NgramKeyCounter(*args)
+
+
 def test_dedup_counter_matches_unique():
     rng = np.random.default_rng(1)
     counter = DedupCounter(rows=50)

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from policies.hash_mix import splitmix64
+from tiered_store.integers import as_integer
 from tiered_store.profile import FrequencyProfile
 
 __all__ = ["MIX_NOTE", "NgramKeyCounter", "collision_figures", "sum_collisions"]
@@ -33,7 +34,7 @@ class NgramKeyCounter:
     num_compressed : int
         Compressed vocabulary size.
     pad_id : int
-        Compressed pad id.
+        Compressed pad id, in [0, num_compressed) as every id added.
 
     Examples
     --------
@@ -44,6 +45,18 @@ class NgramKeyCounter:
     """
 
     def __init__(self, max_ngram_size: int, num_compressed: int, pad_id: int) -> None:
+        for name, value, least in (
+            ("max_ngram_size", max_ngram_size, 2),
+            ("num_compressed", num_compressed, 1),
+        ):
+            if (number := as_integer(value)) is None or number < least:
+                raise ValueError(f"{name}: got {value!r}; expected an integer >= {least}")
+        pad = as_integer(pad_id)  # one past the vocabulary spills into the next id's bits
+        if pad is None or not 0 <= pad < num_compressed:
+            raise ValueError(
+                f"pad_id: got {pad_id!r}; expected a compressed id in [0, {num_compressed})"
+            )
+        self.num_compressed = int(num_compressed)
         self.orders = tuple(range(2, max_ngram_size + 1))
         self.bits = max(1, int(num_compressed - 1).bit_length())
         self.pad_id = int(pad_id)
@@ -72,6 +85,11 @@ class NgramKeyCounter:
         if not seqs:
             return
         x = np.concatenate(seqs)
+        lo, hi = int(x.min()), int(x.max())
+        if lo < 0 or hi >= self.num_compressed:  # packed, it would read as another key
+            raise ValueError(
+                f"compressed ids span [{lo}, {hi}]; expected ids in [0, {self.num_compressed})"
+            )
         lens = np.array([s.size for s in seqs], dtype=np.int64)
         starts = np.repeat(np.cumsum(lens) - lens, lens)
         pos = np.arange(x.size, dtype=np.int64) - starts  # position within its sequence
