@@ -1149,6 +1149,22 @@ def test_a_sampled_belady_curve_shows_no_miss_ratio_below_its_first_capacity(tmp
     assert "| belady | - | - | 0." in md
 
 
+def test_a_belady_sample_without_a_row_gives_no_curve_not_a_miss_ratio_of_0(tmp_path):
+    """A spatial sample that took none of the table's rows ran Belady over no lookups and drew
+    its curve at 0 misses / 1: a miss ratio of 0.0 at the distinct rows, below the 10% of
+    compulsory misses every cache has. Now no curve, as for a sample that resolves nothing."""
+    from tiered_store.trace import TraceWriter
+    from zipf_analysis.analyze.curves import _belady_curve, _row_sample
+
+    options = AnalyzeOptions(belady_lookups=100, workers=1, progress=False)  # rate 0.1
+    candidates = np.arange(5_000, dtype=np.int64)
+    rows = np.setdiff1d(candidates, _row_sample(candidates, 0.1, options.seed))[:100]
+    ids = np.tile(rows, 10)  # 100 distinct rows, 1,000 lookups: 10 expected in the sample
+    with TraceWriter(tmp_path / "t.trace", {"tables": [{"name": "t", "rows": 5_000}]}) as w:
+        w.write(ids, "t")
+    assert _belady_curve(tmp_path / "t.trace", "t", 5_000, ids.size, 100, [], options) is None
+
+
 def test_bad_engram_config_is_a_clear_error(run, tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     for engram, key in (

@@ -61,7 +61,7 @@ def _belady_curve(
     options: AnalyzeOptions,
 ) -> MissRatioCurve | None:
     """Belady's MIN on a spatially sampled miniature of the table's trace (exact when small);
-    None when the sample is too small to resolve any capacity."""
+    None when the sample is too small to resolve any capacity (or holds no row)."""
     start = time.perf_counter()
     rate = min(1.0, options.belady_lookups / max(lookups, 1))
     with TraceReader(trace) as reader:
@@ -80,7 +80,9 @@ def _belady_curve(
     caps = caps[(caps > 0) & (caps <= max(distinct, 1))]
     if rate < 1.0:  # a miniature cache of c*R rows; below ~8 rows it resolves nothing
         caps = caps[caps * rate >= 8]
-        if caps.size == 0:  # no curve rather than a flat 1.0 above the policies it bounds
+        # no curve rather than a flat 1.0 above the policies it bounds, or, with no row sampled,
+        # 0 misses of 0 lookups: a miss ratio of 0 below every cache's compulsory misses
+        if caps.size == 0 or ids.size == 0:
             return None
     scaled = np.maximum(np.rint(caps * rate).astype(np.int64), 1)
     misses = belady_misses(ids, scaled, workers=options.threads)
