@@ -1716,6 +1716,25 @@ def test_a_holdout_of_a_one_document_corpus_names_the_fraction_and_the_corpus(tm
     assert "tiered-store analyze: error: holdout 0.5: corpus 1 file from" in capsys.readouterr().err
 
 
+def test_a_corpus_split_or_shuffle_refuses_a_fraction_or_seed_it_cannot_use_by_name(tmp_path):
+    """Corpus.split("0.2") was a bare TypeError comparing a float with a str, a seed of -1 or
+    1.5 numpy's error naming neither the seed nor the corpus, and a seed of None drew a
+    different split on every call: each is now a CorpusError naming the value."""
+    for name in ("a.txt", "b.txt", "c.txt"):
+        (tmp_path / name).write_text("text\n")
+    corpus = resolve_corpus([tmp_path])
+    for call, message in (
+        (lambda: corpus.split("0.2"), r"holdout: got '0\.2'; expected a fraction in \(0, 1\)"),
+        (lambda: corpus.split(0.5, seed=-1), r"seed: got -1; expected an integer >= 0"),
+        (lambda: corpus.holdout_mask(0.5, 1.5), r"seed: got 1\.5; expected an integer >= 0"),
+        (lambda: corpus.holdout_mask(0.5, None), r"seed: got None; expected an integer >= 0"),
+        (lambda: corpus.shuffled("3"), r"seed: got '3'; expected an integer >= 0"),
+    ):
+        with pytest.raises(CorpusError, match=message):
+            call()
+    assert corpus.split(0.5, seed=np.uint64(3))[1].files == corpus.split(0.5, seed=3)[1].files
+
+
 def test_a_killed_runs_staging_folder_is_removed_and_a_live_run_is_not_run_into(tmp_path):
     """A SIGKILLed analyze left its hidden .analyze-staging-* folder (its traces: gigabytes on a
     real corpus) in the output folder for ever, and a second run into the same folder while one

@@ -21,6 +21,7 @@ import codecs
 import contextlib
 import glob
 import gzip
+import numbers
 import os
 import stat
 import sysconfig
@@ -32,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import TieredStoreError
+from .integers import as_integer
 
 __all__ = [
     "Corpus",
@@ -103,7 +105,7 @@ class Corpus:
 
     def shuffled(self, seed: int) -> Corpus:
         """The same documents in a seeded random order."""
-        order = np.random.default_rng(seed).permutation(len(self.files))
+        order = _rng(seed).permutation(len(self.files))
         return Corpus(
             tuple(self.files[i] for i in order), self.description + " (shuffled)", self.roots
         )
@@ -114,8 +116,10 @@ class Corpus:
         ``round(fraction x documents)`` documents (at least 1 and at most all but one) are drawn
         by a seeded permutation, so the two parts are disjoint by document.
         """
-        if not 0.0 < fraction < 1.0:
-            raise CorpusError(f"holdout: got {fraction}; expected a fraction in (0, 1)")
+        real = isinstance(fraction, numbers.Real) and not isinstance(fraction, bool)
+        if not (real and 0.0 < fraction < 1.0):  # a str was a bare TypeError comparing it
+            raise CorpusError(f"holdout: got {fraction!r}; expected a fraction in (0, 1)")
+        rng = _rng(seed)
         n = len(self.files)
         if n < 2:
             raise CorpusError(
@@ -124,7 +128,7 @@ class Corpus:
             )
         k = min(max(round(fraction * n), 1), n - 1)
         mask = np.zeros(n, dtype=bool)
-        mask[np.random.default_rng(seed).permutation(n)[:k]] = True
+        mask[rng.permutation(n)[:k]] = True
         return mask
 
     def split(self, fraction: float, seed: int = 0) -> tuple[Corpus, Corpus]:
@@ -144,6 +148,15 @@ class Corpus:
             with contextlib.suppress(OSError):
                 total += f.stat().st_size
         return total
+
+
+def _rng(seed: object) -> np.random.Generator:
+    """The generator of a split or shuffle; a seed that is not an integer >= 0 (None: another
+    draw each time) is a CorpusError naming it."""
+    number = as_integer(seed)
+    if number is None or number < 0:
+        raise CorpusError(f"seed: got {seed!r}; expected an integer >= 0")
+    return np.random.default_rng(number)
 
 
 def _walk(directory: Path) -> Iterator[Path]:
