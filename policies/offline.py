@@ -16,6 +16,9 @@ An offline bound answers one question, ``misses(ids, capacities)``: its misses o
 
 from __future__ import annotations
 
+import contextlib
+import math
+import operator
 import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -169,6 +172,10 @@ def static_topk_misses(counts: np.ndarray, *, preloaded: bool = True) -> np.ndar
 def whole_capacities(capacities: object, what: str = "capacities") -> np.ndarray:
     """``capacities`` as int64; a PolicyError naming ``what`` for a value that is not a whole
     number of rows (a cast would truncate 2.5 to 2, and take True as 1)."""
+    if isinstance(capacities, list | tuple):  # NumPy's cast hides the value at fault ([True, 2]
+        for value in np.asarray(capacities, dtype=object).reshape(-1):  # is int64 [1, 2])
+            if not _whole_value(value):
+                raise PolicyError(f"{what}: got {value!r}; expected whole numbers of rows")
     caps = np.asarray(capacities)
     if caps.dtype.kind in "iu":
         return np.asarray(caps, dtype=np.int64)  # no copy of an int64 curve's capacities
@@ -182,6 +189,21 @@ def whole_capacities(capacities: object, what: str = "capacities") -> np.ndarray
         bad = bad.item() if isinstance(bad, np.generic) else bad
         raise PolicyError(f"{what}: got {bad!r}; expected whole numbers of rows")
     return caps.astype(np.int64)
+
+
+def _whole_value(value: object) -> bool:
+    """Whether one given capacity (a number, 0-d array or tensor) is a whole number of rows in
+    int64; a bool, a bool array or a str is not."""
+    kind = str(getattr(value, "dtype", ""))  # a NumPy or torch bool's: "bool", "torch.bool"
+    if isinstance(value, str | bytes | bool | np.bool_) or "bool" in kind:
+        return False
+    with contextlib.suppress(TypeError, RuntimeError):
+        return -(2**63) <= operator.index(value) < 2**63
+    try:
+        number = float(value)
+    except (TypeError, ValueError, RuntimeError):
+        return False
+    return math.isfinite(number) and number == round(number) and abs(number) < 2.0**63
 
 
 def _check_flag(name: str, option: str, value: object) -> bool:

@@ -932,6 +932,17 @@ def test_an_offline_capacity_that_is_not_a_whole_number_of_rows_is_a_policy_erro
     assert whole.tolist() == ([5, 4] if bound == "belady" else [4, 2])
 
 
+@pytest.mark.parametrize(
+    ("capacities", "bad"),
+    [([1, None], None), ([1, 2**70], 2**70), ([True, 2], True), ([1, "2"], "2")],
+)
+def test_a_list_of_capacities_names_the_one_that_is_not_a_whole_number_of_rows(capacities, bad):
+    """NumPy made [1, None] and [1, 2**70] object arrays and [1, '2'] strings, and the error named
+    their first element, 1, a whole number; [True, 2] became int64 [1, 2] and True passed as 1."""
+    with pytest.raises(PolicyError, match=rf"^belady: capacities: got {re.escape(repr(bad))}; expected"):  # fmt: skip
+        offline_bound("belady").misses(np.array([1, 2, 1]), capacities)
+
+
 @pytest.mark.parametrize("bound", ["belady", "static-topk"])
 def test_an_offline_bound_over_an_empty_list_of_ids_has_no_misses(bound):
     """np.asarray([]) is float64: no ids were refused as 'row ids of dtype float64', where the
