@@ -1578,6 +1578,40 @@ def test_a_table_left_closed_under_a_hung_read_opens_at_the_first_check_once_it_
         served.close()
 
 
+def test_a_forced_check_leaves_a_table_closed_under_a_hung_read_and_reloads_the_others(
+    tmp_path, monkeypatch
+):
+    """A forced check (``force_check``) tried at once a table left closed whose old store still
+    had calls hung in it, though no new store opens beside that store (ESTALE): its failure
+    refused the whole reload, so another table's new version was not served. A forced check
+    waits for those calls as any check does, and reloads the other tables."""
+    from tiered_store.delta import row_delta
+
+    config = ServeConfig.from_yaml(make_checkpoint(tmp_path, server={"request_timeout_s": 0.5}))
+    monkeypatch.setattr(row_delta, "MIN_MAP_BYTES", 1 << 16)  # a map the other process outgrows
+    served = ServedModel(config)
+    release = threading.Event()
+    try:
+        old, handle = _a_read_hung_in_a_table_grown_elsewhere(served, monkeypatch, release)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # "still under way after 0.5 s"
+            assert served.reload_if_stale(force_check=True) == []
+        assert served.left_closing == ["engram_layer1"]
+        failures = served.health["engram_layer1"].reload_failures
+        _commit_a_new_version(served.config.table_path(3))
+        assert served.reload_if_stale(force_check=True) == ["engram_layer3"]
+        assert served.stores["engram_layer1"].closed  # still waits for the hung read
+        assert served.health["engram_layer1"].reload_failures == failures + 1
+        assert "engram_layer1" in served.reload_refused
+        release.set()
+        assert handle.future.result(10) is not None
+        assert served.reload_if_stale(force_check=True) == ["engram_layer1"]
+        assert served.reload_refused is None
+    finally:
+        release.set()
+        served.close()
+
+
 def test_a_store_left_closing_is_let_go_once_its_hung_calls_end(tmp_path, monkeypatch):
     """A store a close left to close under a hung call (left_closing) was kept in a list for
     good, even after the call ended and the table reopened (listed twice then: the reopen's

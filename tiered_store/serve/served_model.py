@@ -385,7 +385,7 @@ class ServedModel:
 
     def _reload_stale(self, force: bool = False) -> list[str]:
         """``reload_if_stale``'s check and swap, by one thread at a time (``force``: a table
-        left closed is tried again now, whatever its wait)."""
+        left closed is tried again now, whatever its wait, but for calls hung in its old store)."""
         if self.converted_anew is not None:  # its tables never run under the dense weights loaded
             return []
         stale, unreadable = [], []
@@ -424,13 +424,15 @@ class ServedModel:
             ):
                 del self._closed_retry[name]
         now = time.monotonic()
-        # one left closed whose reopen failed is not tried at every check; the other tables
+        # one left closed whose reopen failed is not tried at every check (nor, forced, while
+        # calls hang in its old store: no new store opens beside it); the other tables
         waiting = {  # reload without it (no request is served meanwhile to mix their versions)
             name: retry[3]
             for name in stale
-            if (retry := self._closed_retry.get(name)) is not None and now < retry[1]
+            if (retry := self._closed_retry.get(name)) is not None
+            and (retry[1] == math.inf or (not force and now < retry[1]))
         }
-        if waiting and not force:
+        if waiting:
             for name in waiting:
                 self.health[name].reload_failures += 1
             stale = [name for name in stale if name not in waiting]
