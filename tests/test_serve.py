@@ -3706,6 +3706,44 @@ def test_a_closed_model_never_reopens_and_a_closed_store_answers_503(tmp_path):
     assert served.health["engram_layer3"].lookup_failures == 1
 
 
+def test_a_closed_tables_reopen_failure_is_logged_when_the_dense_file_changed(
+    tmp_path, monkeypatch, caplog
+):
+    """A refused reload whose dense file changed (a conversion rerun) logged that a restart
+    serves the new checkpoint, but not why a table it left closed failed to reopen alone (a
+    read error, say: what a restart would meet too), which no later check logs (none reopens a
+    table once the dense file changed). That failure is logged too, naming the table."""
+    import errno
+    import shutil
+
+    config = ServeConfig.from_yaml(make_checkpoint(tmp_path))
+    served = ServedModel(config)
+    try:
+        served.reload_check_seconds = 3600.0  # checks only when the test asks
+        served.stores["engram_layer3"].close()  # what a refused reload may leave
+        _commit_a_new_version(config.table_path(1))  # layer 1 stale too
+        copy = tmp_path / "dense.copy"
+        shutil.copy2(config.dense_path, copy)
+        os.replace(copy, config.dense_path)  # the same bytes, another file: converted anew
+        real = served._open_checked
+
+        def failing_open(name, old):  # layer 3's reopen fails (a read error)
+            if name == "engram_layer3":
+                raise TierIOError(errno.EIO, f"{name}: injected open failure")
+            return real(name, old)
+
+        monkeypatch.setattr(served, "_open_checked", failing_open)
+        with caplog.at_level(logging.ERROR, logger="tiered_store.serve"):
+            assert served.reload_if_stale(force_check=True) == []
+        assert served.converted_anew is not None
+        logged = [
+            r.getMessage() for r in caplog.records if "injected open failure" in r.getMessage()
+        ]
+        assert len(logged) == 1 and "engram_layer3" in logged[0], caplog.text
+    finally:
+        served.close()
+
+
 def test_metrics_say_which_tables_are_closed_until_a_reload(config_path):
     """A table whose store a reload closed (its new version refused, it answers 503) kept
     exporting the closed store's gauges as if it served: nothing in /metrics told it apart from

@@ -505,6 +505,13 @@ class ServedModel:
                         "%s; until then, lookups that read a replaced table file answer 503",
                         self.converted_anew,
                     )
+                    for name, error in failed.items():  # no later check tries them again
+                        if self.converted_anew not in error:  # (that one just said)
+                            log.error(
+                                "could not reopen %s, left closed (its lookups answer 503): %s",
+                                name,
+                                error,
+                            )
                     return reopened
                 # refused for what its files hold (not an I/O error, nor an old store left closed,
                 # nor files just written: they may change again unseen by their identities)
