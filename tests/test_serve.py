@@ -2414,6 +2414,51 @@ def test_a_kept_refusal_whose_files_change_and_are_refused_again_is_logged_again
         served.close()
 
 
+def test_a_refusal_of_a_table_back_on_its_served_version_is_forgotten(
+    tmp_path, monkeypatch, caplog
+):
+    """A refusal was remembered while the refused table's files stayed; once they went back to
+    the version served (a rollback: no longer stale), it stayed remembered, and a later reload
+    refused for another table logged the first one as still waiting for its files to change.
+    A table no longer stale holds no refusal."""
+    import errno
+
+    from tiered_store.page_checksums import sidecar_path
+    from tiered_store.table_format import table_paths
+
+    config = ServeConfig.from_yaml(make_checkpoint(tmp_path))
+    table = config.table_path(3)
+    served = ServedModel(config)
+    try:
+        served.reload_check_seconds = 3600.0  # checks only when the test asks
+        files = [*table_paths(table), sidecar_path(table)]
+        kept = [path.with_name(path.name + ".kept") for path in files]
+        for path, copy in zip(files, kept, strict=True):
+            os.link(path, copy)  # the version served, to roll back to
+        _make_for_another_seed(served, table)
+        _settle(table)  # a refusal of them is remembered
+        assert served.reload_if_stale(force_check=True) == []
+        assert "expects seed=0" in (served.reload_refused or "")
+        for path, copy in zip(files, kept, strict=True):
+            os.replace(copy, path)  # rolled back: layer 3 is on its version again
+        assert served.reload_if_stale(force_check=True) == []
+        assert served.reload_refused is None
+        served.stores["engram_layer1"].close()  # what a refused reload may leave
+
+        def failing_open(name, old):  # its reopen fails (a read error)
+            raise TierIOError(errno.EIO, f"{name}: injected open failure")
+
+        monkeypatch.setattr(served, "_open_checked", failing_open)
+        caplog.clear()
+        with caplog.at_level(logging.ERROR, logger="tiered_store.serve"):
+            assert served.reload_if_stale(force_check=True) == []
+        logged = [r.getMessage() for r in caplog.records if "could not reopen" in r.getMessage()]
+        assert len(logged) == 1 and "engram_layer1" in logged[0], logged
+        assert "engram_layer3" not in logged[0], logged
+    finally:
+        served.close()
+
+
 def test_a_refused_version_is_not_opened_again_at_each_commit_to_another_table(
     tmp_path, monkeypatch
 ):

@@ -395,6 +395,8 @@ class ServedModel:
             try:
                 if store.closed or store.is_stale():
                     stale.append(name)
+                else:  # on its version again (a rollback): a refusal of another one is past
+                    self._refusals.pop(name, None)
             except (TieredStoreError, OSError) as exc:  # a damaged version pointer: serve on
                 unreadable.append(f"{name} (cannot tell its version: {error_text(exc)})")
                 self.health[name].reload_failures += 1
