@@ -1758,6 +1758,33 @@ def test_a_reload_postponed_for_an_answer_still_running_closes_the_stores_it_ope
         assert _fds_open_on(layer3) == opened  # the old store's file closed, the new one's open
 
 
+def test_a_table_left_closed_reopens_alone_while_an_answer_outlasts_the_reload(tmp_path):
+    """A table left closed (no version of it open: every request answers 503) waited for the
+    answers in flight as a swap does, and once one outlasted request_timeout_s (a worker hung
+    for good) every later check was postponed behind it: the server answered 503 for as long as
+    that answer hung. No answer reads a version of a table left closed, so it is reopened alone
+    once the wait ends (bounded, logged), and at the checks after it; the other tables wait."""
+    with _an_answer_in_flight_over_a_commit(tmp_path, 0.2, _hung_answer) as (
+        served,
+        _,
+        _,
+        _,
+        end,
+    ):
+        served.stores["engram_layer1"].close()  # what a refused reload may leave
+        assert served.reload_if_stale(force_check=True) == ["engram_layer1"]
+        assert not served.stores["engram_layer1"].closed
+        assert "engram_layer3 (postponed" in (served.reload_refused or "")
+        served.stores["engram_layer1"].close()  # again, while the answer still runs
+        assert served.reload_if_stale(force_check=True) == ["engram_layer1"]
+        assert not served.stores["engram_layer1"].closed
+        assert "engram_layer3 (postponed" in (served.reload_refused or "")
+        assert served.health["engram_layer1"].reload_failures == 0
+        end()  # the answer ends
+        assert served.reload_if_stale(force_check=True) == ["engram_layer3"]
+        assert served.reload_refused is None
+
+
 def test_the_reload_failures_help_says_which_checks_not_serving_a_version_count(
     tmp_path, monkeypatch
 ):

@@ -444,8 +444,11 @@ class ServedModel:
             return []
         outlasted = len(self._outlasted & self._gate.in_flight())
         if outlasted:  # tried again once they end; /healthz says what waits now
-            self._postponed(stale, unreadable, outlasted)
-            return []
+            if not any(self.stores[name].closed for name in stale):
+                self._postponed(stale, unreadable, outlasted)
+                return []
+            with self._gate.exclusive(timeout=0) as running:  # a table left closed meanwhile
+                return self._reopen_alone(stale, files, unreadable, running)
         bound = self.config.server.request_timeout_s
         opened: dict[str, TieredStore] = {}
         # the old stores close once the gate opens (after_gate exits last): no request reads
@@ -458,18 +461,29 @@ class ServedModel:
                     return []
                 running = gate.enter_context(self._gate.exclusive(timeout=bound))
                 if running:  # a worker hung on a read: requests go on over the version open now
-                    _close_all(opened)
+                    ahead = {n: s for n, s in opened.items() if self.stores[n].closed}
+                    _close_all({n: s for n, s in opened.items() if n not in ahead})
                     self._outlasted = self._gate.in_flight()
                     log.warning(
                         "postponed reopening %s on a new version: %d answer(s) still running %g s "
                         "after the reload began waiting for them (server.request_timeout_s); serving "
-                        "the version open now, trying again once they end",
+                        "the version open now, trying again once they end%s",
                         ", ".join(stale),
                         running,
                         bound,
+                        "; a table left closed is reopened alone"
+                        if any(self.stores[n].closed for n in stale)
+                        else "",
                     )
-                    self._postponed(stale, unreadable, running)
-                    return []
+                    try:  # a table left closed: reopened alone
+                        return self._reopen_alone(stale, files, unreadable, running, ahead)
+                    except BaseException:  # Ctrl-C: none of them left open (one served stays)
+                        try:
+                            self._serve_or_close(ahead)
+                        finally:  # the guard below closes none of them again
+                            for name in ahead:
+                                del opened[name]
+                        raise
             except BaseException:  # Ctrl-C while it waits for the answers (or before, or as it
                 _close_all(opened)  # closes them, postponed): none left open
                 raise
@@ -540,6 +554,34 @@ class ServedModel:
             self._refused(unreadable)  # (interrupted, the old stores close all the same)
         self._log_reopened(stale)
         return stale
+
+    def _reopen_alone(
+        self,
+        stale: list[str],
+        files: dict[str, Any],
+        reasons: list[str],
+        running: int,
+        ahead: dict[str, TieredStore] | None = None,
+    ) -> list[str]:
+        """While ``running`` answers outlast a reload of ``stale`` (the caller holds the gate):
+        each table left closed is reopened alone (``_reopen_closed``; no answer reads a version
+        of it, so none mixes two), one failing tried again later as after a refused reload; the
+        others wait for those answers (``reasons``: why the other tables keep their version).
+        Returns the tables reopened."""
+        closed = [name for name in stale if self.stores[name].closed]
+        reopened, failed = self._reopen_closed(closed, ahead)
+        for name, error in failed.items():
+            self.health[name].reload_failures += 1
+            log.error("could not reopen %s, left closed (its lookups answer 503): %s", name, error)
+        self._log_reopened(reopened)
+        self._retry_closed_later(closed, files, "", failed)
+        reasons = [*reasons, *(f"{name} ({error})" for name, error in failed.items())]
+        rest = [name for name in stale if name not in closed]
+        if rest:
+            self._postponed(rest, reasons, running)
+        else:
+            self._refused(reasons)
+        return reopened
 
     def _log_reopened(self, names: list[str]) -> None:
         """Log that tables ``names`` were reopened on a new version (none: nothing), and that a
