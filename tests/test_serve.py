@@ -1505,6 +1505,42 @@ def _a_read_hung_in_a_table_grown_elsewhere(served, monkeypatch, release):
     return old, handle
 
 
+def test_healthz_does_not_flap_to_503_while_a_table_grown_elsewhere_is_reopened(
+    tmp_path, monkeypatch
+):
+    """A table whose map grew elsewhere has its old store closed under the request gate before
+    its new store opens: while that open ran, closed_tables named it and /healthz answered 503
+    ("closed"), though requests waited for the swap and none failed, and a load balancer took
+    the server out for a reopen that succeeded. It is named closed only once that open failed."""
+    from tests import forkserver
+    from tiered_store.delta import row_delta
+    from tiered_store.delta.row_delta import delta_path
+
+    monkeypatch.setattr(row_delta, "MIN_MAP_BYTES", 1 << 16)  # a map the other process outgrows
+    served = ServedModel(ServeConfig.from_yaml(make_checkpoint(tmp_path)))
+    try:
+        served.reload_check_seconds = 3600.0  # checks only when the test asks
+        _commit_a_new_version(served.config.table_path(1))  # layer 1 gets a delta
+        assert served.reload_if_stale(force_check=True) == ["engram_layer1"]
+        old = served.stores["engram_layer1"]
+        with forkserver.context().Pool(1) as pool:  # its map grown in another process
+            path = str(delta_path(old.cold.path))
+            assert pool.apply(_grow_delta_map, (path, old.rows, old.row_bytes)) > 0
+        real, seen = served._open_checked, []
+
+        def probed_open(name, store):  # a probe of /healthz as the new store opens
+            if store.closed:
+                seen.append(served.closed_tables())
+            return real(name, store)
+
+        monkeypatch.setattr(served, "_open_checked", probed_open)
+        assert served.reload_if_stale(force_check=True) == ["engram_layer1"]
+        assert seen == [[]], seen
+        assert served.closed_tables() == []
+    finally:
+        served.close()
+
+
 def test_a_stale_table_whose_old_store_hangs_in_a_read_holds_no_request_back(tmp_path, monkeypatch):
     """A table whose map grew elsewhere has its old store closed under the request gate before
     its new store opens; that close waited without end for a call hung in the old store (a

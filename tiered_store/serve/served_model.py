@@ -249,6 +249,9 @@ class ServedModel:
             # table left closed -> (its files, when tried again, the wait, why): its reopen failed
             self._closed_retry: dict[str, tuple[Any, float, float, str]] = {}
             self._outlasted: frozenset[int] = frozenset()  # answers a reload gave up waiting for
+            # tables whose old store the reload under way closed to open the new (requests wait
+            # for the swap meanwhile): not named closed (/healthz 503) unless that open fails
+            self._reopening: set[str] = set()
             self.converted_anew: str | None = None  # set once the dense file changed (restart)
             # (table, store) that close(wait_s=) left to close under a call hung in it (at the
             # close, or a reload's of the store it swapped out): left_closing (``_leave``)
@@ -381,6 +384,7 @@ class ServedModel:
             self._last_version_check = now
             return self._reload_stale(force_check)
         finally:
+            self._reopening.clear()  # one whose open failed is closed from now on
             self._reloading.release()
 
     def _reload_stale(self, force: bool = False) -> list[str]:
@@ -501,6 +505,7 @@ class ServedModel:
                 self.model.set_tables(self._guarded(opened))
             except Exception as exc:  # noqa: BLE001 (ConfigError: another geometry; out of
                 # memory beside the old stores: refused as any failure, never a request's error)
+                self._reopening.clear()  # not swapped in: closed, unless reopened alone below
                 # a table left closed whose new store opened is served alone, not opened again
                 ahead = {n: s for n, s in opened.items() if n != refused and self.stores[n].closed}
                 try:  # (a Ctrl-C as either begins, or as the reopen takes a store, included)
@@ -730,13 +735,14 @@ class ServedModel:
 
     def closed_tables(self) -> list[str]:
         """The tables whose store a reload left closed (none of their versions open: every
-        lookup of them answers 503 until a check reopens them); none once ``close`` began."""
+        lookup of them answers 503 until a check reopens them), not one it closed to reopen while
+        that open runs (requests wait for it); none once ``close`` began."""
         if self._closed:
             return []
         return [
             name
             for name, store in self.stores.items()
-            if isinstance(store, TieredStore) and store.closed
+            if isinstance(store, TieredStore) and store.closed and name not in self._reopening
         ]
 
     def _reopen_closed(
@@ -877,8 +883,13 @@ class ServedModel:
         hung on a dead disk holds no request back for good): one that outlasts it is left to
         close under them (in ``left_closing``), and the new store opens once they end."""
         old = self.stores[name]
-        self._close_or_leave(name, old, self.config.server.request_timeout_s)
-        return self._open_checked(name, old)
+        self._reopening.add(name)
+        try:
+            self._close_or_leave(name, old, self.config.server.request_timeout_s)
+            return self._open_checked(name, old)
+        except BaseException:  # closed from now on (the refusal's log and /healthz say so)
+            self._reopening.discard(name)
+            raise
 
     def _open_checked(self, name: str, old: TieredStore) -> TieredStore:
         """A new store over ``old``'s table ``name`` that passed the check loading makes
