@@ -118,6 +118,7 @@ class RankControl:
 
     def __init__(self, timeout_s: float) -> None:
         self.rank = dist.get_rank()
+        self.timeout_s = timeout_s  # the store config's sharding.timeout_s
         wait = timedelta(seconds=timeout_s) if self.rank == 0 else CONTROL_TIMEOUT
         self.group = dist.new_group(backend="gloo", timeout=wait)
         self._lock = threading.Lock()
@@ -240,7 +241,7 @@ def run_follower(config: Any) -> int:
         stop_scrub.set()  # joined first, as rank 0 does: a pass left in the store's C++ at exit
         if scrubber is not None:  # could abort the process (its health publish is a TCPStore set)
             scrubber.join(timeout=BACKGROUND_JOIN_S)
-        served.close(wait_s=config.store_config(0).sharding.timeout_s)  # not N x for N tables
+        served.close(wait_s=served.control.timeout_s)  # not N x for N tables
     if tables := served.left_closing:
         _exit_past_hung_calls(status, tables)
     return status
