@@ -1235,3 +1235,44 @@ def test_a_publish_whose_temporary_went_says_why_not_that_something_is_in_the_wa
     assert "No such file or directory" in message and f"{target} is left as it was" in message
     atomic.abort()
     assert target.read_bytes() == b"old" and sorted(tmp_path.iterdir()) == [target]
+
+
+def test_a_fifo_socket_or_device_at_a_written_path_is_refused_and_left_as_it_was(tmp_path):
+    """AtomicFile refused only a folder in the way: write_json or a TraceWriter given a FIFO, a
+    socket or a device wrote the file and renamed it over that (as root, over /dev/null). Each is
+    refused before anything is written, naming the path and what is there; a link there is
+    still replaced (its target left as it was)."""
+    import socket
+    import stat
+
+    from tiered_store.atomic_file import AtomicFile, write_json
+    from tiered_store.errors import TierIOError
+    from tiered_store.trace import TraceWriter
+
+    fifo, sock = tmp_path / "pipe", tmp_path / "sock"
+    os.mkfifo(fifo)
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(sock))
+    try:
+        for path, kind in ((fifo, "a FIFO (named pipe)"), (sock, "a socket")):
+            for write in (
+                lambda p: write_json(p, {"a": 1}),
+                lambda p: TraceWriter(p).close(),
+                lambda p: AtomicFile(p, "wb").commit(),
+            ):
+                with pytest.raises(TierIOError) as err:
+                    write(path)
+                assert err.value.errno == errno.EEXIST
+                assert f"cannot write {path}: {kind} is in the way; expected a file" in str(
+                    err.value
+                )
+        with pytest.raises(TierIOError, match="cannot write /dev/null: a character device is in"):
+            AtomicFile("/dev/null", "w")
+    finally:
+        server.close()
+    assert stat.S_ISFIFO(fifo.lstat().st_mode) and stat.S_ISSOCK(sock.lstat().st_mode)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pipe", "sock"]
+    link = tmp_path / "link"
+    link.symlink_to(fifo)
+    write_json(link, {"a": 1})
+    assert link.is_file() and not link.is_symlink() and stat.S_ISFIFO(fifo.lstat().st_mode)

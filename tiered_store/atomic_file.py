@@ -49,6 +49,15 @@ def in_the_way(path: Path, what: str = "a directory", code: int = errno.EISDIR) 
     )
 
 
+# what a path that is not a regular file is, for the errors that refuse it
+NOT_FILES = (
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
 def make_named_dir(path: Path, name: str, expected: str) -> None:
     """Make the folder ``path`` (and its parents) when missing; when it cannot be (a file there
     or on its way, no permission), a ``ConfigError`` naming it as ``name`` (the argument, or the
@@ -234,7 +243,10 @@ class AtomicFile:
     publish several files in an order of its choosing (a table's data before its manifest).
     With ``lock``, an exclusive ``flock`` is held on the temporary from its creation until it is
     renamed or removed, so :func:`remove_abandoned_temporaries` leaves it alone; one that a
-    cleanup removed before it was locked is made again.
+    cleanup removed before it was locked is made again. A folder, device, FIFO or socket at
+    ``path`` is refused when made (the last three unless ``replace_special``; a ``TierIOError`` naming it and what is there: the rename
+    would replace it, ``/dev/null`` too as root); a symbolic link there is replaced, its target
+    left as it was.
 
     Examples
     --------
@@ -253,15 +265,25 @@ class AtomicFile:
         *,
         tmp: Path | None = None,
         lock: bool = False,
+        replace_special: bool = False,
         **open_kwargs: Any,
     ) -> None:
         """``tmp``: the temporary's name (default: a new ``temporary_name``); ``lock``: hold a
-        ``flock`` on it (class docstring)."""
+        ``flock`` on it (class docstring); ``replace_special``: replace a device, FIFO or socket
+        at ``path`` rather than refuse it (a file the library names itself, as a store's
+        warm-restart save)."""
         if "w" not in mode:
             raise ValueError(f"AtomicFile mode: got {mode!r}; expected a write mode ('w' or 'wb')")
         self.path = Path(path)
         if self.path.is_dir():  # refused now, not at publish() after all the writing
             raise in_the_way(self.path)
+        try:  # a device, FIFO or socket: the rename would replace it (/dev/null, as root)
+            there = self.path.lstat().st_mode  # (a link is replaced, its target left as it was)
+        except OSError:  # nothing there (or no way to tell): the open or the rename says why
+            there = stat.S_IFREG
+        kind = next((what for test, what in NOT_FILES if test(there)), None)
+        if kind is not None and not replace_special:
+            raise in_the_way(self.path, kind, errno.EEXIST)
         self.tmp = temporary_name(self.path) if tmp is None else tmp
         exclusive = mode.replace("w", "x")
         self._lock = -1  # the descriptor holding the temporary's flock (-1: none)

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tiered_store.atomic_file import NOT_FILES
 from tiered_store.errors import ConfigError, TierIOError
 from tiered_store.integers import as_integer
 from tiered_store.io_uring import MAX_QUEUE_DEPTH, IoUring
@@ -40,12 +41,6 @@ READS_PER_CLAIM = 64  # offsets a thread takes from the shared queue at a time
 MAX_THREADS = MAX_QUEUE_DEPTH  # probe_random_reads: threads (reads in flight) at most, as the
 # uring probe's queue_depth; more only cost memory and thread switches
 MAX_BLOCK_BYTES = 0x7FFFF000  # 2 GiB - 4 KiB: the most one read transfers (Linux's MAX_RW_COUNT)
-_NOT_FILES = (  # what a path that is not a regular file is, for the probes' error
-    (stat.S_ISFIFO, "a FIFO (named pipe)"),
-    (stat.S_ISCHR, "a character device"),
-    (stat.S_ISBLK, "a block device"),
-    (stat.S_ISSOCK, "a socket"),
-)
 
 
 @dataclass(frozen=True)
@@ -304,7 +299,7 @@ def _open_direct(path: Path) -> int:
             str(path),
         )
     if not stat.S_ISREG(mode):  # a FIFO's open waits for a writer; a device's size reads as 0
-        kind = next((what for test, what in _NOT_FILES if test(mode)), "not a regular file")
+        kind = next((what for test, what in NOT_FILES if test(mode)), "not a regular file")
         raise TierIOError(
             errno.EINVAL,
             f"cannot probe {path}: it is {kind}; expected a file on the disk to probe",
