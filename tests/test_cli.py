@@ -307,6 +307,29 @@ def test_an_output_folder_in_a_missing_folder_is_refused_naming_it(tmp_path, cap
 
 
 @pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["export-trace", "t.trace", "-"], "a file to write"),
+        (["serve", "s.yaml", "--record-trace", "-"], "a file to write"),
+        (["analyze", "a.txt", "--out", "-"], "a folder to write in"),
+        (["replay", "s.yaml", "t.trace", "--out", "-"], "a folder to write in"),
+    ],
+)
+def test_an_output_named_dash_is_refused_not_written_as_a_file_named_dash(
+    tmp_path, monkeypatch, capsys, argv, expected
+):
+    """An output given as '-' (standard output to most tools) wrote a file or folder named '-'
+    without a word; it is refused, saying how to name one '-' on purpose."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert f"'-' here would be a path named '-', not standard output; expected {expected}" in err
+    assert "'./-' for one named '-'" in err and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
     ("argv", "default"),
     [(["analyze", "a.txt"], "analyze-out"), (["replay", "s.yaml", "t.trace"], "replay-out")],
 )

@@ -225,11 +225,21 @@ def _files_bytes(folder: Path) -> int:
     return total
 
 
+def _not_stdout(text: str, expected: str) -> None:
+    """Refuse ``-`` as an output's name: elsewhere it means standard output, here it would make
+    a file or folder named ``-`` (a command's report goes to standard output already)."""
+    if text == "-":
+        raise argparse.ArgumentTypeError(
+            f"'-' here would be a path named '-', not standard output; expected {expected} "
+            "('./-' for one named '-'; what a command prints goes to standard output already)"
+        )
+
+
 def output_file(text: str) -> Path:
     """An argparse ``type``: a file to write when the work is done, checked before it starts, in
     a folder that is there: a missing folder is refused by name, as a typo's would be (not made,
-    with every missing folder above it: the rule of :func:`output_folder`), and so are a
-    directory there or a folder's name (``results/``, ``results/.``), a device, FIFO or socket there
+    with every missing folder above it: the rule of :func:`output_folder`), and so are ``-``
+    (standard output elsewhere: :func:`_not_stdout`), a directory there or a folder's name (``results/``, ``results/.``), a device, FIFO or socket there
     (``/dev/null``: the write's rename would replace it), a file where a folder on its way
     should be, or a folder where nothing can be written. A file there is replaced when written
     (renamed over, as every file the library writes), and so is a symbolic link there: the link,
@@ -246,7 +256,11 @@ def output_file(text: str) -> Path:
     >>> output_file("/proc/run.json")  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     argparse.ArgumentTypeError: '/proc/run.json': cannot write in '/proc' (...); expected a writable folder
+    >>> output_file("-")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    argparse.ArgumentTypeError: '-' here would be a path named '-', not standard output; expected a file to write ...
     """
+    _not_stdout(text, "a file to write")
     path = given_path(text)
     if path.is_dir():
         raise argparse.ArgumentTypeError(
@@ -333,7 +347,7 @@ def output_folder(text: str) -> Path:
     """An argparse ``type``: a folder a command writes in (``--out``, ``--workdir``, a script's
     ``--dir``), there or new in a folder that is there (the command makes it, and says so:
     :func:`saying_made`); a missing parent is refused, as a typo's would be (not made, with every
-    missing folder above it), and whatever :func:`folder` refuses. A leading ``~`` is the home
+    missing folder above it), ``-`` (:func:`_not_stdout`), and whatever :func:`folder` refuses. A leading ``~`` is the home
     folder, as in the store configs that name the tables made there (a folder named ``~`` made
     here was read as the home folder by them): :func:`given_path`.
 
@@ -345,6 +359,7 @@ def output_folder(text: str) -> Path:
     Traceback (most recent call last):
     argparse.ArgumentTypeError: '/nonexistent/tables': '/nonexistent' does not exist; expected an existing folder, or a new one in an existing folder
     """
+    _not_stdout(text, "a folder to write in")
     path = folder(text)
     if not path.is_dir() and not path.absolute().parent.is_dir():
         raise argparse.ArgumentTypeError(
