@@ -232,7 +232,7 @@ def test_init_refuses_a_std_that_would_overflow_the_dtype(tmp_path, capsys):
             ["init", "x.npy", "--from-npy", "u16.npy"],
             "uint16; pass --dtype bfloat16 if it holds raw",
         ),
-        (["init", "no/x.npy", "--random", "10x4"], "target directory no does not exist; expected"),
+        (["init", "no/x.npy", "--random", "10x4"], "'no/x.npy': 'no' does not exist; expected a"),
         (["analyze", "a.txt", "--holdout", "1.5"], "--holdout: got 1.5; expected a fraction"),
         (["analyze", "a.txt", "--max-tokens", "-5"], "--max-tokens: got -5; expected an integer"),
         (["shard", "t.npy", "--ranks", "0"], "--ranks: got 0; expected an integer >= 1"),
@@ -347,6 +347,34 @@ def test_a_default_output_folder_is_checked_as_a_given_one(
     err = capsys.readouterr().err
     assert f"argument --out: '{default}' is a file; expected a folder (or nothing there)" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == [default]
+
+
+@pytest.mark.parametrize(
+    ("target", "message"),
+    [
+        (
+            "tabs/",
+            "'tabs/' ends in '/', a folder's name; expected a table file to write (NAME.npy)",
+        ),
+        ("tabs/.", "'tabs/.' ends in '/.', a folder's name; expected a table file to write"),
+        ("-", "'-' here would be a path named '-', not standard output; expected a table file"),
+        ("f", "'f.npy' is not a regular file (a device, FIFO or socket); expected a file to write"),
+    ],
+)
+def test_init_refuses_a_folder_name_dash_or_fifo_before_writing(
+    tmp_path, monkeypatch, capsys, target, message
+):
+    """``init tabs/`` (no folder tabs) made tabs.npy, ``init -`` a table '-.npy': TABLE was a plain
+    path, without the checks of every other output file. Each is refused before any work."""
+    import os
+
+    monkeypatch.chdir(tmp_path)
+    os.mkfifo("f.npy")
+    with pytest.raises(SystemExit) as exited:
+        main(["init", target, "--random", "10x4", "--quiet"])
+    assert exited.value.code == 2
+    assert f"init: error: argument table: {message}" in capsys.readouterr().err
+    assert [p.name for p in tmp_path.iterdir()] == ["f.npy"]
 
 
 @pytest.mark.parametrize("target", ["d", "d/", "..", "d.npy"])

@@ -25,6 +25,7 @@ from .cli_args import (
     given_path,
     output_file,
     output_folder,
+    output_table,
     run_script,
     saying_made,
 )
@@ -87,7 +88,7 @@ def _add_init(sub) -> None:
         description="Create TABLE.npy and its manifest atomically, streaming in chunks. "
         "Exactly one source: --from-npy, --from-safetensors with --tensor, or --random ROWSxDIM.",
     )
-    p.add_argument("table", type=given_path, help="output table path (.npy)")
+    p.add_argument("table", type=output_table, help="output table path (.npy)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--from-npy", type=given_path, metavar="PATH", help="a 2-D .npy array")
     src.add_argument(

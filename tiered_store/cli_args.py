@@ -285,6 +285,32 @@ def output_file(text: str) -> Path:
     return path
 
 
+def output_table(text: str) -> Path:
+    """An argparse ``type``: a table a command writes (``NAME.npy``, or ``NAME``): a folder there
+    is left to the command, whose error names the tables in it; ``-`` and a folder's name
+    (``tabs/``: ``tabs.npy`` was made) are refused, and the table's ``.npy`` file is checked as
+    :func:`output_file` checks a file.
+
+    >>> output_table("/tmp/new/")
+    Traceback (most recent call last):
+    argparse.ArgumentTypeError: '/tmp/new/' ends in '/', a folder's name; expected a table file to write (NAME.npy)
+    """
+    _not_stdout(text, "a table file to write (NAME.npy)")
+    path = given_path(text)
+    if path.is_dir():
+        return path
+    name = os.path.basename(text)
+    if name in ("", ".", ".."):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} ends in {os.sep + name!r}, a folder's name; expected a table file to write "
+            "(NAME.npy)"
+        )
+    from .table_format import table_paths  # (not at import: --help stays light)
+
+    output_file(str(table_paths(path)[0]))
+    return path
+
+
 def _first_missing(text: str, path: Path) -> Path:
     """What writing ``path`` (given as ``text``) makes first: ``path`` itself, or the highest
     missing folder on its way; a broken symbolic link or a file on the way is refused by name."""
