@@ -481,3 +481,27 @@ def test_a_huge_rank_count_is_refused_at_once_not_after_a_path_per_rank(cut, tmp
     template = str(tmp_path / "t.shard-{rank}-of-3")
     with pytest.raises(ShardMismatchError, match=r"is rank 0's shard of 3; expected rank 0's of 9"):
         join_shards(table, tmp_path / "w.npy", ranks=99_999_999_999, template=template)
+
+
+def test_the_unshard_command_checks_table_as_every_output_file(cut, tmp_path, monkeypatch, capsys):
+    """unshard's TABLE was a plain path: 'joined/' (no such folder) wrote joined.npy, '-' wrote
+    -.npy, and a folder where nothing can be written was refused for its free space after the
+    shards were checked. It is checked as init's TABLE and every output file, before any work."""
+    import os
+
+    monkeypatch.chdir(tmp_path)
+    os.mkfifo("f.npy")
+    before = _listing(tmp_path)
+    shards = ["--ranks", "3", "--shards", "t.shard-{rank}-of-{ranks}.npy", "--quiet"]
+    for out, said in (
+        ("joined/", "'joined/' ends in '/', a folder's name; expected a table file to write"),
+        ("-", "'-' here would be a path named '-', not standard output; expected a table file"),
+        ("f", "'f.npy' is not a regular file (a device, FIFO or socket); expected a file to"),
+        ("no/w.npy", "'no/w.npy': 'no' does not exist; expected a file in an existing folder"),
+        ("/proc/w.npy", "'/proc/w.npy': cannot write in '/proc' ("),
+    ):
+        with pytest.raises(SystemExit) as exited:
+            cli_main(["unshard", out, *shards])
+        assert exited.value.code == 2, out
+        assert f"unshard: error: argument table: {said}" in capsys.readouterr().err, out
+    assert _listing(tmp_path) == before

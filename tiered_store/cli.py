@@ -475,7 +475,7 @@ def _add_unshard(sub) -> None:
         "shard TABLE --ranks M`.",
     )
     p.__class__ = IntermixedParser  # `unshard OUT --overwrite SHARD...`: the shards after options
-    p.add_argument("table", type=given_path, help="the whole table to write (.npy)")
+    p.add_argument("table", type=output_table, help="the whole table to write (.npy)")
     p.add_argument(
         "shard_files",
         nargs="*",
