@@ -292,3 +292,25 @@ def test_files_the_demo_cannot_read_as_text_are_named(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "tiered-store demo: warning: skipped 2 files (1 binary, 1 not UTF-8): " in err
     assert f"{corpus / 'blob.bin'} (binary), {corpus / 'latin.txt'} (not UTF-8)" in err
+
+
+def test_a_tilde_in_the_config_file_with_home_empty_names_the_file_and_key(tmp_path, monkeypatch):
+    """With HOME set but empty, a '~/...' path in demo.yaml was refused naming only the path:
+    not the file nor which of its keys (run.corpus, a tier's row list or profile) gave it."""
+    from tiered_store.errors import ConfigError
+
+    config = tmp_path / "demo.yaml"
+    monkeypatch.setenv("HOME", "")
+    args = [a for a in TINY_ARGS if "json" not in a and a != "--corpus"]
+    for text, key in (
+        (
+            "run: {corpus: [~/small.txt]}\n",
+            "run.corpus",
+        ),
+        ("tiers: {hot: {preload_rows: ~/hot.npy}}\n", "tiers.hot.preload_rows"),
+    ):
+        config.write_text(text)
+        with pytest.raises(ConfigError) as err:
+            demo_settings(_parse([*args, "--config", str(config)]))
+        assert str(err.value).startswith(f"{config}: {key}: '~/"), str(err.value)
+        assert "HOME is set but empty" in str(err.value)

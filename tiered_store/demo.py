@@ -425,26 +425,30 @@ def _read_config(path: Path) -> dict[str, Any]:
             )
         if not isinstance(value, dict):
             raise ConfigError(f"{path}: {key}: expected a mapping, got {type(value).__name__}")
-    return _relative_to(path.parent, data)
+    return _relative_to(path, data)
 
 
-def _relative_to(folder: Path, data: dict[str, Any]) -> dict[str, Any]:
+def _relative_to(path: Path, data: dict[str, Any]) -> dict[str, Any]:
     """``data`` with its relative paths (``run.corpus``, the tiers' row lists and profiles) made
-    relative to ``folder``, the YAML's, as every config file's paths are."""
+    relative to the folder of ``path``, the YAML, as every config file's paths are; a ``~`` that
+    cannot be read (HOME set but empty) is refused naming the file and the key."""
 
-    def under(text: Any) -> Any:
+    def under(text: Any, key: str) -> Any:
         if not isinstance(text, str):
             return text  # DemoConfig names what is wrong with it
-        text = expand_home(text)
-        return text if os.path.isabs(text) else os.path.join(folder, text)  # ('./~' kept)
+        try:
+            text = expand_home(text)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {key}: {exc}") from None
+        return text if os.path.isabs(text) else os.path.join(path.parent, text)  # ('./~' kept)
 
     run = data.get("run") or {}
     if isinstance(run.get("corpus"), list):
-        run["corpus"] = [under(entry) for entry in run["corpus"]]
-    for tier in (data.get("tiers") or {}).values():
+        run["corpus"] = [under(entry, "run.corpus") for entry in run["corpus"]]
+    for name, tier in (data.get("tiers") or {}).items():
         for key in ("static_rows", "preload_rows", "profile"):
             if isinstance(tier, dict) and key in tier:
-                tier[key] = under(tier[key])
+                tier[key] = under(tier[key], f"tiers.{name}.{key}")
     return data
 
 
