@@ -192,6 +192,19 @@ def test_with_home_set_empty_the_lookup_is_not_cached_under_the_root(tmp_path, m
     assert tokenizer_module._default_cache_dir() == tmp_path / "tiered-store"
 
 
+def test_a_relative_xdg_cache_home_is_ignored_as_the_xdg_spec_says(tmp_path, monkeypatch):
+    """A relative XDG_CACHE_HOME was used, the cache made under whatever folder was current;
+    the XDG base directory spec says such a path is invalid and ignored: ~/.cache is used."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("TIERED_STORE_CACHE_DIR", raising=False)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("XDG_CACHE_HOME", "cache")
+    expected = tmp_path / "home" / ".cache" / "tiered-store"
+    assert tokenizer_module._default_cache_dir() == expected
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))  # an absolute one is used
+    assert tokenizer_module._default_cache_dir() == tmp_path / "xdg" / "tiered-store"
+
+
 def test_a_tokenizer_path_that_is_a_directory_is_refused_by_name(tmp_path):
     """With the disk cache too (it read the bytes first: a raw IsADirectoryError before)."""
     for cache in (True, False):

@@ -54,12 +54,14 @@ def default_tokenizer_path() -> Path:
 
 
 def _default_cache_dir() -> Path | None:
-    """``$TIERED_STORE_CACHE_DIR``, else ``$XDG_CACHE_HOME/tiered-store``, else ``~/.cache/...``;
-    None (no disk cache) with HOME set but empty, where ``~`` would be ``/`` (expand_home's rule)."""
+    """``$TIERED_STORE_CACHE_DIR``, else ``$XDG_CACHE_HOME/tiered-store`` (an absolute one: the
+    XDG spec ignores a relative one), else ``~/.cache/...``; None (no disk cache) with HOME set
+    but empty, where ``~`` would be ``/`` (expand_home's rule)."""
     if env := os.environ.get("TIERED_STORE_CACHE_DIR"):
         return Path(env)
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
     try:
-        base = os.environ.get("XDG_CACHE_HOME") or expand_home("~/.cache")
+        base = xdg if os.path.isabs(xdg) else expand_home("~/.cache")
     except ConfigError:  # HOME set but empty: not /.cache
         return None
     return Path(base) / "tiered-store"
@@ -290,8 +292,8 @@ class CompressedTokenizer:
     order of first appearance over ids ``0..V-1``.
 
     The lookup is built once (under a second) and cached in the user cache directory
-    (``$TIERED_STORE_CACHE_DIR``, else ``$XDG_CACHE_HOME/tiered-store``, else
-    ``~/.cache/tiered-store``; with HOME set but empty, none: it is built each time), keyed by
+    (``$TIERED_STORE_CACHE_DIR``, else ``$XDG_CACHE_HOME/tiered-store`` when absolute (a
+    relative one is ignored, as the XDG spec says), else ``~/.cache/tiered-store``; with HOME set but empty, none: it is built each time), keyed by
     the SHA-256 of ``tokenizer.json``.
 
     Parameters
