@@ -484,3 +484,22 @@ def test_a_broken_pipe_of_the_commands_own_is_an_error_not_a_closed_stdout(tmp_p
     )
     assert proc.returncode == 1 and proc.stdout == "sending\n", proc.stderr
     assert "BrokenPipeError" in proc.stderr and "os.write(write, b'job')" in proc.stderr
+
+
+def test_shard_out_checks_rank_zeros_shard_as_every_output_table(tmp_path, monkeypatch, capsys):
+    """shard --out 's{rank}/' wrote s0.npy and s1.npy (the folder's '/' dropped), and a folder
+    where no lock file could be made ('/proc/s{rank}') was a FileNotFoundError traceback. Rank
+    0's shard is checked as init's and unshard's TABLE, before any work."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["init", "t.npy", "--random", "100x4", "--quiet"]) == 0
+    before = sorted(p.name for p in tmp_path.iterdir())
+    for out, said in (
+        ("s{rank}/", "rank 0's shard 's0/' ends in '/', a folder's name; expected a table file"),
+        ("/proc/s{rank}", "rank 0's shard '/proc/s0.npy': cannot write in '/proc' ("),
+        ("no/s{rank}", "rank 0's shard 'no/s0.npy': 'no' does not exist; expected a file in"),
+    ):
+        argv = ["shard", "t.npy", "--ranks", "2", "--by", "rows", "--out", out, "--quiet"]
+        assert main(argv) == 2, out
+        err = capsys.readouterr().err
+        assert f"shard: error: --out {out!r}: {said}" in err and "Traceback" not in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before

@@ -429,6 +429,12 @@ def _run_shard(args) -> int:
         raise wrong
     if args.out is not None and "{rank}" not in args.out:
         raise _usage(f"--out: got {args.out!r}; expected a path template containing {{rank}}")
+    if args.out is not None:  # rank 0's shard checked as every output table, before any work
+        first = args.out.replace("{rank}", "0").replace("{ranks}", str(args.ranks))
+        try:
+            output_table(first)
+        except argparse.ArgumentTypeError as exc:
+            raise _usage(f"--out {args.out!r}: rank 0's shard {exc}") from None
     by = args.by or "heads"
     try:
         shards = write_shards(
