@@ -819,3 +819,20 @@ def test_a_folder_named_tilde_given_as_dot_slash_is_that_folder_not_the_home_one
         assert load_yaml(kind(".//~/s.yaml")) == {"table": {"path": "t.npy"}}
     assert output_folder("./~") == cwd / "~" and output_folder("~") == home
     assert StoreConfig.from_yaml(given_path("~/s.yaml")).table.path == str(home / "home.npy")
+
+
+def test_a_config_that_is_a_fifo_is_refused_not_waited_on(tmp_path):
+    """A store, serve or demo config given as a FIFO (no writer) hung its command for ever in
+    load_yaml's read (a device such as /dev/zero read without end); it is refused by name."""
+    import os
+
+    fifo = tmp_path / "s.yaml"
+    os.mkfifo(fifo)
+    for argv, who in (
+        (["replay", str(fifo), str(tmp_path / "t.trace")], "config file"),
+        (["init-model", str(fifo)], "config file"),
+        (["demo", "--config", str(fifo)], "--config"),
+    ):
+        done = run_python(["-m", "tiered_store.cli", *argv], timeout=120)
+        assert done.returncode == 2, done.stderr[-2000:]
+        assert f"{who} {fifo}: it is a FIFO (named pipe); expected a YAML file" in done.stderr

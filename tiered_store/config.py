@@ -21,6 +21,7 @@ import json
 import math
 import os
 import re
+import stat
 import sys
 import threading
 from collections.abc import Callable, Iterator, Mapping
@@ -45,6 +46,7 @@ from pydantic import ValidationError as _PydanticValidationError
 
 from policies.zipf_tuned import DEFAULT_RECENCY_WINDOW
 
+from .atomic_file import NOT_FILES
 from .capacity import check_capacity_spec
 from .errors import ConfigError, cut_text, shown
 
@@ -152,7 +154,7 @@ def load_yaml(path: str | Path, *, what: str = "config file") -> dict[str, Any]:
     Raises
     ------
     ConfigError
-        The file cannot be read, is not valid YAML, or its top level is not a mapping; the message
+        The file cannot be read (or is a FIFO, device or socket), is not valid YAML, or its top level is not a mapping; the message
         names ``what`` and the path.
 
     Examples
@@ -168,6 +170,13 @@ def load_yaml(path: str | Path, *, what: str = "config file") -> dict[str, Any]:
         raise ConfigError(f"{what} {shown(str(path))}: {problem}")
     path = Path(expand_home(path))  # ~ is the home folder, as in the paths it holds
     kind = "JSON" if path.suffix.lower() == ".json" else "YAML"
+    try:  # a FIFO's read waits for a writer forever, a device's (/dev/zero) reads without end
+        mode = path.stat().st_mode
+    except OSError:  # the read below says why
+        mode = stat.S_IFREG
+    not_file = next((what for test, what in NOT_FILES if test(mode)), None)
+    if not_file is not None:
+        raise ConfigError(f"{what} {path}: it is {not_file}; expected a {kind} file")
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
