@@ -345,17 +345,23 @@ def test_a_shard_set_stopped_by_sigterm_leaves_no_shard_and_no_temporary_file(tm
     assert sorted(p.name for p in tmp_path.iterdir()) == before
 
 
-@pytest.mark.parametrize("kind", ["empty file", "directory"])
+@pytest.mark.parametrize("kind", ["empty file", "directory", "fifo"])
 def test_a_source_npy_that_is_empty_or_a_directory_is_a_clear_error(tmp_path, kind, capsys):
+    """A FIFO was said not to exist."""
     source = tmp_path / "src.npy"
     if kind == "directory":
         source.mkdir()
+    elif kind == "fifo":
+        os.mkfifo(source)
     else:
         source.touch()
     assert main(["init", str(tmp_path / "t.npy"), "--from-npy", str(source), "--quiet"]) == 2
     err = capsys.readouterr().err
     if kind == "directory":
         assert f"source .npy file {source} is a directory; expected a 2-D .npy file" in err
+    elif kind == "fifo":
+        expected = "is not a regular file (a device, FIFO or socket); expected a 2-D .npy file"
+        assert f"source .npy file {source} {expected}" in err
     else:
         assert f"source {source} is not a readable .npy file: empty or cut off (No data" in err
     assert [p.name for p in tmp_path.iterdir()] == ["src.npy"]

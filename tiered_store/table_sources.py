@@ -501,6 +501,11 @@ def open_source(source: object, dtype: object) -> SourceReader:
             raise TableFormatError(
                 f"source .npy file {path} is a directory; expected a 2-D .npy file"
             )
+        if path.exists() and not path.is_file():  # "does not exist" said of a FIFO or device
+            raise TableFormatError(
+                f"source .npy file {path} is not a regular file (a device, FIFO or socket); "
+                "expected a 2-D .npy file"
+            )
         if not path.is_file():
             raise TableNotFoundError(
                 errno.ENOENT, f"source .npy file {path} does not exist", str(path)
