@@ -1272,3 +1272,28 @@ def test_a_checkpoint_past_the_file_size_limit_is_refused_naming_the_file(tmp_pa
     assert [p.name for p in out.glob(".dense-*")] == []  # no temporary left
     assert main([*common, "--resume", "--steps", "2"]) == 0
     assert _committed(out) == 2
+
+
+def test_a_moved_corpus_on_resume_names_the_settings_file_and_the_key_to_point_elsewhere(
+    tmp_path, capsys
+):
+    """A resume whose corpus was moved named the old path alone: the path is the run's saved
+    one, which no option given with --resume changes; the error names train.json and its
+    "corpus" key, and the run goes on once that key names the corpus's new place."""
+    texts = tmp_path / "texts"
+    shutil.copytree(ROOT / "tiered_store" / "engram", texts)
+    common, small, out = _cli_args(tmp_path)
+    common[common.index("--corpus") + 1] = str(texts)
+    assert main([*common, *small, "--steps", "1"]) == 0
+    capsys.readouterr()
+    texts.rename(tmp_path / "moved")
+    assert main(["train", "--out", str(out), "--quiet", "--resume", "--steps", "2"]) == 2
+    err = capsys.readouterr().err
+    saved = out / "train.json"
+    assert f"error: --resume: {saved}: corpus: corpus path '{texts}': no such file" in err, err
+    assert f'set the "corpus" key of {saved} to where it is now' in err, err
+    assert _committed(out) == 1
+    doc = json.loads(saved.read_text())
+    saved.write_text(json.dumps({**doc, "corpus": [str(tmp_path / "moved")]}))
+    assert main(["train", "--out", str(out), "--quiet", "--resume", "--steps", "2"]) == 0
+    assert _committed(out) == 2

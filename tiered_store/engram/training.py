@@ -63,7 +63,7 @@ from ..cli_args import (
 )
 from ..cold_table import IO_MODES
 from ..config import check_device, load_yaml
-from ..corpus import corpus_paths, resolve_corpus
+from ..corpus import CorpusError, corpus_paths, resolve_corpus
 from ..delta.row_delta import delta_path
 from ..delta.row_optimizers import OPTIMIZERS, make_row_optimizer
 from ..delta.table_versions import (
@@ -177,7 +177,16 @@ def train(
             )
     # the corpus too: a path that does not exist, or too little text for one batch, is refused
     # before the run's folder holds anything that a rerun would have to --resume
-    corpus = resolve_corpus(settings.corpus).shuffled(settings.seed)
+    try:
+        corpus = resolve_corpus(settings.corpus).shuffled(settings.seed)
+    except CorpusError as exc:  # a resume's corpus moved: the saved path is the one to change
+        if saved_in is None:
+            raise
+        raise ConfigError(
+            f"{_option('resume', out_name)}: {saved_in}: corpus: {exc}; expected the corpus the "
+            f'run was started on: move it back, or set the "corpus" key of {saved_in} to where '
+            "it is now"
+        ) from None
     per_batch = settings.batch_size * settings.seq_len
     tokens = read_tokens(corpus, model.hasher.tokenizer, max_tokens=per_batch * settings.steps)
     batches = token_batches(tokens, settings.batch_size, settings.seq_len)
