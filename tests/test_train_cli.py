@@ -1297,3 +1297,35 @@ def test_a_moved_corpus_on_resume_names_the_settings_file_and_the_key_to_point_e
     saved.write_text(json.dumps({**doc, "corpus": [str(tmp_path / "moved")]}))
     assert main(["train", "--out", str(out), "--quiet", "--resume", "--steps", "2"]) == 0
     assert _committed(out) == 2
+
+
+def test_a_model_error_names_the_file_it_is_in_and_the_key(tmp_path, capsys):
+    """An error in the --model file named the key alone (``backbone.hidden_size: ...``), and the
+    fp8 refusal of a resume blamed --model, which a resume does not read: each names the file
+    that holds the model (the --model file, or the run's train.json) and the key."""
+    common, small, out = _cli_args(tmp_path)
+    model_file = tmp_path / "model.json"
+    model_file.write_text(json.dumps({**TINY, "backbone": {**TINY["backbone"], "hidden_size": -1}}))
+    assert main([*common, *small, "--steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert f"error: --model {model_file}: backbone.hidden_size: expected an integer >= 1" in err
+    v41 = {**TINY, "engram": {**TINY["engram"], "geometry": "deepseek-v4.1"}}
+    v41["engram"].update(engram_vocab_size=211, n_head_per_ngram=8, n_embed_per_ngram=256)
+    model_file.write_text(json.dumps(v41))
+    assert main([*common, *small, "--steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert f"error: --model {model_file}: engram.geometry 'deepseek-v4.1' has packed fp8" in err
+    assert not out.exists()
+    model_file.write_text(json.dumps(TINY))
+    assert main([*common, *small, "--steps", "1"]) == 0
+    doc = json.loads((out / "train.json").read_text())
+    (out / "train.json").write_text(json.dumps({**doc, "model": v41}))
+    assert main([*common, "--resume", "--steps", "2"]) == 2
+    err = capsys.readouterr().err
+    saved = out / "train.json"
+    assert f"error: --resume: {saved}: model: engram.geometry 'deepseek-v4.1' has packed fp8" in err
+    assert "expected the settings `train` saved there" in err and "--model:" not in err, err
+    with pytest.raises(ConfigError, match=r"^model: backbone.hidden_size: expected an integer"):
+        bad = {**TINY, "backbone": {**TINY["backbone"], "hidden_size": -1}}
+        train(tmp_path / "py", replace(_settings(ROOT), model=bad), resume=False, progress=False)
+    assert _committed(out) == 1

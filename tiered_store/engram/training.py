@@ -62,7 +62,7 @@ from ..cli_args import (
     saying_made,
 )
 from ..cold_table import IO_MODES
-from ..config import check_device, load_yaml
+from ..config import check_device, load_yaml, naming_file
 from ..corpus import CorpusError, corpus_paths, resolve_corpus
 from ..delta.row_delta import delta_path
 from ..delta.row_optimizers import OPTIMIZERS, make_row_optimizer
@@ -133,6 +133,7 @@ def train(
     given: Collection[str] | None = None,
     out_name: str = "out",
     device: str = "cpu",
+    model_file: str | os.PathLike[str] | None = None,
 ) -> dict:
     """Run (or resume) training in ``out``; returns the summary printed by the command. Bad
     settings are refused before ``out`` is touched, so a corrected command can start afresh.
@@ -142,7 +143,9 @@ def train(
     options (``--resume``, ``--batch-size``) where they name parameters and settings
     (``resume``, ``batch_size``), and a folder it makes is said on stderr then
     (``--out: created 'RUN'``). ``device``: where the model computes and the hot tier lives
-    (``cpu``, ``cuda``, ``cuda:N``); not a setting of the run, so a resume may move it."""
+    (``cpu``, ``cuda``, ``cuda:N``); not a setting of the run, so a resume may move it.
+    ``model_file``: the file ``settings.model`` was read from (the command's ``--model``),
+    named with the key in an error of the model (a resume's names its saved settings file)."""
     try:
         check_device(device)
     except ValueError as exc:
@@ -155,13 +158,13 @@ def train(
     # file (the options a resume is given do not change them)
     asked, (settings, saved_in) = settings, _settings(out, settings, resume, given, out_name)
     torch.manual_seed(settings.seed)
-    with _in_saved(saved_in, out_name, "model: "):
+    source = _option("model", out_name) + ("" if model_file is None else f" {model_file}")
+    named = contextlib.nullcontext() if saved_in else naming_file(source)  # --model FILE: KEY
+    with _in_saved(saved_in, out_name, "model: "), named:
         config = ModelConfig.from_dict(settings.model)
-    if config.engram.is_v41:
-        raise ConfigError(
-            f"{_option('model', out_name)}: engram.geometry {v41_refusal('training cannot update')}"
-        )
-    model = EngramLM(config)
+        if config.engram.is_v41:
+            raise ConfigError(f"engram.geometry {v41_refusal('training cannot update')}")
+        model = EngramLM(config)  # one too large for the memory: ConfigError
     optimizer = make_row_optimizer(settings.optimizer, lr=settings.table_lr)
     layers = list(model.engram_layers)
     sizes = [model.tables[layer].rows for layer in layers]
@@ -935,6 +938,7 @@ def _run_train(args) -> int:
         given=getattr(args, "given", set()),
         out_name="--out",
         device=args.device,
+        model_file=args.model,
     )
     print(json.dumps(summary, indent=1))
     return 0
