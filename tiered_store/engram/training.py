@@ -664,15 +664,16 @@ def _settings(
 
     path = out / SETTINGS_FILE
     saved_in = None  # the run's saved settings file, once they are the ones checked (a resume)
-    if not _holds_a_run(out, out_name):  # the table of a run that committed steps gone: refused
+    holds = _holds_a_run(out, out_name)  # read once: the branches below see one state of out
+    if not holds:  # the table of a run that committed steps gone: refused
         _check_progress(out, None, None, out_name)
-    if resume and not path.exists() and _holds_a_run(out, out_name):
+    if resume and not path.exists() and holds:
         raise ConfigError(
             f"{_option('resume', out_name)}: {out} holds a training run without its settings "
             f"({path.name} is missing); expected the {path.name} that run saved (restore it, or "
             f"choose another {out_name})"
         )
-    if resume and path.exists() and _holds_a_run(out, out_name):
+    if resume and path.exists() and holds:
         saved = _saved_settings(path, out_name)
         if given.steps:  # the count asked for (the run's may grow to it): the caller's to name
             given = counted(given, "steps", None)
@@ -706,7 +707,7 @@ def _settings(
             f"{_option('resume', out_name)}: no run in {out} to resume; starting a new one",
             stacklevel=3,
         )
-    elif _holds_a_run(out, out_name):
+    elif holds:
         raise ConfigError(
             f"{out_name}: {out} already holds a training run; pass {_resume_flag(out_name)} to "
             "continue it, or choose another directory"
