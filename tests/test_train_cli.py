@@ -1329,3 +1329,20 @@ def test_a_model_error_names_the_file_it_is_in_and_the_key(tmp_path, capsys):
         bad = {**TINY, "backbone": {**TINY["backbone"], "hidden_size": -1}}
         train(tmp_path / "py", replace(_settings(ROOT), model=bad), resume=False, progress=False)
     assert _committed(out) == 1
+
+
+def test_a_resume_given_another_model_names_it_without_printing_both_models(tmp_path, capsys):
+    """A --resume given a --model other than the run's warned with both models printed whole
+    (every section, twice, on one line); it says the model is not the run's, and where the run's
+    is."""
+    common, small, out = _cli_args(tmp_path)
+    assert main([*common, *small, "--steps", "1"]) == 0
+    capsys.readouterr()
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({**TINY, "backbone": {**TINY["backbone"], "hidden_size": 32}}))
+    at = common.index("--model") + 1
+    assert main([*common[:at], str(other), *common[at + 1 :], "--resume", "--steps", "2"]) == 0
+    err = capsys.readouterr().err
+    assert re.search(r"ignored: --model \(not the run's model, which .*train\.json holds\)$", err, re.M), err  # fmt: skip
+    assert "{'engram'" not in err
+    assert _committed(out) == 2

@@ -679,7 +679,9 @@ def _settings(
             given = counted(given, "steps", None)
         default = TrainSettings()
         ignored = [  # asked for (a default value too), and not what the run uses
-            f"{_option(f.name, out_name)} {getattr(given, f.name)} (it uses "
+            f"{_option(f.name, out_name)} (not the run's model, which {path} holds)"
+            if f.name == "model"  # every section, twice: not a readable line
+            else f"{_option(f.name, out_name)} {getattr(given, f.name)} (it uses "
             f"{getattr(saved, f.name)})"
             for f in fields(TrainSettings)
             if f.name != "steps"
