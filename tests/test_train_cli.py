@@ -1346,3 +1346,29 @@ def test_a_resume_given_another_model_names_it_without_printing_both_models(tmp_
     assert re.search(r"ignored: --model \(not the run's model, which .*train\.json holds\)$", err, re.M), err  # fmt: skip
     assert "{'engram'" not in err
     assert _committed(out) == 2
+
+
+def test_a_run_inside_its_corpus_resumes_on_the_same_text(tmp_path):
+    """A run whose folder is inside its corpus read its own files (train.json, loss.csv,
+    committed.json) as text on resume, so the resumed run trained on other batches than an
+    uninterrupted one; the run's folder is never part of its corpus."""
+    texts, copy = tmp_path / "texts", tmp_path / "copy"
+    shutil.copytree(ROOT / "tiered_store" / "engram", texts, ignore=shutil.ignore_patterns("_*"))
+    shutil.copytree(texts, copy)
+    base = replace(_settings(texts), steps=4, checkpoint_every=2, seed=3)
+    straight = train(tmp_path / "straight", replace(base, corpus=[str(copy)]), resume=False, progress=False)  # fmt: skip
+    train(texts / "run", replace(base, steps=2), resume=False, progress=False)
+    resumed = train(texts / "run", base, resume=True, progress=False)
+    assert resumed["final_loss"] == straight["final_loss"]
+    rows, dense = _final_state(tmp_path / "straight", 4)
+    rows2, dense2 = _final_state(texts / "run", 4)
+    assert torch.equal(rows, rows2)
+
+
+def test_a_corpus_inside_the_run_folder_is_still_read(tmp_path):
+    """The run's folder is left out of its corpus only where the corpus is not inside it."""
+    out = tmp_path / "run"
+    shutil.copytree(ROOT / "tiered_store" / "engram", out / "texts")
+    settings = replace(_settings(out / "texts"), steps=1, checkpoint_every=1)
+    assert train(out, settings, resume=False, progress=False)["steps"] == 1
+    assert _committed(out) == 1

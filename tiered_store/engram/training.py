@@ -181,7 +181,8 @@ def train(
     # the corpus too: a path that does not exist, or too little text for one batch, is refused
     # before the run's folder holds anything that a rerun would have to --resume
     try:
-        corpus = resolve_corpus(settings.corpus).shuffled(settings.seed)
+        exclude = _outside_corpus(out, settings.corpus)  # the run's files are none of its text
+        corpus = resolve_corpus(settings.corpus, exclude=exclude).shuffled(settings.seed)
     except CorpusError as exc:  # a resume's corpus moved: the saved path is the one to change
         if saved_in is None:
             raise
@@ -335,6 +336,15 @@ def _run(out, settings, model, table, layers, sizes, batches, progress, out_name
         "tokens_per_second": trained / seconds if seconds > 0 else None,
         "store": table.store.stats().get("writes", {}),
     }
+
+
+def _outside_corpus(out: Path, corpus: list[str] | None) -> Path | None:
+    """``out`` where no path of ``corpus`` lies in it (then its files, the run's train.json and
+    loss.csv, are never read as text: a resume of a run inside its corpus reads what the run
+    began on), else None (the corpus is in the run's folder: excluding it would leave none)."""
+    here = Path(os.path.abspath(out))
+    paths = [Path(os.path.abspath(p)) for p in corpus or []]
+    return None if any(p == here or here in p.parents for p in paths) else out
 
 
 def _overflowed(dense: torch.optim.Optimizer) -> bool:
