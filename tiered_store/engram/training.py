@@ -260,8 +260,10 @@ def train(
             file=sys.stderr,
         )
         raise
-    finally:
-        store.close()
+    finally:  # a step's rows past the last commit go, as after a kill: the error says what stands
+        with warnings.catch_warnings():  # (not the store's advice to call commit())
+            warnings.simplefilter("ignore", UncommittedWritesWarning)
+            store.close()
 
 
 def _run(out, settings, model, table, layers, sizes, batches, progress, out_name) -> dict:
