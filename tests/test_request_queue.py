@@ -183,9 +183,9 @@ def _searches_serving(monkeypatch, ids, batches):
     taken, searches = 0, []
     for batch in batches:
         searched.clear()
-        *_, taken = kernels.serve_batch.py_func(
-            rows, request.left, request.where, taken, batch.numpy(), pair_at, *pairs,
-            request.token, NOT_QUEUED,
+        *_, taken, request.first_at = kernels.serve_batch.py_func(
+            rows, request.left, request.where, request.first_at, taken, batch.numpy(), pair_at,
+            *pairs, request.token, NOT_QUEUED,
         )  # fmt: skip
         searches.append(list(searched))
     return searches, taken, request, queue
@@ -235,8 +235,9 @@ def test_a_batch_skipping_a_few_announced_ids_leaves_the_later_ones_at_their_pla
 def test_a_batch_skipping_as_many_ids_as_the_look_ahead_takes_the_next_at_its_place(monkeypatch):
     """An id is looked for up to ``_AHEAD`` (8) places past the one announced next: a batch that
     skipped 8 ids looked only 7 places on, so the 8th on and every later id was searched for,
-    batch after batch. The 8th place on is taken at its place, the 9th searched for (its Python
-    body, its searches counted)."""
+    batch after batch. The 8th place on is taken at its place, the 9th searched for (the ids
+    after it taken at their places: those skipped searched for when they come; its Python body,
+    its searches counted)."""
     from tiered_store import request_queue_kernels as kernels
 
     ahead = kernels._AHEAD
@@ -244,9 +245,31 @@ def test_a_batch_skipping_as_many_ids_as_the_look_ahead_takes_the_next_at_its_pl
     # the cursor at 0, 8 skipped; then at 20, 9 skipped (one past); those skipped, then
     batches = [ids[ahead:20], ids[21 + ahead :], ids[20 : 21 + ahead], ids[:ahead]]
     searches, taken, request, queue = _searches_serving(monkeypatch, ids, batches)
-    skipped = ids[21 + ahead :].tolist()
-    assert searches == [[], skipped, [], ids[:ahead].tolist()], searches
+    skipped = ids[20 : 21 + ahead].tolist()
+    assert searches == [[], [int(ids[21 + ahead])], skipped, ids[:ahead].tolist()], searches
     assert not request.left.any() and (queue._pair_tokens < 0).all()
+
+
+def test_a_batch_after_many_ids_skipped_takes_the_later_ones_at_their_places(monkeypatch):
+    """A batch past more ids than the look ahead (``_AHEAD``) passes over (a cached prompt
+    prefix, never served) left the cursor at the first of them: every later id of the request
+    was searched for, batch after batch. The first id searched for whose first place announced
+    is past the cursor, the batch's next id announced after it, takes the cursor there: one
+    search, then each id at its place (its Python body, its searches counted). An id the
+    prefix announced too (115, first announced there) moves nothing; served, the ids counted
+    are the same; the compiled pass through ``served`` leaves the cursor where its body does."""
+    prefix = torch.arange(100, 130)
+    ids = torch.cat([prefix, t(115), torch.arange(130, 170)])
+    batches = [ids[30:50], ids[50:60], ids[60:]]
+    searches, taken, request, queue = _searches_serving(monkeypatch, ids, batches)
+    assert searches == [[115, 130], [], []], searches
+    assert taken == ids.numel() and request.first_at.size == request.rows.numel()
+    assert request.left.tolist() == [1] * 15 + [1] + [1] * 14 + [0] * 40  # 115: once of twice
+    served = QueuedRequests()
+    again = served.add(ids)
+    for batch in batches:
+        served.served(again, batch)
+    assert again.served_ids == taken and again.left.tolist() == request.left.tolist()
 
 
 class _Reads(np.ndarray):
@@ -284,8 +307,18 @@ def test_a_batch_finishing_many_rows_searches_no_more_of_the_pairs_than_about_a_
         left, tokens = request.left.copy(), queue._pair_tokens.copy()
         outs.append(
             kernels.serve_batch.py_func(
-                rows, left, where, 0, rows, places, pair_rows, tokens, request.token, NOT_QUEUED
-            )
+                rows,
+                left,
+                where,
+                request.first_at,
+                0,
+                rows,
+                places,
+                pair_rows,
+                tokens,
+                request.token,
+                NOT_QUEUED,
+            )  # fmt: skip
         )
         reads.append(_Reads.count)
         assert not left.any() and (tokens < 0).sum() == rows.size
@@ -1536,6 +1569,8 @@ def test_the_queues_passes_read_past_finished_pairs_as_a_brute_force_reading():
         moved = [r for r in sorted(done) if first_live(pairs, r) == token]
         next_use = [first_live(after_pairs, r, token) for r in moved]
         at = kernels.pairs_of(pair_rows, pair_tokens, rows, token)
+        # the rows' first places announced: not made yet, or made (-1: a row never announced)
+        first_at = kernels.first_places(where, rows.size)[: rows.size * int(rng.integers(0, 2))]
         cursors = set()  # where each left its cursor: the same, compiled or not
         for kernel in (kernels.serve_batch, kernels.serve_batch.py_func):
             for places in (at, at[:0]):  # found by pairs_of, or searched for row by row
@@ -1544,6 +1579,7 @@ def test_the_queues_passes_read_past_finished_pairs_as_a_brute_force_reading():
                     rows,
                     left_now,
                     where,
+                    first_at,
                     start,
                     batch,
                     places,
@@ -1563,8 +1599,8 @@ def test_the_queues_passes_read_past_finished_pairs_as_a_brute_force_reading():
             for kernel in (kernels.serve_batch, kernels.serve_batch.py_func):
                 with pytest.raises(ValueError, match=f"request {other} has no pair of row"):
                     kernel(
-                        rows, left.copy(), where, start, batch, at[:0], pair_rows, tokens, other,
-                        NOT_QUEUED,
+                        rows, left.copy(), where, first_at, start, batch, at[:0], pair_rows,
+                        tokens, other, NOT_QUEUED,
                     )  # fmt: skip
                 assert tokens.tolist() == pair_tokens.tolist(), case
 

@@ -22,6 +22,7 @@ from .errors import TieredStoreError, shown
 
 NOT_QUEUED = torch.iinfo(torch.int64).max  # next_use of a row no queued request looks up
 _SEARCH = np.empty(0, dtype=np.int64)  # ``serve_batch``'s pair places: search for each
+_NONE_MADE = np.empty(0, dtype=np.int32)  # a request's ``first_at`` before a batch skipped ids
 
 
 class QueuedRequestError(TieredStoreError, ValueError):
@@ -42,6 +43,10 @@ class QueuedRequest:
     # a few skipped passed over): where ``served`` looks first for a batch's ids
     where: np.ndarray = field(repr=False)
     served_ids: int = field(default=0, repr=False)
+    # the first place among the ids announced of each of ``rows`` (int32, -1 where none), made
+    # at the first batch whose first id was searched for (ids skipped): where ``served`` takes
+    # up the ids announced again past those skipped
+    first_at: np.ndarray = field(default_factory=lambda: _NONE_MADE, repr=False)
     # the position of its pair of each of ``rows`` in the queue's pairs of version
     # ``pairs_version`` (found at its second batch served since they were replaced)
     pair_at: np.ndarray | None = field(default=None, repr=False)
@@ -53,11 +58,11 @@ class QueuedRequest:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of its arrays: its rows, its first rows, its lookups left, its ids' places and
-        its pairs' places (once found)."""
+        """Bytes of its arrays: its rows, its first rows, its lookups left, its ids' places, its
+        rows' first places (once made) and its pairs' places (once found)."""
         found = 0 if self.pair_at is None else self.pair_at.nbytes
         arrays = self.rows.nbytes + self.first_rows.nbytes + self.left.nbytes + self.where.nbytes
-        return arrays + found
+        return arrays + self.first_at.nbytes + found
 
 
 class QueuedRequests:
@@ -196,9 +201,12 @@ class QueuedRequests:
         its first) are made now: the rows none of its lookups left looks up lose its standing.
         Returns those it was the earliest request for, and the token of the request that now
         looks each up first (``NOT_QUEUED`` where none does), as ``remove``. A compiled pass over
-        the batch, and a search for each finished row's pair (at the request's second batch
-        since the queue's pairs last changed, all of its pairs are found at once instead, each
-        searched for from the last one's; not at the no-ids form's: no batch follows it)."""
+        the batch, each id taken at its place among those announced from where the batches
+        before left off (a batch after ids skipped, a cached prompt prefix, takes them up past
+        those: ``serve_batch``), and a search for each finished row's pair (at the request's
+        second batch since the queue's pairs last changed, all of its pairs are found at once
+        instead, each searched for from the last one's; not at the no-ids form's: no batch
+        follows it)."""
         from . import request_queue_kernels as kernels
 
         if ids is not None:
@@ -221,10 +229,11 @@ class QueuedRequests:
                 )
             # the pairs' tokens are negated in place: a reader sees a pair finished or not, and
             # sets what the news that follows corrects (``left`` is read only here and in ``add``)
-            moved, next_use, taken = kernels.serve_batch(
+            moved, next_use, taken, first_at = kernels.serve_batch(
                 rows,
                 request.left,
                 where,
+                request.first_at if ids is not None else _NONE_MADE,
                 start,
                 flat,
                 _SEARCH if request.pair_at is None else request.pair_at,
@@ -234,6 +243,8 @@ class QueuedRequests:
                 NOT_QUEUED,
             )
             request.served_ids = request.where.size if ids is None else taken
+            if ids is not None:
+                request.first_at = first_at
         return torch.from_numpy(moved), torch.from_numpy(next_use)
 
     def next_use(self, ids: torch.Tensor) -> torch.Tensor:

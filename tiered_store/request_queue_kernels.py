@@ -141,6 +141,7 @@ def serve_batch(
     rows: np.ndarray,
     left: np.ndarray,
     where: np.ndarray,
+    first_at: np.ndarray,
     start: int,
     ids: np.ndarray,
     pair_at: np.ndarray,
@@ -148,7 +149,7 @@ def serve_batch(
     pair_tokens: np.ndarray,
     token: np.int64,
     none: np.int64,
-) -> tuple[np.ndarray, np.ndarray, int]:
+) -> tuple[np.ndarray, np.ndarray, int, np.ndarray]:
     """Request ``token``'s lookups of ``ids`` made: each of ``ids`` in its ``rows`` (sorted,
     distinct) takes one off its ``left`` (in place, down to 0; other ids count for nothing), and
     the rows whose last lookup that was finish their pair (its token negated in place): at
@@ -159,19 +160,24 @@ def serve_batch(
     ``start`` on (a request served in order, batch after batch: no search), an id that is not
     the next one announced looked for among the few after it (``_AHEAD``: taken there, those
     skipped searched for when they come) and else searched for (and not taken: an id not
-    announced, or one more often than announced, leaves the next id its place). Returns the rows the request was the
-    earliest unfinished pair of (ascending), each one's next unfinished pair's token (``none``
-    where none), and ``start`` past the ids taken at their places. Allocates (up to the batch's
-    size) before anything changes: a failure (out of memory) changes nothing. ``ValueError``
-    (before any pair changes) where a finished row has no pair of ``token``."""
+    announced, or one more often than announced, leaves the next id its place). An id searched
+    for whose first place announced is at ``start`` or past it (``first_at``: of each of
+    ``rows``, -1 where none; from ``first_places``, empty until made here) moves ``start`` past that place when the batch's next id is announced next there (ids
+    skipped, a cached prompt prefix: the later ones taken at their places again). Returns the
+    rows the request was the earliest unfinished pair of (ascending), each one's next
+    unfinished pair's token (``none`` where none), ``start`` past the ids taken at their places,
+    and ``first_at`` (made here when empty and an id it announced, with a lookup left, is
+    searched for). Allocates (up to the batch's size; ``first_at``) before anything changes: a
+    failure (out of memory) changes nothing. ``ValueError`` (before any pair changes) where a
+    finished row has no pair of ``token``."""
     m = rows.size
     size = min(ids.size, m)
+    places = np.empty(ids.size, dtype=np.int64)  # each id's position in ``rows`` (m: none)
     finished = np.empty(size, dtype=np.int64)  # positions in ``rows``, each once
     at_pairs = np.empty(size, dtype=np.int64)
     moved_rows = np.empty(size, dtype=np.int64)
     moved_next = np.empty(size, dtype=np.int64)
-    done = 0
-    for k in range(ids.size):
+    for k in range(ids.size):  # the ids' places: nothing changes here (``first_at`` made)
         at = where[start] if start < where.size else m
         if at < m and rows[at] == ids[k]:  # the id announced next
             start += 1
@@ -183,6 +189,18 @@ def serve_batch(
                 at, start = where[ahead], ahead + 1
             else:
                 at = _lower_bound(rows, ids[k], 0, m)
+                if at < m and rows[at] == ids[k] and not first_at.size and left[at] > 0:
+                    first_at = first_places(where, m)  # the first id it lost, announced
+                if at < m and rows[at] == ids[k] and first_at.size and first_at[at] >= start:
+                    place = first_at[at]  # past any skipped: taken there if the next id is next
+                    if k + 1 == ids.size or (
+                        place + 1 < where.size and rows[where[place + 1]] == ids[k + 1]
+                    ):
+                        start = place + 1
+        places[k] = at
+    done = 0
+    for k in range(ids.size):
+        at = places[k]
         if at < m and rows[at] == ids[k] and left[at] > 0:
             left[at] -= 1
             if left[at] == 0:
@@ -220,7 +238,17 @@ def serve_batch(
             moved_rows[moved] = pair_rows[i]
             moved_next[moved] = _next_unfinished(pair_rows, pair_tokens, i, none)
             moved += 1
-    return moved_rows[:moved], moved_next[:moved], start
+    return moved_rows[:moved], moved_next[:moved], start, first_at
+
+
+@numba.njit(cache=True, nogil=True)
+def first_places(where: np.ndarray, m: int) -> np.ndarray:
+    """The first place in ``where`` (positions in a request's ``m`` rows, in announced order) of
+    each of the rows (int32; -1 where none)."""
+    first = np.full(m, -1, dtype=np.int32)
+    for k in range(where.size - 1, -1, -1):
+        first[where[k]] = k
+    return first
 
 
 @numba.njit(cache=True, nogil=True)
