@@ -2061,6 +2061,36 @@ def test_a_batch_served_interrupted_before_its_news_is_made_up_for_by_the_releas
         _no_row_held_for_a_request(store)
 
 
+@pytest.mark.parametrize("failing", ["pairs_of", "serve_batch"])
+def test_a_batch_served_that_fails_before_changing_anything_leaves_the_release_as_usual(
+    tmp_path, monkeypatch, failing
+):
+    """``served`` marked the request's batch as missed by the tiers on any failure but a
+    refusal: one out of memory finding its pairs' places or in the pass's allocations (which
+    change nothing) made its release tell the tiers every row of it, a needless make-up. Only a
+    failure once the pass began marks it (the batch served again, then released: no row
+    waits for it)."""
+    from tiered_store import request_queue_kernels as kernels
+
+    path, data = make_table(tmp_path, rows=400)
+    with TieredStore(store_config(path, hot={"capacity": 20}, warm={"capacity": 60})) as store:
+        store.lookup(torch.arange(60))
+        request = store.announce(torch.arange(40).repeat(2))
+        store.served(request, torch.arange(10))  # its first batch: the pairs searched for
+        monkeypatch.setattr(kernels, failing, getattr(kernels, failing).py_func)
+        monkeypatch.setattr(kernels, "np", _NumpyFailingAt(1))
+        with pytest.raises(MemoryError):
+            store.served(request, torch.arange(10, 40))
+        monkeypatch.setattr(kernels, "np", np)
+        assert not request.missed_batch and request.passes == 1
+        store.served(request, torch.arange(10, 40))
+        store.served(request)
+        assert not request.missed_batch and request.passes == 3
+        store.release(request)
+        assert torch.equal(store.lookup(torch.arange(40, 45)), data[40:45])
+        _no_row_held_for_a_request(store)
+
+
 class _InterruptedAfter(dict):
     """Requests whose adding or dropping (as named) takes effect, then a Ctrl-C is raised (as
     CPython raises it at the end of a call, once a signal came during it)."""

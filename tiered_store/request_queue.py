@@ -55,6 +55,10 @@ class QueuedRequest:
     # in ``TieredStore.served``): its finished rows there still wait for it, so its release tells
     # every row of it, not only those it had left
     missed_batch: bool = field(default=False, repr=False)
+    # batches whose pass over the pairs began (counted before it; a pass that fails, which
+    # changes nothing, uncounted): ``TieredStore.served`` tells from it whether a failure came
+    # after pairs finished (their news then missed) or changed nothing
+    passes: int = field(default=0, repr=False)
 
     @property
     def nbytes(self) -> int:
@@ -229,19 +233,24 @@ class QueuedRequests:
                 )
             # the pairs' tokens are negated in place: a reader sees a pair finished or not, and
             # sets what the news that follows corrects (``left`` is read only here and in ``add``)
-            moved, next_use, taken, first_at = kernels.serve_batch(
-                rows,
-                request.left,
-                where,
-                request.first_at if ids is not None else _NONE_MADE,
-                start,
-                flat,
-                _SEARCH if request.pair_at is None else request.pair_at,
-                self._pair_rows,
-                self._pair_tokens,
-                request.token,
-                NOT_QUEUED,
-            )
+            request.passes += 1  # before the pass: a Ctrl-C from here on may follow a change
+            try:
+                moved, next_use, taken, first_at = kernels.serve_batch(
+                    rows,
+                    request.left,
+                    where,
+                    request.first_at if ids is not None else _NONE_MADE,
+                    start,
+                    flat,
+                    _SEARCH if request.pair_at is None else request.pair_at,
+                    self._pair_rows,
+                    self._pair_tokens,
+                    request.token,
+                    NOT_QUEUED,
+                )
+            except Exception:  # (out of memory) the pass changed nothing
+                request.passes -= 1
+                raise
             request.served_ids = request.where.size if ids is None else taken
             if ids is not None:
                 request.first_at = first_at

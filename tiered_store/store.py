@@ -416,12 +416,14 @@ class TieredStore:
             return
         flat = None if ids is None else self._in_table(self._checked_flat(as_id_tensor(ids)))
         with self._releasing:  # in queue order with the releases
+            passes = request.passes if isinstance(request, QueuedRequest) else 0
             try:
                 moved = self.caches.queue.served(request, flat)  # its own lock, as a release's
                 self._lock.post(request, moved, gone=False)
-            except BaseException as exc:  # (a Ctrl-C as the pass returns) its pairs finished,
-                # perhaps, with no news posted: its release tells the tiers every row of it
-                if isinstance(request, QueuedRequest) and not isinstance(exc, QueuedRequestError):
+            except BaseException:  # (a Ctrl-C as the pass returns) its pairs finished, perhaps,
+                # with no news posted: its release tells the tiers every row of it. A failure
+                # before the pass (a refusal) or in it (out of memory) changed nothing
+                if isinstance(request, QueuedRequest) and request.passes != passes:
                     request.missed_batch = True
                 raise
         self._lock.tell_if_free()
