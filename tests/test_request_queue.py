@@ -298,11 +298,11 @@ def test_a_batch_finishing_many_rows_searches_no_more_of_the_pairs_than_about_a_
     request = queue.add(torch.arange(0, 40_000, 2))
     rows, where = request.rows.numpy(), request.where
     pair_rows = queue._pair_rows.view(_Reads)
-    for name in ("_lower_bound", "_gallop"):
+    found = kernels.pairs_of(queue._pair_rows, queue._pair_tokens, rows, request.token)
+    for name in ("_lower_bound", "_gallop", "_gallop_pair", "_before", "_run_start"):
         monkeypatch.setattr(kernels, name, getattr(kernels, name).py_func)
     reads, outs = [], []
-    for places in (kernels.pairs_of(queue._pair_rows, queue._pair_tokens, rows, request.token),
-                   np.empty(0, np.int64)):  # fmt: skip
+    for places in (found, np.empty(0, np.int64)):
         _Reads.count = 0
         left, tokens = request.left.copy(), queue._pair_tokens.copy()
         outs.append(
@@ -340,12 +340,57 @@ def test_finding_a_short_requests_pairs_reads_a_few_pairs_a_row_not_the_queue(mo
     request = queue.add(torch.tensor([3, 17_000, 25_000, 49_999]))
     rows, pairs = request.rows.numpy(), (queue._pair_rows, queue._pair_tokens)
     want = kernels.pairs_of(*pairs, rows, request.token)
-    for name in ("_lower_bound", "_gallop"):
+    for name in ("_lower_bound", "_gallop", "_gallop_pair", "_before", "_run_start"):
         monkeypatch.setattr(kernels, name, getattr(kernels, name).py_func)
     _Reads.count = 0
     got = kernels.pairs_of.py_func(pairs[0].view(_Reads), pairs[1], rows, request.token)
     assert got.tolist() == want.tolist() == [16, 68_005, 100_006, 200_003]
     assert _Reads.count < 400, _Reads.count  # (200,031 before: the queue's every pair)
+
+
+def test_rows_many_requests_look_up_are_not_read_pair_by_pair_to_the_requests(monkeypatch):
+    """A request's pair of a row sits among the pairs of every request queued that looks the
+    row up, by token: it was reached one pair at a time from the row's first (finding its
+    pairs' places, or searching for a finished row's pair), and a finished row's earlier
+    requests were read back to the row's first pair, again one at a time: a request served
+    behind 1,000 others sharing its rows read all of theirs, three times a row. Both are
+    searched for in doubling steps (the Python bodies, their reads counted); the same places
+    and news as the compiled passes."""
+    from tiered_store import request_queue_kernels as kernels
+
+    queue = QueuedRequests()
+    for _ in range(1_000):
+        queue.add(torch.tensor([5, 6, 7]))
+    request = queue.add(torch.tensor([1, 5, 6, 7, 9]))
+    queue.add(torch.tensor([6]))
+    rows, pairs = request.rows.numpy(), (queue._pair_rows, queue._pair_tokens)
+    want = kernels.pairs_of(*pairs, rows, request.token)
+    tokens = pairs[1].copy()
+    want_news = kernels.serve_batch(
+        rows, request.left.copy(), request.where, request.first_at, 0, rows, want[:0], pairs[0],
+        tokens, request.token, NOT_QUEUED,
+    )  # fmt: skip
+    for name in ("_lower_bound", "_gallop", "_gallop_pair", "_before", "_run_start"):
+        monkeypatch.setattr(kernels, name, getattr(kernels, name).py_func)
+    _Reads.count = 0
+    got = kernels.pairs_of.py_func(pairs[0].view(_Reads), pairs[1], rows, request.token)
+    assert got.tolist() == want.tolist() == [0, 1001, 2002, 3004, 3005]
+    assert _Reads.count < 100, _Reads.count  # (3,000 and more before)
+    _Reads.count, news_tokens = 0, pairs[1].copy()
+    news = kernels.serve_batch.py_func(
+        rows, request.left.copy(), request.where, request.first_at, 0, rows, want[:0],
+        pairs[0].view(_Reads), news_tokens, request.token, NOT_QUEUED,
+    )  # fmt: skip
+    assert _Reads.count < 200, _Reads.count  # (9,000 and more before)
+    assert news_tokens.tolist() == tokens.tolist() and (news_tokens[want] < 0).all()
+    assert (
+        [a.tolist() for a in news[:2]]
+        == [a.tolist() for a in want_news[:2]]
+        == [
+            [1, 9],
+            [NOT_QUEUED, NOT_QUEUED],
+        ]
+    )
 
 
 def test_the_searches_find_the_lower_bound_at_every_range_and_value():

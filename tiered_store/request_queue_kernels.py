@@ -113,7 +113,7 @@ def pairs_of(
     pair_rows: np.ndarray, pair_tokens: np.ndarray, rows: np.ndarray, token: np.int64
 ) -> np.ndarray:
     """The position of request ``token``'s pair (finished or not) of each of its ``rows``
-    (sorted, distinct): each searched for from the last one's in doubling steps (``_gallop``:
+    (sorted, distinct): each searched for from the last one's in doubling steps (``_gallop_pair``:
     of the order of a pass over the pairs at most, a few reads a row for a request of few rows
     in a long queue). ``ValueError`` where a row has none (then ``serve_batch`` would write
     outside the pairs)."""
@@ -121,10 +121,8 @@ def pairs_of(
     at = np.empty(m, dtype=np.int64)
     i = 0
     for j in range(m):
-        i = _gallop(pair_rows, rows[j], i, n)
-        while i < n and pair_rows[i] == rows[j] and abs(pair_tokens[i]) != token:
-            i += 1
-        if i == n or pair_rows[i] != rows[j]:
+        i = _gallop_pair(pair_rows, pair_tokens, rows[j], token, i, n)
+        if i == n or pair_rows[i] != rows[j] or abs(pair_tokens[i]) != token:
             raise ValueError(
                 "pairs_of: request " + str(token) + " has no pair of row " + str(rows[j])
                 + "; expected one for each of its rows"
@@ -155,7 +153,7 @@ def serve_batch(
     the rows whose last lookup that was finish their pair (its token negated in place): at
     ``pair_at`` (from ``pairs_of``), or searched for when ``pair_at`` is empty (a request served
     in one batch pays no pass over the queue), in ascending order, each from the last one's pair
-    (``_gallop``: many rows read of the order of a pass at most). ``where``: the position in
+    (``_gallop_pair``: many rows read of the order of a pass at most). ``where``: the position in
     ``rows`` of each id the request announced, in order; ``ids`` are first taken for those from
     ``start`` on (a request served in order, batch after batch: no search), an id that is not
     the next one announced looked for among the few after it (``_AHEAD``: taken there, those
@@ -215,10 +213,8 @@ def serve_batch(
             at_pairs[k] = pair_at[finished[k]]
             continue
         row = rows[finished[k]]
-        i = _gallop(pair_rows, row, i, n)
-        while i < n and pair_rows[i] == row and abs(pair_tokens[i]) != token:
-            i += 1
-        if i == n or pair_rows[i] != row:
+        i = _gallop_pair(pair_rows, pair_tokens, row, token, i, n)
+        if i == n or pair_rows[i] != row or abs(pair_tokens[i]) != token:
             raise ValueError(
                 "serve_batch: request " + str(token) + " has no pair of row " + str(row)
                 + "; expected one for each of its rows"
@@ -228,13 +224,10 @@ def serve_batch(
     for k in range(done):
         i = at_pairs[k]
         pair_tokens[i] = -pair_tokens[i]
-        first = i  # the row's first pair
-        while first > 0 and pair_rows[first - 1] == pair_rows[i]:
-            first -= 1
-        earlier = False  # an earlier request still looks the row up
-        for j in range(first, i):
-            earlier = earlier or pair_tokens[j] > 0
-        if not earlier:
+        first = _run_start(pair_rows, i)  # the row's first pair, then its first unfinished
+        while first < i and pair_tokens[first] < 0:
+            first += 1
+        if first == i:  # no earlier request still looks the row up
             moved_rows[moved] = pair_rows[i]
             moved_next[moved] = _next_unfinished(pair_rows, pair_tokens, i, none)
             moved += 1
@@ -294,6 +287,55 @@ def _gallop(values: np.ndarray, value: np.int64, low: int, high: int) -> int:
     while low + step < high and values[low + step] < value:
         step *= 2
     return _lower_bound(values, value, low + step // 2 + 1, min(low + step, high))
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _gallop_pair(
+    pair_rows: np.ndarray,
+    pair_tokens: np.ndarray,
+    row: np.int64,
+    token: np.int64,
+    low: int,
+    high: int,
+) -> int:
+    """The first pair in ``[low, high)`` at (``row``, ``token``) or past it (pairs sorted by row,
+    then by token's magnitude), searched for from ``low`` in doubling steps (``_gallop``): a
+    row many requests look up is not read pair by pair to the request's."""
+    step = 1
+    while low + step - 1 < high and _before(pair_rows, pair_tokens, low + step - 1, row, token):
+        step *= 2
+    low, high = low + step // 2, min(low + step - 1, high)  # the pair is in [low, high]
+    while low < high:
+        mid = (low + high) >> 1
+        if _before(pair_rows, pair_tokens, mid, row, token):
+            low = mid + 1
+        else:
+            high = mid
+    return low
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _before(pair_rows: np.ndarray, pair_tokens: np.ndarray, i: int, row: np.int64, token: np.int64):
+    """Whether pair ``i`` comes before (``row``, ``token``): an earlier row, or an earlier request
+    of ``row``."""
+    at = pair_rows[i]
+    return at < row or (at == row and abs(pair_tokens[i]) < token)
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _run_start(pair_rows: np.ndarray, i: int) -> int:
+    """The first pair of pair ``i``'s row, searched for back from it in doubling steps."""
+    step = 1
+    while i - step >= 0 and pair_rows[i - step] == pair_rows[i]:
+        step *= 2
+    low, high = max(i - step + 1, 0), i - step // 2  # the first pair is in [low, high]
+    while low < high:
+        mid = (low + high) >> 1
+        if pair_rows[mid] < pair_rows[i]:
+            low = mid + 1
+        else:
+            high = mid
+    return low
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
