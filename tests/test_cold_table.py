@@ -1793,3 +1793,45 @@ def test_a_ctrl_c_as_close_releases_the_table_is_finished_by_the_next_close(tmp_
     )
     said = _interrupted_at_each_point(script, ("cold_table.py", "weakref.py", "prefetch.py"))
     assert int(said[1]) >= 10, said
+
+
+def test_a_ctrl_c_as_a_runner_pool_starts_its_thread_neither_leaks_nor_hangs_it():
+    """``RunnerPool.submit`` recorded its thread after ``Thread.start()``, which waits for the
+    thread to run: a Ctrl-C handled in that wait left a thread running the pool's calls but
+    not counted, so the next submit started another (two prefetch workers: batches out of
+    order) and ``shutdown`` stopped one of them (the other waited on the queue for good).
+    Every point of a submit that starts the thread is interrupted in turn, in a child process:
+    the next call runs, on one thread, and ``shutdown(wait=True)`` leaves no thread of it."""
+    script = textwrap.dedent(
+        """
+        from tiered_store.prefetch import RunnerPool
+
+        def in_loop(frame):
+            # (a thread whose start an interrupt cut short may stay in its start, not in it)
+            while frame is not None and frame.f_code is not RunnerPool._work.__code__:
+                frame = frame.f_back
+            return frame is not None
+
+        k = 0
+        while True:
+            k += 1
+            pool, hits, ran = RunnerPool(1, f"pool{k}"), [0], []
+            sys.setprofile(counted(k, hits))
+            try:
+                pool.submit(lambda: ran.append(threading.current_thread()))
+            except (KeyboardInterrupt, RuntimeError):  # (threading's Condition, interrupted in
+                pass  # its wait, may raise 'release unlocked lock' instead)
+            finally:
+                sys.setprofile(None)
+            pool.submit(lambda: ran.append(threading.current_thread())).result(timeout=30)
+            pool.shutdown(wait=True)
+            assert len(set(ran)) == 1, f"interrupt {k}: calls ran on {len(set(ran))} threads"
+            left = [n for n, f in sys._current_frames().items() if in_loop(f)]
+            assert not left, f"interrupt {k}: {len(left)} threads still run its loop"
+            if hits[0] < k:  # every point has been interrupted once
+                break
+        print("points", k - 1)
+        """
+    )
+    said = _interrupted_at_each_point(script, ("prefetch.py", "threading.py"))
+    assert int(said[1]) >= 4, said

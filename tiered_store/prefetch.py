@@ -65,11 +65,20 @@ class RunnerPool:
             future: Future = Future()
             self._queue.put((future, fn, args))
             if len(self._threads) < self._size:
+                token = [True]  # taken by the thread as it runs, or here if it never did
                 thread = threading.Thread(
-                    target=self._work, name=f"{self._name}_{len(self._threads)}", daemon=True
+                    target=self._work,
+                    args=(token,),
+                    name=f"{self._name}_{len(self._threads)}",
+                    daemon=True,
                 )
-                thread.start()
-                self._threads.append(thread)
+                try:  # counted first: interrupted (Ctrl-C) in start()'s wait for it, it runs
+                    self._threads.append(thread)  # (uncounted, a second one started and the
+                    thread.start()  # first never got its stop marker)
+                except BaseException:
+                    if take_once(token) and thread in self._threads:  # it never ran, nor will:
+                        self._threads.remove(thread)  # counted, no other thread would start
+                    raise
         return future
 
     def shutdown(self, wait: bool = True) -> None:
@@ -83,11 +92,14 @@ class RunnerPool:
             for thread in threads:
                 thread.join()
 
-    def _work(self) -> None:
-        """A thread's loop: run calls until the stop marker. It lets go of each call once run:
+    def _work(self, token: list) -> None:
+        """A thread's loop: run calls until the stop marker; none when its submit, interrupted,
+        took ``token`` first (it no longer counts the thread). It lets go of each call once run:
         kept while it waited for the next, the last kept its owner (a dropped table) for good.
         A start hook that fails fails every call the thread takes (ended, it stayed counted: the
         calls queued, and later ones, never completed)."""
+        if not take_once(token):
+            return
         failed: Exception | None = None
         if self._started is not None:
             try:
