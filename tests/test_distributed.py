@@ -650,6 +650,30 @@ def test_a_sharded_lookup_interrupted_while_waiting_for_its_handle_can_collect_i
             store.lookup(ids, handle)
 
 
+def test_a_cancelled_sharded_prefetch_is_refused_as_a_tiered_stores_not_as_a_failed_rank(
+    tmp_path, monkeypatch
+):
+    """A ShardedStore handle whose future was cancelled while its round was queued raised the
+    future's CancelledError through the wait's backend-error branch: a RankFailureError naming
+    this rank, recorded, so every later call was refused as after a dead peer. It is refused as
+    TieredStore's is (PrefetchHandleError, saying it was cancelled) and the store goes on."""
+    from tiered_store.prefetch import CANCELLED
+
+    cfg = _one_rank_sharded_config(tmp_path, monkeypatch)
+    with ShardedStore.open(cfg) as store:
+        ids = torch.tensor([[5, 5, 400], [0, 462, 7]])
+        want = store.lookup(ids).view(torch.int16)
+        release = threading.Event()
+        store._thread.submit(release.wait, 30)  # the collective thread held: the round queued
+        handle = store.prefetch(ids)
+        assert handle.future.cancel()
+        release.set()
+        with pytest.raises(PrefetchHandleError) as refused:
+            store.lookup(ids, handle)
+        assert str(refused.value) == CANCELLED
+        assert torch.equal(store.lookup(ids).view(torch.int16), want)
+
+
 def test_an_interrupt_inside_a_sharded_prefetch_leaves_its_depth_slot_free(tmp_path, monkeypatch):
     """ShardedStore.prefetch queued its round, then attached the callback that frees its
     prefetch.depth slot: Ctrl-C between kept the slot for good (as TieredStore did before), and

@@ -37,6 +37,7 @@ import time
 import uuid
 import weakref
 from collections.abc import Callable
+from concurrent.futures import CancelledError as FutureCancelled
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
@@ -72,7 +73,14 @@ from ..errors import (
 from ..id_ops import ids_on_gpu, snapshot_of, unique_inverse_counts
 from ..latency import LatencyHistogram
 from ..page_checksums import ChecksumError
-from ..prefetch import CONSUMED, OTHER_STORE, PrefetchHandle, PrefetchHandleError, take_once
+from ..prefetch import (
+    CANCELLED,
+    CONSUMED,
+    OTHER_STORE,
+    PrefetchHandle,
+    PrefetchHandleError,
+    take_once,
+)
 from ..quantization import dequantize_rows
 from ..store import TieredStore, as_id_tensor, as_rows, compute_device, no_seconds, seconds_left
 from .collective_thread import CollectiveThread
@@ -1330,6 +1338,8 @@ class ShardedStore:
             return future.result(timeout=self._wait_s)
         except FutureTimeout:
             self._fail(what, None, f"no answer within sharding.timeout_s={self.timeout_s:g}")
+        except FutureCancelled:  # a prefetch cancelled while queued (an Exception: not the
+            raise PrefetchHandleError(CANCELLED) from None  # backend's, as TieredStore's says)
         except _LookupFailed as exc:  # every rank finished the round: the store stays usable
             raise exc.error from None
         except (TieredStoreError, PrefetchHandleError):
