@@ -2680,3 +2680,35 @@ def test_a_lookup_with_a_cancelled_prefetch_handle_says_it_was_cancelled(tmp_pat
     finally:
         release.set()
         store.close()
+
+
+def test_a_script_exiting_without_close_mid_fetch_exits_cleanly(tmp_path):
+    """The prefetch worker is a daemon thread: a script that exited without ``close()`` while
+    a fetch ran left it inside a torch op as the interpreter ended, and the process aborted now
+    and then ('terminate called without an active exception', exit status 134). At the exit
+    the fetch under way ends and those queued are cancelled, before the interpreter ends: a
+    hook the script registers first (so it runs last) finds every fetch done, none running."""
+    table = tmp_path / "t.npy"
+    create_table(table, torch.randn(200_000, 64), progress=False)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    script = textwrap.dedent(
+        f"""
+        import atexit
+        handles = []
+        atexit.register(lambda: print(*("done" if h.done() else "left" for h in handles)))
+
+        import torch
+        from tiered_store.store import TieredStore
+
+        store = TieredStore.open({{"table": {{"path": {str(table)!r}}}, "prefetch": {{"depth": 4}}}})
+        for _ in range(4):
+            handles.append(store.prefetch(torch.randint(0, 200_000, (50_000,))))
+        """
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env
+    )
+    assert (proc.returncode, proc.stderr) == (0, "")
+    assert proc.stdout.split() == ["done"] * 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == before

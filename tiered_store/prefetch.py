@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import functools
 import itertools
 import queue
@@ -91,6 +92,28 @@ class RunnerPool:
         if wait:
             for thread in threads:
                 thread.join()
+
+    def end_at_exit(self, deadline: float) -> None:
+        """At the interpreter's exit: cancel the calls not started and wait, until ``deadline``
+        (``time.monotonic()``), for those running (a daemon thread still inside a torch op as
+        the interpreter ends aborts the process: 'terminate called without an active
+        exception')."""
+        with self._lock:
+            self._shutdown = True
+            threads, stops = list(self._threads), 0
+            while True:
+                try:
+                    call = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if call is None:
+                    stops += 1
+                else:
+                    call[0].cancel()
+            for _ in range(max(stops, len(threads))):
+                self._queue.put(None)
+        for thread in threads:
+            thread.join(max(deadline - time.monotonic(), 0.0))
 
     def _work(self, token: list) -> None:
         """A thread's loop: run calls until the stop marker; none when its submit, interrupted,
@@ -229,6 +252,7 @@ class Prefetcher:
             1, "tiered-store-prefetch", functools.partial(_worker_started, self._workers)
         )
         weakref.finalize(self, self._pool.shutdown, False)  # one never closed: its worker ends
+        _LIVE_POOLS.add(self._pool)  # a fetch under way at the interpreter's exit ends first
         self._in_flight = threading.BoundedSemaphore(depth)
         self.wait_histogram = LatencyHistogram()
         self.handles = 0
@@ -348,6 +372,19 @@ class Prefetcher:
             ended: Future = Future()
             ended.set_result(None)
             return ended
+
+
+EXIT_WAIT_S = 10.0  # how long the interpreter's exit waits for fetches under way (a hung read)
+_LIVE_POOLS: weakref.WeakSet[RunnerPool] = weakref.WeakSet()  # prefetchers' pools, not shut down
+
+
+@atexit.register
+def _end_fetches_at_exit() -> None:
+    """Let the fetches under way end before the interpreter does (see ``RunnerPool.end_at_exit``):
+    a script that exits without ``close()`` mid-fetch aborted, exit status 134."""
+    deadline = time.monotonic() + EXIT_WAIT_S
+    for pool in list(_LIVE_POOLS):
+        pool.end_at_exit(deadline)
 
 
 def _worker_started(workers: list[threading.Thread]) -> None:
