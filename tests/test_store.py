@@ -2712,3 +2712,37 @@ def test_a_script_exiting_without_close_mid_fetch_exits_cleanly(tmp_path):
     assert (proc.returncode, proc.stderr) == (0, "")
     assert proc.stdout.split() == ["done"] * 4
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_a_forked_child_prefetches_and_collects_on_a_copied_store(tmp_path):
+    """A ``RunnerPool`` forked with its threads counted them in the child, where they are not
+    there: no thread was started for the calls queued there, so a lookup collecting a prefetch
+    of the copied store waited for good. In a child process that forks after a prefetch, the
+    grandchild's prefetch is collected with the rows a lookup gives."""
+    table = tmp_path / "t.npy"
+    create_table(table, torch.randn(1_000, 8), progress=False)
+    script = textwrap.dedent(
+        f"""
+        import os, torch
+        from tiered_store.store import TieredStore
+
+        store = TieredStore.open({{"table": {{"path": {str(table)!r}}}}})
+        ids = torch.arange(0, 1_000, 7)
+        want = store.lookup(ids, store.prefetch(ids))  # the worker started before the fork
+        pid = os.fork()
+        if pid == 0:
+            handle = store.prefetch(ids)
+            assert handle.future.exception(timeout=30) is None
+            os._exit(0 if torch.equal(store.lookup(ids, handle), want) else 3)
+        print(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+        """
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["0"], proc.stderr

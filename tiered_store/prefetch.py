@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import functools
 import itertools
+import os
 import queue
 import threading
 import time
@@ -55,6 +56,7 @@ class RunnerPool:
         self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()
         self._shutdown = False
+        _POOLS.add(self)  # a forked child starts its threads anew
 
     def submit(self, fn: Callable[..., T], *args: object) -> Future:
         """Queue ``fn(*args)``, its outcome in the future returned; RuntimeError when shut down,
@@ -92,6 +94,12 @@ class RunnerPool:
         if wait:
             for thread in threads:
                 thread.join()
+
+    def forked(self) -> None:
+        """In a forked child: the parent's threads are not there (counted, no call queued would
+        ever run: a prefetch's lookup waited for good), nor whoever held the lock at the fork."""
+        self._lock = threading.Lock()
+        self._threads = []
 
     def end_at_exit(self, deadline: float) -> None:
         """At the interpreter's exit: cancel the calls not started and wait, until ``deadline``
@@ -140,6 +148,18 @@ class RunnerPool:
                 error.__cause__ = failed
                 call[0].set_exception(error)
             call = None  # an idle thread keeps nothing of the last call (its owner, say)
+
+
+_POOLS: weakref.WeakSet[RunnerPool] = weakref.WeakSet()  # every pool, for a fork's child
+
+
+def _forked_pools() -> None:
+    """In a forked child, each pool starts its threads anew (``RunnerPool.forked``)."""
+    for pool in list(_POOLS):
+        pool.forked()
+
+
+os.register_at_fork(after_in_child=_forked_pools)
 
 
 def _run_into(future: Future, fn: Callable[..., T], args: tuple) -> None:
