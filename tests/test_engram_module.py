@@ -577,7 +577,9 @@ def test_a_second_ctrl_c_in_a_table_swaps_restore_still_leaves_a_table(setup, to
     """A Ctrl-C in set_table's swap put the old table back; a second one inside that restore
     (between its removal of the new one and its setting of the old) left a layer with no table.
     Interrupted at each point, then again at each line after it, the layer now serves the old
-    table or the new one."""
+    table or the new one, and its state_dict holds the weight of that one (a module) or none (a
+    plain backend): a first Ctrl-C at the call between the swap's two steps, then a second as
+    the except clause was entered, left it serving the plain one with the module's weight."""
     config, backbone, hasher, data, path = setup
     weight, _ = split_checkpoint(path, 1)
     runs, k = 0, 0
@@ -593,6 +595,8 @@ def test_a_second_ctrl_c_in_a_table_swaps_restore_still_leaves_a_table(setup, to
             runs += 1
             table = getattr(engram.multi_head_embedding, "embedding", None)
             assert table is old or table is new, f"interrupts {k}, {j}: no table"
+            in_state = EMBEDDING_KEY in engram.state_dict()
+            assert in_state == isinstance(table, nn.Module), f"interrupts {k}, {j}"
             if points < k or lines < j:  # the second interrupt met no line: the next point
                 break
         if points < k:

@@ -48,13 +48,15 @@ def swap_table(owner: nn.Module, name: str, table: object) -> None:
 
 def _set_table(owner: nn.Module, name: str, table: object) -> None:
     """``owner.<name> = table`` in steps that each leave one of the two readable there (set in
-    one dict, then dropped from the other: no signal is handled inside either)."""
+    one dict, then dropped from the other, with no call between them: no signal is handled
+    there, which would leave one table served and the other's weight in the state_dict)."""
     if isinstance(table, nn.Module):  # a plain attribute shadows a child module until dropped
-        owner._modules[name] = table
-        owner.__dict__.pop(name, None)
+        held, other = owner._modules, owner.__dict__
     else:
-        owner.__dict__[name] = table
-        owner._modules.pop(name, None)
+        held, other = owner.__dict__, owner._modules
+    held[name] = table
+    if name in other:
+        del other[name]
 
 
 @runtime_checkable
