@@ -611,3 +611,13 @@ def test_an_empty_in_memory_table_of_a_bad_size_is_named():
         with pytest.raises(ConfigError, match=rf"^{name}: got {dim if name == 'dim' else rows!r}"):
             InMemoryTable.empty(rows, dim)
     assert InMemoryTable.empty(np.int64(3), 2).weight.shape == (3, 2)
+
+
+def test_an_empty_in_memory_table_of_a_dtype_not_floating_point_is_named():
+    """InMemoryTable.empty(3, 2, dtype=torch.int32) raised torch's bare NotImplementedError
+    ("normal_kernel_cpu" not implemented for 'Int') and dtype="float32" a TypeError about
+    empty()'s arguments, where InMemoryTable(weight) names a table that is not floating point."""
+    for dtype in (torch.int32, torch.bool, "float32"):
+        with pytest.raises(ConfigError, match=rf"^dtype: got {re.escape(repr(dtype))}; expected a"):
+            InMemoryTable.empty(3, 2, dtype=dtype)
+    assert InMemoryTable.empty(3, 2, dtype=torch.bfloat16).weight.dtype == torch.bfloat16

@@ -172,6 +172,10 @@ class InMemoryTable(nn.Module, TableBackend):
         for key, value in (("rows", rows), ("dim", dim)):
             if (count := as_integer(value)) is None or count < 1:
                 raise ConfigError(f"{key}: got {value!r}; expected a positive integer")
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise ConfigError(
+                f"dtype: got {dtype!r}; expected a floating-point torch.dtype (e.g. torch.float32)"
+            )
         weight = torch.empty(int(rows), int(dim), dtype=dtype, device=device)
         nn.init.normal_(weight)
         return cls(nn.Parameter(weight))
