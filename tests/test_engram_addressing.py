@@ -458,6 +458,18 @@ def test_a_ragged_or_non_numeric_token_mask_is_named(golden):
             hasher.row_ids(ids, token_mask=bad)
 
 
+def test_a_list_token_mask_of_tensors_numpy_cannot_read_is_named(golden):
+    """A list mask holding tensors NumPy cannot read (meta, sparse; CUDA alike) raised NumPy's
+    bare TypeError ("can't convert meta device type tensor to numpy"), where ids of that kind
+    are named: the mask is named too."""
+    _, _, hasher = golden
+    ids = [[1, 2, 3]]
+    row = torch.ones(3, dtype=torch.bool)
+    for bad in ([row.to("meta")], [row.to_sparse()]):
+        with pytest.raises(ConfigError, match=r"^token_mask: list cannot be read as a bool array"):
+            hasher.row_ids(ids, token_mask=bad)
+
+
 def test_a_token_mask_without_values_is_named(golden):
     """A meta, nested or sparse token_mask: named, not torch's bare NotImplementedError (.to,
     torch.where) or 'NestedTensorImpl doesn't support sizes'."""

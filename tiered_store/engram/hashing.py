@@ -418,6 +418,11 @@ class NgramHasher:
                     f"token_mask: expected a rectangular bool array {tuple(ids.shape)}, the shape "
                     f"of input_ids, got {exc}"
                 ) from None
+            except (TypeError, RuntimeError) as exc:  # tensors NumPy cannot read: meta, CUDA...
+                raise ConfigError(
+                    f"token_mask: {type(token_mask).__name__} cannot be read as a bool array "
+                    f"{tuple(ids.shape)}, the shape of input_ids ({exc})"
+                ) from None
             if token_mask.size == 0 and token_mask.dtype == np.float64:  # NumPy reads [] so
                 token_mask = token_mask.astype(bool)  # as check_token_ids takes ids of no tokens
             if token_mask.dtype.kind not in "biufc":  # strings, objects: torch's bare TypeError
