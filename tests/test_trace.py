@@ -1207,10 +1207,11 @@ def test_a_chunk_size_that_is_not_a_positive_integer_is_named(tmp_path, chunk_id
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("level", [2.5, True, "3", None, 23])
+@pytest.mark.parametrize("level", [2.5, True, "3", None, 23, -(2**17) - 1, -(2**40)])
 def test_a_compression_level_that_is_not_a_zstd_level_is_named(tmp_path, level):
     """zstandard's own errors named nothing ('level must be less than 23', "'float' object cannot
-    be interpreted as an integer") and True was taken as level 1."""
+    be interpreted as an integer", 'signed integer is less than minimum' below -2**31) and True
+    was taken as level 1; zstd clamps levels below its fastest, -2**17."""
     with pytest.raises(ValueError, match=rf"level: got {re.escape(repr(level))}; expected a zstd"):
         TraceWriter(tmp_path / "t.trace", level=level)
     assert list(tmp_path.iterdir()) == []

@@ -188,7 +188,7 @@ class TraceWriter:
     chunk_ids : int
         Ids buffered before a chunk is compressed and written (default 4Mi = 32 MiB of int64).
     level : int
-        zstd compression level, up to 22 (negative: faster).
+        zstd compression level, -131072 to 22 (negative: faster).
 
     Examples
     --------
@@ -225,10 +225,11 @@ class TraceWriter:
         if (chunk := as_integer(chunk_ids)) is None or chunk < 1:  # int() took 2.5 as 2, True as 1
             raise ValueError(f"chunk_ids: got {chunk_ids!r}; expected a positive integer")
         zstd_level = as_integer(level)  # zstandard's errors named nothing; it took True as 1
-        if zstd_level is None or zstd_level > zstandard.MAX_COMPRESSION_LEVEL:
+        fastest = -zstandard.TARGETLENGTH_MAX  # zstd's ZSTD_minCLevel(); below, it is clamped
+        if zstd_level is None or not fastest <= zstd_level <= zstandard.MAX_COMPRESSION_LEVEL:
             raise ValueError(
-                f"level: got {level!r}; expected a zstd compression level, an integer up to "
-                f"{zstandard.MAX_COMPRESSION_LEVEL} (negative: faster)"
+                f"level: got {level!r}; expected a zstd compression level, an integer in "
+                f"[{fastest}, {zstandard.MAX_COMPRESSION_LEVEL}] (negative: faster)"
             )
         self._layout = self._parse_layout(header.get("tables"))
         self._tables: list[str] = [t["name"] for t in self._layout] if self._layout else []
