@@ -1492,6 +1492,17 @@ def test_dedup_counter_matches_unique():
     assert counter.unique_per_batch == unique_batch
 
 
+def test_dedup_counter_counts_an_empty_record_as_its_sequences_of_no_lookups():
+    """A record of no sequences ([0, T]) was NumPy's bare 'cannot reshape array of size 0'; it
+    counts as the [S, 0] one does: its S sequences (none here), no lookups."""
+    counter = DedupCounter(rows=10)
+    for shape in ((0, 3), (0, 2, 4), (2, 0)):
+        counter.update(np.empty(shape, dtype=np.int64), 0)
+    counter.update(np.array([[1, 1, 2]]), 0)
+    assert (counter.sequences, counter.lookups, counter.unique_per_sequence) == (3, 3, 2)
+    assert counter.unique_per_batch == 2
+
+
 def test_example_engram_config_is_the_reference_default():
     engram, backbone = load_engram_config(REPO / "examples" / "engram-default.yaml")
     assert engram == EngramConfig()

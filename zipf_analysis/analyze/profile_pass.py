@@ -39,7 +39,8 @@ class DedupCounter:
 
     def update(self, ids: np.ndarray, batch: int) -> None:
         """Count one record ``[S, ...]``: S sequences of one batch."""
-        ids = ids.reshape(ids.shape[0] if ids.ndim > 1 else 1, -1)
+        sequences = ids.shape[0] if ids.ndim > 1 else 1  # [0, T]: NumPy infers no -1 from no ids
+        ids = ids.reshape(sequences, ids.size // max(sequences, 1))
         n = ids.shape[1]
         if self._index.size < n:
             self._index = np.arange(n, dtype=np.int32)
