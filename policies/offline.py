@@ -172,11 +172,19 @@ def static_topk_misses(counts: np.ndarray, *, preloaded: bool = True) -> np.ndar
 def whole_capacities(capacities: object, what: str = "capacities") -> np.ndarray:
     """``capacities`` as int64; a PolicyError naming ``what`` for a value that is not a whole
     number of rows (a cast would truncate 2.5 to 2, and take True as 1)."""
-    if isinstance(capacities, list | tuple):  # NumPy's cast hides the value at fault ([True, 2]
-        for value in np.asarray(capacities, dtype=object).reshape(-1):  # is int64 [1, 2])
+    # a list, tuple or object array is checked value by value: a cast hides the one at fault
+    # ([True, 2] is int64 [1, 2]; [1, None] an object array its first value, 1, would name)
+    given = isinstance(capacities, list | tuple)
+    if given or (isinstance(capacities, np.ndarray) and capacities.dtype.kind == "O"):
+        values = np.asarray(capacities, dtype=object).reshape(-1)
+        for value in values:
             if not _whole_value(value):
                 raise PolicyError(f"{what}: got {value!r}; expected whole numbers of rows")
+        if not given:  # each is whole: the array as the list of them would be
+            capacities = np.asarray(values.tolist()).reshape(np.shape(capacities))
     caps = np.asarray(capacities)
+    if caps.dtype.kind == "u" and caps.size and int(caps.max()) > INT64_MAX:  # cast: -1
+        raise PolicyError(f"{what}: got {int(caps.max())}; expected whole numbers of rows")
     if caps.dtype.kind in "iu":
         return np.asarray(caps, dtype=np.int64)  # no copy of an int64 curve's capacities
     flat = caps.reshape(-1)

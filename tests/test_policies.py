@@ -943,6 +943,22 @@ def test_a_list_of_capacities_names_the_one_that_is_not_a_whole_number_of_rows(c
         offline_bound("belady").misses(np.array([1, 2, 1]), capacities)
 
 
+@pytest.mark.parametrize(
+    ("capacities", "bad"),
+    [
+        (np.array([1, 2**64 - 1], dtype=np.uint64), 2**64 - 1),
+        (np.array([1, "2"], dtype=object), "2"),
+    ],
+)
+def test_an_array_of_capacities_names_the_one_that_is_not_a_whole_number_of_rows(capacities, bad):
+    """A uint64 capacity past int64 was cast to -1 and named as 'got -1'; an object array's
+    values were refused naming its first, 1, and one of Python ints was refused whole."""
+    with pytest.raises(PolicyError, match=rf"^belady: capacities: got {re.escape(repr(bad))}; expected"):  # fmt: skip
+        offline_bound("belady").misses(np.array([1, 2, 1]), capacities)
+    bound, ids = offline_bound("belady"), np.array([1, 2, 1])
+    assert bound.misses(ids, np.array([1, 2], dtype=object)).tolist() == bound.misses(ids, [1, 2]).tolist()  # fmt: skip
+
+
 @pytest.mark.parametrize("bound", ["belady", "static-topk"])
 def test_an_offline_bound_over_an_empty_list_of_ids_has_no_misses(bound):
     """np.asarray([]) is float64: no ids were refused as 'row ids of dtype float64', where the
