@@ -1234,6 +1234,8 @@ def test_cli_runs_end_to_end_and_help_explains_the_options(run, tmp_path, capsys
         "standard library",
     ):
         assert option in help_text
+    words = " ".join(help_text.split())  # a table whose sample resolves nothing gets no curve
+    assert "a table whose sample holds too few of its rows gets no Belady curve" in words
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump(TINY))
     argv = [

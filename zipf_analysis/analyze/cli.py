@@ -169,7 +169,9 @@ def register(sub: Any) -> None:
         metavar="N",
         help="run Belady on a spatial row sample of about N lookups per table, capacities scaled "
         f"by the rate (miniature simulation); exact for smaller tables (default {DEFAULT_BELADY_LOOKUPS:,}; "
-        "not with --no-curves or --no-belady)",
+        "not with --no-curves or --no-belady); a table whose sample holds too few of its rows "
+        "gets no Belady curve (its distinct rows x the rate under 8, or none sampled), said "
+        "in the stage messages",
     )
     p.add_argument(
         "--episode-window",

@@ -141,7 +141,7 @@ def stage_curves(
                     ctx.say(
                         f"curves: {n} belady skipped: a sample of {options.belady_lookups:,} "
                         f"lookups resolves no capacity up to its {p.distinct:,} distinct rows "
-                        "(raise --belady-lookups)"
+                        "(too few of them sampled: raise --belady-lookups)"
                     )
                     continue
                 curves[n].append(curve)
