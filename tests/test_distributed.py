@@ -2395,6 +2395,44 @@ def test_a_redone_step_killed_once_every_shard_staged_it_is_committed_at_the_reo
         assert [result["reopened rows"][i][0] for i in (3, 460)] == [3.0, 3.0]
 
 
+def test_a_decided_step_staged_on_one_shard_is_committed_after_the_other_shard_is_compacted(
+    tmp_path,
+):
+    """Step 2 staged on both shards in one round, committed on rank 1's (rank 0 killed before
+    its phase 2), then rank 1's shard compacted (as README says, each shard's writes first):
+    the compacted version had no delta, so no record of having committed the round, and the
+    open dropped rank 0's decided step (its row lost, the shards torn at 1 and 2). Compaction
+    keeps the last committed round in the version's metadata, and the open commits it."""
+    from tests.distributed_support import resumed_commit_worker
+    from tiered_store.delta.compaction import compact_table
+
+    plain = make_plain_table(tmp_path)
+    shards = write_shards(plain, 2, "rows", template=shards_template(plain, "rows"), progress=False)
+    start = shards[1].shard_map.shard_range(1)[0]
+    for shard, row in ((shards[0], 3), (shards[1], 460 - start)):
+        store = TieredStore.open({"table": {"path": str(shard.path)}})
+        store.write([row], torch.full((1, store.row_width), 1.0))
+        store.commit(1)
+        store.write([row], torch.full((1, store.row_width), 2.0))
+        store.prepare_commit(2, round_id="round")
+        if shard.rank == 1:
+            store.finish_commit(2)
+            store.close()
+        else:  # killed before its phase 2
+            with pytest.warns(UncommittedWritesWarning):
+                store.close()
+    compact_table(shards[1].path, progress=False)
+    out = tmp_path / "out"
+    out.mkdir()
+    codes = run_ranks(resumed_commit_worker, 2, (str(plain), out), 60)
+    results = _results(out, 2)
+    assert codes == [0, 0] and not any("crash" in r for r in results), results
+    for result in results:
+        assert result["reopened warnings"] == [] and result["reopened step"] == 2, result
+        assert result["reopened staged"] is None and "redone" not in result
+        assert [result["reopened rows"][i][0] for i in (3, 460)] == [2.0, 2.0]
+
+
 def _check_torn_commit_is_found_and_redone(plain: Path, out: Path) -> None:
     """Over shards of ``plain`` that a torn commit left at steps 1 (rank 0) and 2 (rank 1), one
     row of each written 1.0 and 2.0 at those steps: reopened on two new ranks, every rank warns,

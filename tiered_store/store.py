@@ -554,9 +554,14 @@ class TieredStore:
 
     @property
     def commit_rounds(self) -> tuple[str | None, str | None] | None:
-        """The delta's (staged round, last committed round) (``RowDelta.commit_rounds``); None
-        for a store that never wrote."""
-        return None if self._writes is None else self._writes.delta.commit_rounds
+        """The delta's (staged round, last committed round) (``RowDelta.commit_rounds``), the
+        committed one that of the compaction this version came from where the delta has none;
+        None for a store that never wrote, of a version no compaction recorded a round in."""
+        compacted = (self.cold.manifest.metadata or {}).get("committed_round")
+        if self._writes is None:
+            return None if compacted is None else (None, compacted)
+        staged, committed = self._writes.delta.commit_rounds
+        return staged, compacted if committed is None else committed
 
     def _rows_to_commit(self, step: int | None, redo: bool) -> tuple[int, np.ndarray, np.ndarray]:
         """As the writer: the commit's step, checked, and every row written since the last

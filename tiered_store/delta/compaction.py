@@ -82,6 +82,12 @@ class _MergedRows(SourceReader):
         return rows.view(torch.uint8).numpy().view(TABLE_DTYPES[self.dtype][0])
 
 
+def _committed_round(delta: RowDelta) -> dict[str, str]:
+    """The metadata keeping ``delta``'s last committed round (none: the version's own stays)."""
+    committed = delta.commit_rounds[1]
+    return {} if committed is None else {"committed_round": committed}
+
+
 def compact_table(table: str | Path, *, progress: bool = True) -> CompactionReport:
     """Write the table's next version (base + delta) and make it current; remove old versions
     no store has open.
@@ -125,6 +131,8 @@ def compact_table(table: str | Path, *, progress: bool = True) -> CompactionRepo
                         metadata={
                             **cold.manifest.metadata,
                             "committed_step": delta.step,
+                            # the last sharded commit round: the other shards' open reads it
+                            **_committed_round(delta),
                             # whose version it is, compacted from which: cleanups read it
                             VERSION_OF: version_record(table, new_generation, generation),
                         },

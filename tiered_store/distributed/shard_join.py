@@ -128,9 +128,9 @@ def join_shards(
 
 # the joined table's record of the shards it was joined from (their table version and run)
 JOINED_FROM = "joined_from"
-# metadata a shard holds for itself (its map and rank, whose version it is) or that the joined
-# table sets anew
-_PER_SHARD_KEYS = ("shard", "committed_step", VERSION_OF, JOINED_FROM)
+# metadata a shard holds for itself (its map and rank, whose version it is, its last sharded
+# commit round) or that the joined table sets anew
+_PER_SHARD_KEYS = ("shard", "committed_step", "committed_round", VERSION_OF, JOINED_FROM)
 
 
 def _shard_paths(
