@@ -1474,6 +1474,35 @@ def killed_redo_worker(rank: int, world: int, port: int, plain: str, out: Path) 
     os._exit(0)
 
 
+def torn_two_steps_worker(rank: int, world: int, port: int, plain: str, out: Path) -> None:
+    """Every rank, over shards a torn commit left at steps 1 and 3: steps 2 and 3 redone (row 3
+    or 460 at 2.0, then 3.0), each commit's step or error and the committed step after it
+    recorded; reopened after."""
+    from tiered_store.distributed import ShardedStore
+
+    _join_group(rank, world, port)
+    result: dict[str, Any] = {}
+    cfg = _store_config(Path(plain), world, "rows")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the torn commit's warning (tested elsewhere)
+            store = ShardedStore.open(cfg)
+        mine = torch.tensor([3 if rank == 0 else 460])  # a row of this rank's shard
+        for step in (2, 3):
+            store.write(mine, torch.full((1, store.row_width), float(step)))
+            try:
+                result[f"redo {step}"] = store.commit(step)
+            except Exception as exc:  # noqa: BLE001 (recorded for the test)
+                result[f"redo {step}"] = f"{type(exc).__name__}: {exc}"
+            result[f"step after {step}"] = store.committed_step
+        store.close()
+        _opened_and_recorded(cfg, result, "after", torch.tensor([3, 460])).close()
+        dist_destroy()
+    except BaseException:
+        result["crash"] = traceback.format_exc()
+    _report(out, rank, result)
+
+
 def resumed_commit_worker(rank: int, world: int, port: int, plain: str, out: Path) -> None:
     """Every rank, over shards a killed sharded commit of rows 3 and 460 (2.0, step 2) left
     behind: reopened (warnings, step, every row, this shard's staged step), the step redone

@@ -2454,6 +2454,33 @@ def _check_torn_commit_is_found_and_redone(plain: Path, out: Path) -> None:
         assert result["after warnings"] == [] and result["after rows"] == [3.0, 3.0]
 
 
+def test_a_shard_two_steps_ahead_after_a_torn_commit_takes_the_lower_redone_step(tmp_path):
+    """Over shards a torn commit left at steps 1 (rank 0) and 3 (rank 1), steps 2 and 3 redone:
+    rank 1's shard refused step 2 (lower than its step 3), so the redo failed on every rank and
+    the job could never resume from committed_step. The shard ahead stages the redone step's
+    writes at its own step; committed_step is the oldest shard's until every shard is at one."""
+    from tests.distributed_support import torn_two_steps_worker
+
+    plain = make_plain_table(tmp_path)
+    shards = write_shards(plain, 2, "rows", template=shards_template(plain, "rows"), progress=False)
+    start = shards[1].shard_map.shard_range(1)[0]
+    for shard, row, steps in ((shards[0], 3, 1), (shards[1], 460 - start, 3)):
+        with TieredStore.open({"table": {"path": str(shard.path)}}) as store:
+            for value in range(1, steps + 1):
+                store.write([row], torch.full((1, store.row_width), float(value)))
+                store.commit()
+    out = tmp_path / "out"
+    out.mkdir()
+    codes = run_ranks(torn_two_steps_worker, 2, (str(plain), out), 60)
+    results = _results(out, 2)
+    assert codes == [0, 0] and not any("crash" in r for r in results), results
+    for result in results:
+        assert result["redo 2"] == result["step after 2"] == 2, result
+        assert result["redo 3"] == result["step after 3"] == 3, result
+        assert result["after warnings"] == [] and result["after step"] == 3
+        assert result["after rows"] == [3.0, 3.0]
+
+
 @pytest.mark.parametrize(
     ("phase", "resumed_at"),
     [("prepare_commit", 1), ("finish_commit", 2)],

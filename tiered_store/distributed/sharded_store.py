@@ -372,8 +372,9 @@ class ShardedStore:
         rank raises ``CommitError`` naming it, ``committed_step`` is ``step`` on every rank, and
         the shard finishes it at the next ``commit()``, or the shards' next open does (as it
         does for a rank killed in either phase: docs/design.md, "Torn commits"). After a
-        torn commit of an older version (see ``committed_step``), a shard already at ``step``
-        commits its redone writes at that step again."""
+        torn commit of an older version (see ``committed_step``), a shard already at ``step`` or
+        beyond commits its redone writes at its own step again (``committed_step`` stays the
+        oldest shard's until every shard is at one step)."""
         self._check_usable()
         if step is not None and (isinstance(step, bool) or not isinstance(step, numbers.Integral)):
             self._thread.submit(self._commit_round, _refused(step))  # the others fail too
@@ -501,8 +502,9 @@ class ShardedStore:
         """The step of the shards' last commit, the same on every rank: after a commit whose
         second phase failed on some shards, its step (decided; they finish it later). When the
         shards were opened at different steps (shards committed one by one, or by a version
-        before the two-phase commit), the oldest of them on every rank until a commit succeeds
-        everywhere: a training job resumes from it and redoes the newer steps on every shard."""
+        before the two-phase commit), the oldest of them on every rank until commits bring every
+        shard to one step: a training job resumes from it and redoes the newer steps on every
+        shard."""
         # each read once: the commit round (on the store's thread) may clear it meanwhile
         if (torn := self._torn_steps) is not None:
             return min(torn)
@@ -1051,9 +1053,11 @@ class ShardedStore:
             if staged[self.rank] is None:
                 undropped = self._local_error(self.local.abort_commit)
             return step, staged, [None] * self.world, undropped
-        # every shard is at ``step`` now, or finishes it (in the round: a caller interrupted too)
-        self._torn_steps = None
-        return step, staged, self._all_gather(self._local_error(self._finish_shard, step)), None
+        # every shard is at ``step`` (or its own, ahead: torn still) now, or finishes it (in the
+        # round: a caller interrupted too)
+        here, torn = self._step_here(step)[0], self._torn_steps
+        self._torn_steps = None if torn is None else _torn_steps([max(step, t) for t in torn])
+        return step, staged, self._all_gather(self._local_error(self._finish_shard, here)), None
 
     def _prepare_shard(self, step: int, round_id: str) -> None:
         """Phase 1 on this shard: finish the step it staged and failed to commit in an earlier
@@ -1063,10 +1067,18 @@ class ShardedStore:
             raise CommitError(self._unresolved)
         if self._unfinished is not None:
             self._finish_shard(self._unfinished)
-        torn = self._torn_steps
-        # only a shard ahead of the oldest redoes its step (never the oldest's own, committed whole)
-        redo = torn is not None and min(torn) < step == self.local.committed_step <= max(torn)
-        self.local.prepare_commit(step, redo=redo, round_id=round_id)
+        here, redo = self._step_here(step)
+        self.local.prepare_commit(here, redo=redo, round_id=round_id)
+
+    def _step_here(self, step: int) -> tuple[int, bool]:
+        """The step this shard stages a round's ``step`` at, and whether it redoes its own: after
+        a torn commit, a shard ahead of the oldest (never the oldest's own step, committed whole)
+        and at ``step`` or beyond takes the redone writes at its own step (steps never go back:
+        readers tell commits apart by them)."""
+        torn, last = self._torn_steps, self.local.committed_step
+        if torn is not None and min(torn) < step <= last <= max(torn):
+            return last, True
+        return step, False
 
     def _finish_shard(self, step: int) -> None:
         """Phase 2 on this shard: commit what it staged; failing, it stays staged, decided."""
@@ -1623,7 +1635,8 @@ def _torn_message(rank: int, steps: list[int]) -> str:
         "a commit was interrupted after some ranks had committed (by a version before the "
         "two-phase commit), or shards were committed one by one, so lookups mix steps; "
         f"committed_step is the oldest, {min(steps)}, on every rank: resume from it and redo the "
-        "later steps on every rank (a shard already at a redone step commits it again)"
+        "later steps on every rank (a shard already at or past a redone step commits it again, at "
+        "its own step)"
     )
 
 
