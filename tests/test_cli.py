@@ -821,18 +821,41 @@ def test_a_folder_named_tilde_given_as_dot_slash_is_that_folder_not_the_home_one
     assert StoreConfig.from_yaml(given_path("~/s.yaml")).table.path == str(home / "home.npy")
 
 
-def test_a_config_that_is_a_fifo_is_refused_not_waited_on(tmp_path):
-    """A store, serve or demo config given as a FIFO (no writer) hung its command for ever in
-    load_yaml's read (a device such as /dev/zero read without end); it is refused by name."""
-    import os
-
-    fifo = tmp_path / "s.yaml"
-    os.mkfifo(fifo)
+def test_a_config_that_is_a_device_or_socket_is_refused_not_read(tmp_path):
+    """A store, serve or demo config given as a device (/dev/zero: a read without end) hung
+    its command in load_yaml's read; it is refused by name, as a socket is."""
     for argv, who in (
-        (["replay", str(fifo), str(tmp_path / "t.trace")], "config file"),
-        (["init-model", str(fifo)], "config file"),
-        (["demo", "--config", str(fifo)], "--config"),
+        (["replay", "/dev/zero", str(tmp_path / "t.trace")], "config file"),
+        (["init-model", "/dev/zero"], "config file"),
+        (["demo", "--config", "/dev/zero"], "--config"),
     ):
         done = run_python(["-m", "tiered_store.cli", *argv], timeout=120)
         assert done.returncode == 2, done.stderr[-2000:]
-        assert f"{who} {fifo}: it is a FIFO (named pipe); expected a YAML file" in done.stderr
+        expected = f"{who} /dev/zero: it is a character device; expected a YAML file"
+        assert expected in done.stderr, done.stderr[-2000:]
+
+
+def test_a_config_from_a_shells_pipe_is_read_its_relative_paths_refused_by_name(tmp_path):
+    """A config given as a FIFO was refused, so a shell's process substitution (`replay
+    <(gen-config) ...`, a pipe) failed: it is read as any file. Its relative paths would be
+    resolved under /dev/fd, which holds no files of the user's: each is refused by name."""
+    import os
+
+    trace = tmp_path / "missing.trace"
+    script = 'exec "$0" -m tiered_store.cli replay <(printf "$1") "$2"'
+    for text, said in (
+        (f"table: {{path: {tmp_path / 't.npy'}}}\n", f"trace {trace}"),  # read: on to the trace
+        (
+            "table: {path: t.npy}\n",
+            "table.path: 't.npy' is a relative path in a config read from a pipe",
+        ),
+    ):
+        done = subprocess.run(
+            ["bash", "-c", script, sys.executable, text, str(trace)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+        )
+        assert done.returncode == 2, done.stderr[-2000:]
+        assert said in done.stderr and "FIFO" not in done.stderr, done.stderr[-2000:]

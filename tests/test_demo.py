@@ -314,3 +314,32 @@ def test_a_tilde_in_the_config_file_with_home_empty_names_the_file_and_key(tmp_p
             demo_settings(_parse([*args, "--config", str(config)]))
         assert str(err.value).startswith(f"{config}: {key}: '~/"), str(err.value)
         assert "HOME is set but empty" in str(err.value)
+
+
+def test_a_config_from_a_pipe_is_read_and_its_relative_paths_refused_by_key(tmp_path):
+    """demo --config <(gen-config): a pipe is read as any file; its relative paths, which would
+    be under /dev/fd, are refused naming the file and the key, its absolute ones kept."""
+    import os
+
+    from tiered_store.errors import ConfigError
+
+    args = [a for a in TINY_ARGS if "json" not in a and a != "--corpus"]
+    for text, wrong in (
+        (f"run: {{corpus: [{tmp_path / 'a.txt'}]}}\n", None),
+        ("tiers: {hot: {preload_rows: hot.npy}}\n", "tiers.hot.preload_rows: 'hot.npy' is a"),
+    ):
+        read, write = os.pipe()
+        os.write(write, text.encode())
+        os.close(write)
+        try:
+            parsed = _parse([*args, "--config", f"/dev/fd/{read}"])
+            if wrong is None:
+                assert demo_settings(parsed)["run"]["corpus"] == [str(tmp_path / "a.txt")]
+                continue
+            with pytest.raises(ConfigError) as err:
+                demo_settings(parsed)
+            assert f"/dev/fd/{read}: {wrong} relative path in a config read from a pipe" in str(
+                err.value
+            )
+        finally:
+            os.close(read)

@@ -154,8 +154,9 @@ def load_yaml(path: str | Path, *, what: str = "config file") -> dict[str, Any]:
     Raises
     ------
     ConfigError
-        The file cannot be read (or is a FIFO, device or socket), is not valid YAML, or its top level is not a mapping; the message
-        names ``what`` and the path.
+        The file cannot be read (or is a device or socket: a FIFO, a shell's ``<(...)``, is
+        read), is not valid YAML, or its top level is not a mapping; the message names ``what``
+        and the path.
 
     Examples
     --------
@@ -170,11 +171,11 @@ def load_yaml(path: str | Path, *, what: str = "config file") -> dict[str, Any]:
         raise ConfigError(f"{what} {shown(str(path))}: {problem}")
     path = Path(expand_home(path))  # ~ is the home folder, as in the paths it holds
     kind = "JSON" if path.suffix.lower() == ".json" else "YAML"
-    try:  # a FIFO's read waits for a writer forever, a device's (/dev/zero) reads without end
-        mode = path.stat().st_mode
+    try:  # a device's read (/dev/zero) never ends; a FIFO is read as any file: the user's pipe
+        mode = path.stat().st_mode  # (a shell's `<(gen-config)`), its writer's to end
     except OSError:  # the read below says why
         mode = stat.S_IFREG
-    not_file = next((what for test, what in NOT_FILES if test(mode)), None)
+    not_file = next((w for test, w in NOT_FILES if test(mode) and not stat.S_ISFIFO(mode)), None)
     if not_file is not None:
         raise ConfigError(f"{what} {path}: it is {not_file}; expected a {kind} file")
     try:
@@ -496,9 +497,24 @@ def resolved_under(base_dir: Path, text: str, where: str | None = None) -> str:
     RuntimeError on a symlink loop (the open names the path). ``where``: the file and key that
     gave ``text`` (``s.yaml: table.path``), put before :func:`expand_home`'s refusal."""
     try:
-        return os.path.realpath(base_dir / expand_home(text))
+        text = expand_home(text)
     except ConfigError as exc:  # HOME set but empty
         raise ConfigError(str(exc) if where is None else f"{where}: {exc}") from None
+    refuse_relative_in_pipe(base_dir, text, where)
+    return os.path.realpath(base_dir / text)
+
+
+def refuse_relative_in_pipe(base_dir: Path, text: str, where: str | None = None) -> None:
+    """A ``ConfigError`` for the relative path ``text`` of a config read from a pipe (a shell's
+    ``<(...)``, ``/dev/fd/N``): its folder, a process's descriptors, holds no file to resolve it
+    under (``where``: the file and key that gave it)."""
+    if os.path.isabs(text) or not re.fullmatch(r"/proc/[^/]+/fd", os.path.realpath(base_dir)):
+        return
+    raise ConfigError(
+        f"{'' if where is None else where + ': '}{text!r} is a relative path in a config read "
+        f"from a pipe (a shell's <(...)), whose folder {base_dir} holds no files to resolve it "
+        "under; expected an absolute path (or one starting with ~)"
+    )
 
 
 def _not_a_number(value: Any) -> Any:

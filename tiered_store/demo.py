@@ -37,6 +37,7 @@ from .config import (
     int_at_least,
     load_yaml,
     no_nul,
+    refuse_relative_in_pipe,
 )
 from .engram.config import ModelConfig, v41_refusal
 from .errors import ConfigError, shown
@@ -440,6 +441,7 @@ def _relative_to(path: Path, data: dict[str, Any]) -> dict[str, Any]:
             text = expand_home(text)
         except ConfigError as exc:
             raise ConfigError(f"{path}: {key}: {exc}") from None
+        refuse_relative_in_pipe(path.parent, text, f"{path}: {key}")
         return text if os.path.isabs(text) else os.path.join(path.parent, text)  # ('./~' kept)
 
     run = data.get("run") or {}
