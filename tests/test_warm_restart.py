@@ -844,7 +844,10 @@ def test_a_save_on_close_that_cannot_read_the_version_pointer_warns_and_closes(t
 
 
 def test_a_fifo_at_the_restart_path_starts_cold_without_blocking(tmp_path):
+    """The close's save replaced a FIFO at the restart file's path (an opt-in of its own);
+    it refuses it as every writer does, with a warning: serving and the close go on."""
     import os
+    import stat
 
     path, data = make_table(tmp_path, rows=3000, dim=8)
     os.mkfifo(restart_path(path))  # reading it would wait for a writer forever
@@ -857,9 +860,14 @@ def test_a_fifo_at_the_restart_path_starts_cold_without_blocking(tmp_path):
     assert not cleanup.is_alive(), "the clean-up blocked opening a FIFO"
     with pytest.warns(RestartWarning, match=r"not used, it is not a regular file"):
         store = TieredStore(config(path, hot=16, warm=64))
-    with store:
-        serve(store, data, batches=2)
-    assert restart_path(path).is_file()  # the close saved a file in its place
+    serve(store, data, batches=2)
+    # the save refuses a FIFO at its path, as every writer does (not replaced: the user's)
+    with pytest.warns(RestartWarning) as said:
+        store.close()
+    message = str(said[0].message)
+    assert store.closed and "a FIFO (named pipe) is in the way" in message, message
+    assert message.endswith("the next open starts cold"), message
+    assert stat.S_ISFIFO(restart_path(path).lstat().st_mode)
     assert fifo_tmp.exists()  # no save made it: not the clean-up's to remove
 
 

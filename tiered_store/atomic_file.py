@@ -244,7 +244,7 @@ class AtomicFile:
     With ``lock``, an exclusive ``flock`` is held on the temporary from its creation until it is
     renamed or removed, so :func:`remove_abandoned_temporaries` leaves it alone; one that a
     cleanup removed before it was locked is made again. A folder, device, FIFO or socket at
-    ``path`` is refused when made (the last three unless ``replace_special``; a ``TierIOError`` naming it and what is there: the rename
+    ``path`` is refused when made (a ``TierIOError`` naming it and what is there: the rename
     would replace it, ``/dev/null`` too as root); a symbolic link there is replaced, its target
     left as it was.
 
@@ -265,13 +265,10 @@ class AtomicFile:
         *,
         tmp: Path | None = None,
         lock: bool = False,
-        replace_special: bool = False,
         **open_kwargs: Any,
     ) -> None:
         """``tmp``: the temporary's name (default: a new ``temporary_name``); ``lock``: hold a
-        ``flock`` on it (class docstring); ``replace_special``: replace a device, FIFO or socket
-        at ``path`` rather than refuse it (a file the library names itself, as a store's
-        warm-restart save)."""
+        ``flock`` on it (class docstring)."""
         if "w" not in mode:
             raise ValueError(f"AtomicFile mode: got {mode!r}; expected a write mode ('w' or 'wb')")
         self.path = Path(path)
@@ -282,7 +279,7 @@ class AtomicFile:
         except OSError:  # nothing there (or no way to tell): the open or the rename says why
             there = stat.S_IFREG
         kind = next((what for test, what in NOT_FILES if test(there)), None)
-        if kind is not None and not replace_special:
+        if kind is not None:
             raise in_the_way(self.path, kind, errno.EEXIST)
         self.tmp = temporary_name(self.path) if tmp is None else tmp
         exclusive = mode.replace("w", "x")

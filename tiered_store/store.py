@@ -913,7 +913,7 @@ class TieredStore:
                         else "the file is left as it was: the next open restores it only if "
                         "it is intact and of this table version (an earlier save, the rows held "
                         "then)"
-                        if path.exists()  # a periodic save's, the last close's, or one this
+                        if path.is_file()  # a periodic save's, the last close's, or one this
                         # store found stale or corrupt at its open (not checked again here)
                         else "the next open starts cold"
                     ),

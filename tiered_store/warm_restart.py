@@ -129,8 +129,8 @@ def save_restart(
         + [np.ascontiguousarray(v, dtype="<i8").ravel() for v in state.pinned.values()]
         + [np.ascontiguousarray(s, dtype="<f4").ravel() for _, s in state.profiles.values()]
     )  # flat views: memoryview's cast refuses a shape with a 0 in it (a (2, 0) sketch)
-    # lock: remove_abandoned_saves leaves it alone; a FIFO at the save's own path is replaced
-    out = AtomicFile(path, "wb", lock=True, replace_special=True)
+    # lock: remove_abandoned_saves leaves it alone; a FIFO at the path is refused (the close warns)
+    out = AtomicFile(path, "wb", lock=True)
     try:
         # written and checksummed part by part from the arrays' own memory: joining them into
         # one bytes object (hundreds of MB with a sketch) held the GIL, so lookups, for its copies
