@@ -509,3 +509,30 @@ def test_shard_out_checks_rank_zeros_shard_as_every_output_table(tmp_path, monke
         err = capsys.readouterr().err
         assert f"shard: error: --out {out!r}: {said}" in err and "Traceback" not in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_shard_out_and_unshard_shards_read_a_leading_tilde_as_the_home_folder(
+    tmp_path, monkeypatch, capsys
+):
+    """shard --out '~/s{rank}' (quoted: the shell leaves it) was checked in the home folder but
+    written under a folder named '~' here (refused when none; its shards there when one was),
+    and unshard --shards '~/s{rank}' read them there: a leading '~' is the home folder, as in
+    every other path given. './~/s{rank}' is the folder '~' here."""
+    home = tmp_path / "home"
+    home.mkdir()
+    (tmp_path / "~").mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(tmp_path)
+    assert main(["init", "t.npy", "--random", "100x4", "--quiet"]) == 0
+    for template, folder in (("~/s{rank}", home), ("./~/s{rank}", tmp_path / "~")):
+        shard = ["shard", "t.npy", "--ranks", "2", "--by", "rows", "--out", template, "--quiet"]
+        assert main(shard) == 0, capsys.readouterr().err
+        assert sorted(p.name for p in folder.glob("*.npy")) == ["s0.npy", "s1.npy"], template
+        joined = f"j{len(template)}.npy"
+        unshard = ["unshard", joined, "--ranks", "2", "--shards", template, "--quiet"]
+        assert main(unshard) == 0, capsys.readouterr().err
+    monkeypatch.setenv("HOME", "")
+    with pytest.raises(SystemExit) as exited:
+        main(["shard", "t.npy", "--ranks", "2", "--out", "~/x{rank}", "--quiet"])
+    assert exited.value.code == 2
+    assert "--out: '~/x{rank}': HOME is set but empty" in capsys.readouterr().err

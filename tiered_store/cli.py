@@ -26,6 +26,7 @@ from .cli_args import (
     output_file,
     output_folder,
     output_table,
+    path_template,
     run_script,
     saying_made,
 )
@@ -414,7 +415,12 @@ def _add_shard(sub) -> None:
     )
     p.add_argument("--ranks", type=int, required=True, help="number of ranks (shards)")
     p.add_argument("--by", choices=["heads", "rows"], help="default: heads")
-    p.add_argument("--out", default=None, help="shard path template with {rank} (and {ranks})")
+    p.add_argument(
+        "--out",
+        type=path_template,
+        default=None,
+        help="shard path template with {rank} (and {ranks})",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace existing shard files")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(run=_run_shard)
@@ -493,6 +499,7 @@ def _add_unshard(sub) -> None:
     p.add_argument("--ranks", type=int, help="number of shards `shard --ranks` cut TABLE into")
     p.add_argument(
         "--shards",
+        type=path_template,
         default=None,
         metavar="TEMPLATE",
         help="with --ranks: the shard path template with {rank} given to `shard --out`",

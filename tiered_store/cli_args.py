@@ -311,6 +311,21 @@ def output_table(text: str) -> Path:
     return path
 
 
+def path_template(text: str) -> str:
+    """An argparse ``type``: a path template (``shard --out``, ``unshard --shards``, with
+    ``{rank}``), a leading ``~`` the home folder as in every path given (:func:`given_path`: a
+    quoted ``'~/s{rank}'`` named a folder ``~`` here); its text is kept otherwise (a last ``/``
+    is the command's to check).
+
+    >>> path_template("~/s{rank}") == str(Path.home() / "s{rank}")
+    True
+    >>> path_template("./~/s{rank}")
+    './~/s{rank}'
+    """
+    given_path(text)  # '' refused, and '~' with HOME set but empty
+    return expand_home(text)
+
+
 def _first_missing(text: str, path: Path) -> Path:
     """What writing ``path`` (given as ``text``) makes first: ``path`` itself, or the highest
     missing folder on its way; a broken symbolic link or a file on the way is refused by name."""
