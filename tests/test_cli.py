@@ -859,3 +859,27 @@ def test_a_config_from_a_shells_pipe_is_read_its_relative_paths_refused_by_name(
         )
         assert done.returncode == 2, done.stderr[-2000:]
         assert said in done.stderr and "FIFO" not in done.stderr, done.stderr[-2000:]
+
+
+def test_a_fifo_or_device_where_a_folder_is_expected_is_named_as_what_it_is(tmp_path, monkeypatch):
+    """folder(), output_folder() and existing_dir() called a FIFO or a device 'a file' ("'x' is
+    a file; expected a folder"), as they did one on the way to a folder: each is named by kind."""
+    import os
+
+    from tiered_store.cli_args import existing_dir, folder, output_file, output_folder
+
+    monkeypatch.chdir(tmp_path)
+    os.mkfifo("pipe")
+    for parse in (folder, output_folder, existing_dir):
+        for text, kind in (("pipe", "a FIFO (named pipe)"), ("/dev/null", "a character device")):
+            with pytest.raises(argparse.ArgumentTypeError) as err:
+                parse(text)
+            assert str(err.value).startswith(f"{text!r} is {kind}; expected a"), str(err.value)
+    with pytest.raises(argparse.ArgumentTypeError) as err:
+        output_file("pipe/x.json")
+    assert "'pipe/x.json': 'pipe' is a FIFO (named pipe); expected a folder on the way" in str(
+        err.value
+    )
+    with pytest.raises(argparse.ArgumentTypeError, match="'f' is a file; expected a folder"):
+        Path("f").touch()
+        folder("f")

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from .atomic_file import NOT_FILES
 from .capacity import CAPACITY_HELP, check_capacity_spec, check_share, format_bytes
 from .config import check_device, expand_home
 from .errors import ConfigError, TieredStoreError, error_text
@@ -175,9 +176,19 @@ def existing_dir(text: str) -> Path:
     """
     path = given_path(text)
     if not path.is_dir():
-        what = "is a file" if path.exists() else "does not exist"
+        what = f"is {_what_is(path)}" if path.exists() else "does not exist"
         raise argparse.ArgumentTypeError(f"{text!r} {what}; expected an existing folder")
     return path
+
+
+def _what_is(path: Path) -> str:
+    """What is at ``path``, which is there and no folder: ``a file``, or a device, FIFO or socket
+    named as such (``a FIFO (named pipe)``)."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:  # gone meanwhile, or no way to tell
+        return "a file"
+    return next((what for test, what in NOT_FILES if test(mode)), "a file")
 
 
 def add_table_dir(parser: ArgumentParser) -> None:
@@ -337,7 +348,7 @@ def _first_missing(text: str, path: Path) -> Path:
         if parent.exists():
             if not parent.is_dir():
                 raise argparse.ArgumentTypeError(
-                    f"{text!r}: {str(parent)!r} is a file; expected a folder on the way"
+                    f"{text!r}: {str(parent)!r} is {_what_is(parent)}; expected a folder on the way"
                 )
             return first
     return path
@@ -368,7 +379,7 @@ def folder(text: str) -> Path:
     True
     >>> folder("/dev/null")
     Traceback (most recent call last):
-    argparse.ArgumentTypeError: '/dev/null' is a file; expected a folder (or nothing there)
+    argparse.ArgumentTypeError: '/dev/null' is a character device; expected a folder (or nothing there)
     """
     path = given_path(text)
     if not path.is_dir():
@@ -378,7 +389,7 @@ def folder(text: str) -> Path:
             )
         if path.exists():
             raise argparse.ArgumentTypeError(
-                f"{text!r} is a file; expected a folder (or nothing there)"
+                f"{text!r} is {_what_is(path)}; expected a folder (or nothing there)"
             )
         _check_can_make(str(path), _first_missing(text, path))  # (another run may make it)
     return path
