@@ -883,3 +883,18 @@ def test_a_fifo_or_device_where_a_folder_is_expected_is_named_as_what_it_is(tmp_
     with pytest.raises(argparse.ArgumentTypeError, match="'f' is a file; expected a folder"):
         Path("f").touch()
         folder("f")
+
+
+def test_an_existing_file_that_is_a_fifo_or_device_is_named_not_said_missing(tmp_path):
+    """existing_file (a bench script's --table to reuse) said a FIFO or a device "does not
+    exist"; it is named by kind, as a folder there is."""
+    import os
+
+    from tiered_store.cli_args import existing_file
+
+    fifo = tmp_path / "t.npy"
+    os.mkfifo(fifo)
+    for text, kind in ((str(fifo), "a FIFO (named pipe)"), ("/dev/null", "a character device")):
+        with pytest.raises(argparse.ArgumentTypeError) as err:
+            existing_file(text)
+        assert str(err.value) == f"{text!r} is {kind}; expected an existing file"

@@ -162,7 +162,13 @@ def existing_file(text: str) -> Path:
     """
     path = given_path(text)
     if not path.is_file():
-        what = "is a directory" if path.is_dir() else "does not exist"
+        what = (
+            "is a directory"
+            if path.is_dir()
+            else f"is {_what_is(path)}"
+            if path.exists()  # a FIFO or device was said not to exist
+            else "does not exist"
+        )
         raise argparse.ArgumentTypeError(f"{text!r} {what}; expected an existing file")
     return path
 
