@@ -736,6 +736,15 @@ def test_closed_store_refuses_lookups_and_keeps_its_stats(table):
         ({"hot": {"policy": "mru"}}, r"tiers\.hot\.policy: unknown policy 'mru'"),
         ({"hot": {"device": "tpu"}}, r"tiers\.hot\.device"),
         ({"hot": {"device": "cuda:\u00b2"}}, r"tiers\.hot\.device: got 'cuda:\u00b2'"),  # not int()
+        # torch read cuda:255 as plain 'cuda' (the current GPU), cuda:128 as index -128; it
+        # refused a leading 0 and an index past 2**31 with bare RuntimeErrors
+        *(
+            (
+                {"hot": {"device": name}},
+                rf"tiers\.hot\.device: got '{name}'; expected 'cuda:N' with N from 0 to 127",
+            )
+            for name in ("cuda:255", "cuda:128", "cuda:00", "cuda:007", "cuda:2147483648")
+        ),  # fmt: skip
         ({"hot": {"capacity": 10, "policy": "static"}}, r"tiers\.hot\.static_rows"),
         ({"cold": {"io": "aio"}}, r"tiers\.cold\.io"),
         ({"cold": {"threads": 0}}, r"tiers\.cold\.threads"),

@@ -830,14 +830,25 @@ def _known_keys(model: type[BaseModel], parts: tuple[str | int, ...]) -> list[st
 # -- the store's sections ---------------------------------------------------------------------------
 
 
+#: the highest N of ``cuda:N`` torch reads as written: its device index is 8 bits (``cuda:128``
+#: read as index -128, ``cuda:255`` as plain ``cuda``, the current device)
+MAX_DEVICE_INDEX = 127
+
+
 def check_device(value: Any) -> str:
-    """A compute device name: ``cpu``, ``cuda`` or ``cuda:N``."""
-    if isinstance(value, str) and (
-        value in ("cpu", "cuda")
-        or (value.startswith("cuda:") and value[5:].isascii() and value[5:].isdigit())
-    ):
+    """A compute device name: ``cpu``, ``cuda`` or ``cuda:N`` (N as torch reads it: no leading
+    0, at most ``MAX_DEVICE_INDEX``)."""
+    if isinstance(value, str) and value in ("cpu", "cuda"):
         return value
-    raise ValueError(f"got {shown(value)}; expected 'cpu', 'cuda' or 'cuda:N'")
+    index = value[5:] if isinstance(value, str) and value.startswith("cuda:") else ""
+    if not (index.isascii() and index.isdigit()):
+        raise ValueError(f"got {shown(value)}; expected 'cpu', 'cuda' or 'cuda:N'")
+    if index[0] == "0" and index != "0" or len(index) > 3 or int(index) > MAX_DEVICE_INDEX:
+        raise ValueError(  # torch refused a leading 0 with a bare RuntimeError, read 255 as 'cuda'
+            f"got {shown(value)}; expected 'cuda:N' with N from 0 to {MAX_DEVICE_INDEX} written "
+            "without a leading 0"
+        )
+    return value
 
 
 def _check_bool_or_auto(value: Any) -> bool | str:
