@@ -69,6 +69,20 @@ def test_every_documented_metric_is_emitted_and_nothing_else(store):
         assert name in metrics.__doc__, name
 
 
+def test_the_docstring_metrics_tables_give_each_metric_its_type_and_labels():
+    """Their labels column named the exchange bytes' ``direction`` label ``dir.``, and ran into
+    the meaning of the lookups' (one space apart)."""
+    known = {**METRICS, **SHARDED_METRICS}
+    rows = {}
+    for line in metrics.__doc__.splitlines():
+        if row := re.fullmatch(
+            r"(tiered_store_\w+) +(\w+) +(\(none\)|[a-z_]+(?:, [a-z_]+)*)  +\S.*", line
+        ):
+            name, kind, labels = row.groups()
+            rows[name] = (kind, () if labels == "(none)" else tuple(labels.split(", ")))
+    assert rows == {name: (kind, labels) for name, (kind, labels, _) in known.items()}
+
+
 def _readme_metrics() -> dict[str, str]:
     """Metric name -> type ("" where the row gives none) of README's metrics table; a row's
     ``_x`` after a name is that name with its tail replaced (``_bytes_total`` after

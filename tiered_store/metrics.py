@@ -9,56 +9,56 @@ metric. Labels are few and bounded: ``table`` (one per Engram layer), ``tier`` (
 Every metric, its type and labels (``METRICS`` holds the same list, and the tests check that the
 collectors emit exactly these names):
 
-=============================================  =========  ==================  ==================
-name                                           type       labels              meaning
-=============================================  =========  ==================  ==================
-tiered_store_lookups_total                     counter    table, tier, result ids probed at a cache tier
-tiered_store_admissions_total                  counter    table, tier         rows admitted on the lookup path
-tiered_store_evictions_total                   counter    table, tier         rows evicted
-tiered_store_rejections_total                  counter    table, tier         admission refusals
-tiered_store_moved_rows_total                  counter    table, tier         rows copied into a tier
-tiered_store_moved_bytes_total                 counter    table, tier         bytes copied into a tier
-tiered_store_occupancy_rows                    gauge      table, tier         rows resident now
-tiered_store_capacity_rows                     gauge      table, tier         slots of the tier
-tiered_store_capacity_bytes                    gauge      table, tier         payload bytes of the tier
-tiered_store_pinned_rows                       gauge      table, tier         rows never evicted now
-tiered_store_repins_total                      counter    table, tier         online re-pins applied
-tiered_store_repin_pinned_rows_total           counter    table, tier         rows re-pins pinned
-tiered_store_repin_unpinned_rows_total         counter    table, tier         rows re-pins unpinned
-tiered_store_online_windows_dropped_total      counter    table, tier         windows not counted
-tiered_store_online_quiet_windows              gauge      table, tier         windows nothing came or went
-tiered_store_table_open                        gauge      table               1 open, 0 closed (503)
-tiered_store_table_rows                        gauge      table               rows of the table
-tiered_store_row_size_bytes                    gauge      table               bytes per row
-tiered_store_cold_read_rows_total              counter    table               rows read from disk
-tiered_store_cold_read_bytes_total             counter    table               bytes transferred from disk
-tiered_store_cold_read_requests_total          counter    table               read calls issued
-tiered_store_cold_read_errors_total            counter    table               reads that failed (twice)
-tiered_store_lookup_duration_seconds           histogram  table               one ``lookup`` call
-tiered_store_prefetch_stall_seconds            histogram  table               wait for a prefetch handle
-tiered_store_prefetches_total                  counter    table               prefetches started
-tiered_store_queued_requests                   gauge      table               announced, not released
-tiered_store_queued_rows                       gauge      table               their rows with a lookup left
-tiered_store_queue_news_failures_total         counter    table               failed tellings of the queue
-tiered_store_queue_news_dropped_total          counter    table               queue news dropped
-tiered_store_verifications_total               counter    table               checksum passes run
-tiered_store_checksum_failures_total           counter    table               corrupt pages found
-tiered_store_checksum_pass_failed              gauge      table               1 while the last pass failed
-tiered_store_lookup_failures_total             counter    table               served lookups that failed
-tiered_store_reloads_total                     counter    table               reopened on a new version
-tiered_store_reload_failures_total             counter    table               checks, new version not served
-tiered_store_written_rows_total                counter    table               rows given to ``write``
-tiered_store_dirty_rows                        gauge      table               written rows not committed yet
-tiered_store_written_back_rows_total           counter    table               dirty rows saved on eviction
-tiered_store_commits_total                     counter    table               commits made durable
-tiered_store_commit_errors_total               counter    table               commits that failed
-tiered_store_delta_map_grows_total             counter    table               LMDB map doublings
-tiered_store_delta_read_errors_total           counter    table               delta reads failed or corrupt
-tiered_store_http_requests_total               counter    handler, code       HTTP requests answered
-tiered_store_http_request_duration_seconds     histogram  handler             HTTP request handling time
-tiered_store_http_requests_in_flight           gauge      (none)              requests being handled
-tiered_store_served_tokens_total               counter    (none)              tokens of answered inference
-=============================================  =========  ==================  ==================
+=============================================  =========  ======================  ==================
+name                                           type       labels                  meaning
+=============================================  =========  ======================  ==================
+tiered_store_lookups_total                     counter    table, tier, result     ids probed at a cache tier
+tiered_store_admissions_total                  counter    table, tier             rows admitted on the lookup path
+tiered_store_evictions_total                   counter    table, tier             rows evicted
+tiered_store_rejections_total                  counter    table, tier             admission refusals
+tiered_store_moved_rows_total                  counter    table, tier             rows copied into a tier
+tiered_store_moved_bytes_total                 counter    table, tier             bytes copied into a tier
+tiered_store_occupancy_rows                    gauge      table, tier             rows resident now
+tiered_store_capacity_rows                     gauge      table, tier             slots of the tier
+tiered_store_capacity_bytes                    gauge      table, tier             payload bytes of the tier
+tiered_store_pinned_rows                       gauge      table, tier             rows never evicted now
+tiered_store_repins_total                      counter    table, tier             online re-pins applied
+tiered_store_repin_pinned_rows_total           counter    table, tier             rows re-pins pinned
+tiered_store_repin_unpinned_rows_total         counter    table, tier             rows re-pins unpinned
+tiered_store_online_windows_dropped_total      counter    table, tier             windows not counted
+tiered_store_online_quiet_windows              gauge      table, tier             windows nothing came or went
+tiered_store_table_open                        gauge      table                   1 open, 0 closed (503)
+tiered_store_table_rows                        gauge      table                   rows of the table
+tiered_store_row_size_bytes                    gauge      table                   bytes per row
+tiered_store_cold_read_rows_total              counter    table                   rows read from disk
+tiered_store_cold_read_bytes_total             counter    table                   bytes transferred from disk
+tiered_store_cold_read_requests_total          counter    table                   read calls issued
+tiered_store_cold_read_errors_total            counter    table                   reads that failed (twice)
+tiered_store_lookup_duration_seconds           histogram  table                   one ``lookup`` call
+tiered_store_prefetch_stall_seconds            histogram  table                   wait for a prefetch handle
+tiered_store_prefetches_total                  counter    table                   prefetches started
+tiered_store_queued_requests                   gauge      table                   announced, not released
+tiered_store_queued_rows                       gauge      table                   their rows with a lookup left
+tiered_store_queue_news_failures_total         counter    table                   failed tellings of the queue
+tiered_store_queue_news_dropped_total          counter    table                   queue news dropped
+tiered_store_verifications_total               counter    table                   checksum passes run
+tiered_store_checksum_failures_total           counter    table                   corrupt pages found
+tiered_store_checksum_pass_failed              gauge      table                   1 while the last pass failed
+tiered_store_lookup_failures_total             counter    table                   served lookups that failed
+tiered_store_reloads_total                     counter    table                   reopened on a new version
+tiered_store_reload_failures_total             counter    table                   checks, new version not served
+tiered_store_written_rows_total                counter    table                   rows given to ``write``
+tiered_store_dirty_rows                        gauge      table                   written rows not committed yet
+tiered_store_written_back_rows_total           counter    table                   dirty rows saved on eviction
+tiered_store_commits_total                     counter    table                   commits made durable
+tiered_store_commit_errors_total               counter    table                   commits that failed
+tiered_store_delta_map_grows_total             counter    table                   LMDB map doublings
+tiered_store_delta_read_errors_total           counter    table                   delta reads failed or corrupt
+tiered_store_http_requests_total               counter    handler, code           HTTP requests answered
+tiered_store_http_request_duration_seconds     histogram  handler                 HTTP request handling time
+tiered_store_http_requests_in_flight           gauge      (none)                  requests being handled
+tiered_store_served_tokens_total               counter    (none)                  tokens of answered inference
+=============================================  =========  ======================  ==================
 
 A ``ShardedStore`` (one process per rank) exports its shard's metrics above with a ``rank`` label
 on every sample (``build_sharded_registry``), except the prefetch ones, which are the rank's own
@@ -66,17 +66,17 @@ on every sample (``build_sharded_registry``), except the prefetch ones, which ar
 there times the shard serving each round's rows, the rank's whole lookup calls being
 ``tiered_store_sharded_lookup_duration_seconds`` below. And these (``SHARDED_METRICS``):
 
-=============================================  =========  ==================  ==================
-name                                           type       labels              meaning
-=============================================  =========  ==================  ==================
-tiered_store_exchange_rounds_total             counter    table, rank         collective lookups joined
-tiered_store_exchange_ids_total                counter    table, rank         ids this rank looked up
-tiered_store_exchange_unique_ids_total         counter    table, rank         the same after dedup
-tiered_store_exchange_rows_served_total        counter    table, rank         rows served to other ranks
-tiered_store_exchange_bytes_total              counter    table, rank, dir.   bytes to/from other ranks
-tiered_store_sharded_lookup_duration_seconds   histogram  table, rank         one sharded lookup call
-tiered_store_shard_rows                        gauge      table, rank         rows of this rank's shard
-=============================================  =========  ==================  ==================
+=============================================  =========  ======================  ==================
+name                                           type       labels                  meaning
+=============================================  =========  ======================  ==================
+tiered_store_exchange_rounds_total             counter    table, rank             collective lookups joined
+tiered_store_exchange_ids_total                counter    table, rank             ids this rank looked up
+tiered_store_exchange_unique_ids_total         counter    table, rank             the same after dedup
+tiered_store_exchange_rows_served_total        counter    table, rank             rows served to other ranks
+tiered_store_exchange_bytes_total              counter    table, rank, direction  bytes to/from other ranks
+tiered_store_sharded_lookup_duration_seconds   histogram  table, rank             one sharded lookup call
+tiered_store_shard_rows                        gauge      table, rank             rows of this rank's shard
+=============================================  =========  ======================  ==================
 
 Aggregating over ranks is summing (``sum without (rank)``): counters and the shard rows add up
 to the table's; latency quantiles come from the summed buckets.
