@@ -161,6 +161,8 @@ def test_example_config_is_valid():
         ({"server": {"request_timeout_s": "1e999"}}, "server.request_timeout_s: expected a finite number, got inf"),  # quoted in the YAML
         ({"server": {"keep_alive_s": 1e300}}, "server.keep_alive_s: Input should be less than or equal to"),
         ({"server": {"torch_threads": 2**31}}, "server.torch_threads: Input should be less than or equal to 4096"),
+        # past a C int: serve's listen raised socket's bare OverflowError once the tables were open
+        ({"server": {"backlog": 2**31}}, "server.backlog: Input should be less than or equal to 2147483647 (got 2147483648)"),
         ({"server": {"max_announced": 0}}, "server.max_announced: Input should be greater than or equal to 1 (got 0)"),
         ({"server": {"max_announced": True}}, "server.max_announced: Input should be a valid integer (got True)"),
         ({"server": {"record_flush_s": -1}}, "server.record_flush_s: Input should be greater than or equal to 0"),

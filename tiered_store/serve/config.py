@@ -39,6 +39,7 @@ __all__ = [
 
 # Every default, with its unit.
 MAX_TORCH_THREADS = 4096  # server.torch_threads: more is a typo, not a machine
+MAX_BACKLOG = 2**31 - 1  # server.backlog: listen(2) takes a C int (the kernel caps it at somaxconn)
 SERVE_DEFAULTS: dict[str, Any] = {
     "server.address": "127.0.0.1:8080",  # host:port of the inference endpoint (port 0: any free)
     "server.max_batch": 64,  # sequences per request
@@ -79,7 +80,7 @@ class ServerSection(ConfigModel):
     max_body_bytes: StrictInt = Field(default=SERVE_DEFAULTS["server.max_body_bytes"], ge=64)
     max_concurrent: StrictInt = Field(default=SERVE_DEFAULTS["server.max_concurrent"], ge=1)
     max_connections: StrictInt = Field(default=SERVE_DEFAULTS["server.max_connections"], ge=1)
-    backlog: StrictInt = Field(default=SERVE_DEFAULTS["server.backlog"], ge=1)
+    backlog: StrictInt = Field(default=SERVE_DEFAULTS["server.backlog"], ge=1, le=MAX_BACKLOG)
     keep_alive_s: Number = Field(
         default=SERVE_DEFAULTS["server.keep_alive_s"], gt=0, le=TIMEOUT_MAX
     )
