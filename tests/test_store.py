@@ -1278,6 +1278,9 @@ def test_a_key_that_is_not_a_string_is_named(tmp_path):
         ("table: {path: t.npy}\ntiers:\n  hot: {capacity: 5%}\n  no: {capacity: 1}\n", False, 4),
         ("table: {path: t.npy}\n1: 2\n", 1, 2),
         ("table: {path: t.npy, on: 1}\n", True, 1),
+        # a list or mapping key was named before its items were read: "key []", "key {}"
+        ("table: {path: t.npy}\n? [1, 2]\n: 3\n", r"\[1, 2\]", 2),
+        ("table: {path: t.npy}\n? {a: 1}\n: 3\n", r"\{'a': 1\}", 2),
     ):
         bad.write_text(text)
         with pytest.raises(ConfigError, match=rf"bad.yaml: .*key {key}: expected a string key; quote it(.|\n)*line {line}"):  # fmt: skip

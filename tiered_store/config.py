@@ -603,7 +603,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         for key_node, _ in node.value:
             if key_node.tag == "tag:yaml.org,2002:merge":  # '<<': merged keys may be overridden
                 continue
-            key = self.construct_object(key_node, deep=deep)
+            key = self.construct_object(key_node, deep=True)  # a list's items, to name it
             if not isinstance(key, str):  # pydantic fails on it with a bare TypeError
                 raise yaml.constructor.ConstructorError(
                     None, None, _non_string_key_message(key), key_node.start_mark
