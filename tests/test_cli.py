@@ -407,6 +407,14 @@ def test_tier_capacities_are_rows_bytes_or_percentages(command, capsys):
         parser.parse_args([*command, "--warm", "lots"])
     assert exited.value.code == 2
     assert "argument --warm: expected a row count (int), a byte size" in capsys.readouterr().err
+    for given, said in (  # argparse's bare "invalid capacity value: '²'" (int() refused it)
+        ("\u00b2", "expected a row count (int), a byte size like '512MiB' or '2GiB', or a percentage like '10%', got '\u00b2'"),
+        ("9" * 5000, "got '999999999999999999999999999999999999999999999999999999999999'... (5,000 characters); expected a row count of at most 9,223,372,036,854,775,807"),
+        (str(2**63), f"got {2**63}; expected a row count of at most 9,223,372,036,854,775,807"),  # not 'expected a row count'
+    ):  # fmt: skip
+        with pytest.raises(SystemExit):
+            parser.parse_args([*command, "--warm", given])
+        assert f"argument --warm: {said}\n" in capsys.readouterr().err
 
 
 def test_demo_runs_end_to_end_as_a_console_script(tmp_path):

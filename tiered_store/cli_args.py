@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from .atomic_file import NOT_FILES
-from .capacity import CAPACITY_HELP, check_capacity_spec, check_share, format_bytes
+from .capacity import CAPACITY_HELP, MAX_ROWS, check_capacity_spec, check_share, format_bytes
 from .config import check_device, expand_home
-from .errors import ConfigError, TieredStoreError, error_text
+from .errors import ConfigError, TieredStoreError, error_text, shown
 
 
 def at_least(minimum: int, what: str | None = None) -> Callable[[str], int]:
@@ -513,15 +513,24 @@ def capacity(text: str) -> int | str:
     Traceback (most recent call last):
     argparse.ArgumentTypeError: '200%' is more than 100% of the table; expected 0%..100%
     """
-    spec = int(text) if text.strip().isdigit() else text
+    digits = text.strip()
+    spec: int | str = text
+    if digits.isascii() and digits.isdigit():  # '²' is a digit to str.isdigit, not to int()
+        if len(digits.lstrip("0")) > len(str(MAX_ROWS)):  # int() refused 4,300 digits
+            raise argparse.ArgumentTypeError(
+                f"got {shown(text)}; expected a row count of at most {MAX_ROWS:,}"
+            )
+        spec = int(digits)
     try:
         check_share(spec)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
     try:
         return check_capacity_spec(spec)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected {CAPACITY_HELP}, got {text!r}") from None
+    except ValueError as exc:
+        if isinstance(spec, int):  # a row count past MAX_ROWS: its bound said
+            raise argparse.ArgumentTypeError(str(exc)) from None
+        raise argparse.ArgumentTypeError(f"expected {CAPACITY_HELP}, got {shown(text)}") from None
 
 
 def device_name(text: str) -> str:
