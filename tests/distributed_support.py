@@ -374,6 +374,39 @@ def interrupted_failed_round_worker(
     _report(out, rank, result)
 
 
+def cancelled_prefetch_worker(rank: int, world: int, port: int, table: str, out: Path) -> None:
+    """Two ranks prefetch the same batch; rank 0 cancels its handle's future while the round is
+    queued (its collective thread held). Then both look up another batch, rank 1 collects its
+    handle, and both look up a third: what each lookup gave, and each rank's rows for checking."""
+    from tiered_store.distributed import ShardedStore
+    from tiered_store.prefetch import PrefetchHandleError
+
+    _init(rank, world, port)
+    result: dict[str, Any] = {}
+    try:
+        cfg = _store_config(Path(table), world, "rows")
+        cfg["sharding"]["timeout_s"] = 5  # a rank out of step fails within it, not for good
+        store = ShardedStore.open(cfg)
+        ids = [torch.arange(40).reshape(8, 5) * k % store.rows for k in (11, 13, 17)]
+        release = threading.Event()
+        if rank == 0:
+            store._thread.submit(release.wait, 30)  # the collective thread held: the round queued
+        handle = store.prefetch(ids[0])
+        result["cancelled"] = handle.future.cancel() if rank == 0 else None
+        release.set()
+        result["rows"] = [_bits(store.lookup(ids[1])).tolist()]
+        try:
+            result["rows"].append(_bits(store.lookup(ids[0], handle)).tolist())
+        except PrefetchHandleError as exc:
+            result["rows"].append(str(exc))
+        result["rows"].append(_bits(store.lookup(ids[2])).tolist())
+        result["failed"] = None if store.failed is None else str(store.failed)
+        store.close()
+    except BaseException:
+        result["crash"] = traceback.format_exc()
+    _report(out, rank, result)
+
+
 def hung_read_worker(rank: int, world: int, port: int, table: str, out: Path) -> None:
     """Two ranks; rank 1's shard read hangs in the second lookup (alive, in the round, its beat
     moving, as on a disk or file system that stopped answering): what each rank's lookup

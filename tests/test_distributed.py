@@ -1093,6 +1093,29 @@ def test_a_rank_interrupted_in_a_round_failing_on_a_dead_rank_records_the_failur
     assert result["after"].startswith("rank 0: this sharded store failed earlier (rank 0: lookup in collective round 2 (lookups, writes, updates and commits counted) failed: "), result  # fmt: skip
 
 
+def test_a_sharded_prefetch_cancelled_on_one_rank_keeps_every_rank_in_step(tmp_path):
+    """A handle's future cancelled while its round was queued skipped the round on that rank
+    alone: the other ranks' rounds paired with the wrong ones (each rank got rows of its own
+    ids, a round late) until one waited for a round never run, and failed on the timeout. The
+    round still runs on the rank that cancelled it, its rows dropped: the lookup of the handle
+    says it was cancelled there, and every other round gives every rank its rows."""
+    from tests.distributed_support import cancelled_prefetch_worker
+    from tiered_store.prefetch import CANCELLED
+
+    codes, results = _two_ranks_over_plain_shards(tmp_path, cancelled_prefetch_worker, 90)
+    with TieredStore.open({"table": {"path": str(tmp_path / "plain.npy")}}) as whole:
+        want = [
+            whole.lookup(torch.arange(40).reshape(8, 5) * k % whole.rows).view(torch.int16).tolist()
+            for k in (11, 13, 17)
+        ]
+    assert codes == [0, 0], (codes, results)
+    assert [r.get("crash") for r in results] == [None, None], results
+    assert [r["cancelled"] for r in results] == [True, None]
+    assert results[0]["rows"] == [want[1], CANCELLED, want[2]]
+    assert results[1]["rows"] == [want[1], want[0], want[2]]
+    assert [r["failed"] for r in results] == [None, None]
+
+
 @pytest.mark.gpu
 def test_on_cuda_the_exchange_runs_on_nccl_and_rows_stay_packed_until_the_gather(
     tables, monkeypatch

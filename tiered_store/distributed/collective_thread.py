@@ -20,7 +20,8 @@ __all__ = ["CollectiveThread"]
 
 
 class CollectiveThread:
-    """Run submitted calls one after another on a daemon thread; ``submit`` returns a Future."""
+    """Run submitted calls one after another on a daemon thread; ``submit`` returns a Future.
+    Each call runs, its Future cancelled or not (every rank runs its collectives)."""
 
     def __init__(self, name: str, failed: Callable[[Exception], None] | None = None) -> None:
         """``failed``: called on the thread with a call's error before its Future holds it (what
@@ -60,12 +61,18 @@ class CollectiveThread:
             if item is None:
                 return
             future, fn, args = item
-            if not future.set_running_or_notify_cancel():
-                continue
+            # a call cancelled while queued runs all the same, its outcome dropped: a collective
+            # skipped on one rank left the others' rounds paired with the wrong ones
+            kept = future.set_running_or_notify_cancel()
             try:
-                future.set_result(fn(*args))
+                result = fn(*args)
             except BaseException as exc:  # handed to the waiting caller
                 if self._failed is not None and isinstance(exc, Exception):
                     with contextlib.suppress(Exception):  # the Future gets its error whatever
                         self._failed(exc)
-                future.set_exception(exc)
+                if kept:
+                    future.set_exception(exc)
+            else:
+                if kept:
+                    future.set_result(result)
+            result = None  # (a cancelled call's rows are not kept while the thread waits)
