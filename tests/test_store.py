@@ -2758,3 +2758,41 @@ def test_a_forked_child_prefetches_and_collects_on_a_copied_store(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["0"], proc.stderr
+
+
+def test_a_store_whose_close_gave_up_on_a_hung_fetch_is_not_waited_for_at_exit(tmp_path):
+    """The exit's wait for fetches under way (``prefetch.EXIT_WAIT_S``) took in the pools of
+    stores already closed: a ``close(wait_s=...)`` that gave up on a fetch hung in a read (a
+    server's stop within its ``stop_within_s``) was followed by up to that much more at the
+    exit, waiting for the read it had given up on. A closed store's fetches are not waited for:
+    here the exit's wait is made an hour, and the script exits past its hung read."""
+    table = tmp_path / "t.npy"
+    create_table(table, torch.randn(1_000, 8), progress=False)
+    script = textwrap.dedent(
+        f"""
+        import threading
+        from tiered_store import prefetch
+        from tiered_store.store import TieredStore
+
+        prefetch.EXIT_WAIT_S = 3600.0
+        store = TieredStore.open({{"table": {{"path": {str(table)!r}}}}})
+        entered = threading.Event()
+
+        def hung_read(ids):
+            entered.set()
+            threading.Event().wait()  # a read that never returns (a dead disk)
+
+        store.cold.read_rows = hung_read
+        handle = store.prefetch([1, 2, 3])
+        assert entered.wait(30)
+        print(store.close(wait_s=0.5))
+        """
+    )
+    proc = subprocess.run(
+        [sys.executable, "-W", "ignore::RuntimeWarning", "-c", script],  # (its close says so)
+        capture_output=True,
+        text=True,
+        timeout=90,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert (proc.returncode, proc.stdout, proc.stderr) == (0, "False\n", "")

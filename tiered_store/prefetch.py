@@ -376,6 +376,7 @@ class Prefetcher:
             if self._closed is None:  # after every fetch queued (an interrupted prefetch's too)
                 self._closed = self._queue_last()
             self._pool.shutdown(wait=False)  # each time: a close interrupted before it did not
+            _LIVE_POOLS.discard(self._pool)  # the exit waits no more for what close gave up on
         # on the worker its no-op runs after this job: waited for, it would hang
         futures.wait([self._closed], 0 if self.on_worker() else timeout)
         return self._closed.done()
