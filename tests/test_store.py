@@ -2796,3 +2796,64 @@ def test_a_store_whose_close_gave_up_on_a_hung_fetch_is_not_waited_for_at_exit(t
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert (proc.returncode, proc.stdout, proc.stderr) == (0, "False\n", "")
+
+
+def test_a_forked_child_fails_the_parents_fetches_at_the_fork_and_has_its_depth_free(tmp_path):
+    """A child forked while a fetch ran on the parent's prefetch worker (and another was queued)
+    kept their handles pending and their ``prefetch.depth`` slots held for good: a lookup of
+    either waited for ever, and with ``depth`` such slots every prefetch of the child did. In
+    the child both fail at once, naming the process they were made in, and the child's own
+    prefetch is fetched and collected."""
+    table = tmp_path / "t.npy"
+    create_table(table, torch.randn(1_000, 8), progress=False)
+    script = textwrap.dedent(
+        f"""
+        import os, threading, torch
+        from tiered_store.store import TieredStore
+
+        store = TieredStore.open({{"table": {{"path": {str(table)!r}}}, "prefetch": {{"depth": 2}},
+                                  "tiers": {{"hot": {{"capacity": 0}}, "warm": {{"capacity": 0}}}}}})
+        entered, release, read_rows = threading.Event(), threading.Event(), store.cold.read_rows
+
+        def held_read(ids):
+            entered.set()
+            release.wait(60)
+            return read_rows(ids)
+
+        store.cold.read_rows = held_read
+        ids = torch.arange(0, 1_000, 7)
+        running = store.prefetch(ids)
+        assert entered.wait(30)
+        queued = store.prefetch(ids + 1)
+        pid = os.fork()
+        if pid == 0:
+            store.cold.read_rows = read_rows
+            for handle in (running, queued):
+                try:
+                    error = handle.future.exception(timeout=20)
+                    print(type(error).__name__, str(error).startswith(
+                        f"tiered-store-prefetch pool: this call was queued or under way in "
+                        f"process {{os.getppid()}} as it forked this one ({{os.getpid()}})"))
+                except TimeoutError:
+                    print("pending")
+            got = []
+            fetched = threading.Thread(target=lambda: got.append(store.lookup(ids, store.prefetch(ids))))
+            fetched.start()
+            fetched.join(20)
+            print(bool(got) and torch.equal(got[0], read_rows(ids)))
+            os._exit(0)
+        release.set()
+        assert torch.equal(store.lookup(ids, running), read_rows(ids))
+        assert torch.equal(store.lookup(ids + 1, queued), read_rows(ids + 1))
+        os.waitpid(pid, 0)
+        """
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == ["RuntimeError True", "RuntimeError True", "True"], proc

@@ -54,6 +54,7 @@ class RunnerPool:
         self._size, self._name, self._started = size, name, started
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
+        self._running: set[Future] = set()  # the calls its threads run now
         self._lock = threading.Lock()
         self._shutdown = False
         _POOLS.add(self)  # a forked child starts its threads anew
@@ -97,9 +98,28 @@ class RunnerPool:
 
     def forked(self) -> None:
         """In a forked child: the parent's threads are not there (counted, no call queued would
-        ever run: a prefetch's lookup waited for good), nor whoever held the lock at the fork."""
+        ever run: a prefetch's lookup waited for good), nor whoever held the lock at the fork.
+        The calls queued or running then fail (pending, the child's copy of a prefetch's handle
+        was waited for for good): they are the parent's, which runs them."""
         self._lock = threading.Lock()
         self._threads = []
+        lost, self._running = list(self._running), set()
+        while True:
+            try:
+                call = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if call is not None:
+                lost.append(call[0])
+        for future in lost:
+            if not future.done():
+                future.set_exception(
+                    RuntimeError(
+                        f"{self._name} pool: this call was queued or under way in process "
+                        f"{os.getppid()} as it forked this one ({os.getpid()}), where no thread "
+                        "runs it; expected a call made in this process: make it again here"
+                    )
+                )
 
     def end_at_exit(self, deadline: float) -> None:
         """At the interpreter's exit: cancel the calls not started and wait, until ``deadline``
@@ -139,7 +159,11 @@ class RunnerPool:
                 failed = exc
         while (call := self._queue.get()) is not None:
             if failed is None:
-                _run_into(*call)
+                self._running.add(call[0])  # (failed in a child forked meanwhile)
+                try:
+                    _run_into(*call)
+                finally:
+                    self._running.discard(call[0])
             elif call[0].set_running_or_notify_cancel():  # an error each (each raise grows
                 error = RuntimeError(  # the traceback of the one raised)
                     f"{self._name} pool: its thread's start failed ({type(failed).__name__}: "
@@ -151,10 +175,15 @@ class RunnerPool:
 
 
 _POOLS: weakref.WeakSet[RunnerPool] = weakref.WeakSet()  # every pool, for a fork's child
+_PREFETCHERS: weakref.WeakSet[Prefetcher] = weakref.WeakSet()  # every prefetcher, likewise
 
 
 def _forked_pools() -> None:
-    """In a forked child, each pool starts its threads anew (``RunnerPool.forked``)."""
+    """In a forked child, each prefetcher has its depth free (``Prefetcher.forked``), then each
+    pool starts its threads anew and fails the parent's calls (``RunnerPool.forked``), whose
+    done callbacks take the prefetchers' new locks."""
+    for prefetcher in list(_PREFETCHERS):
+        prefetcher.forked()
     for pool in list(_POOLS):
         pool.forked()
 
@@ -273,7 +302,8 @@ class Prefetcher:
         )
         weakref.finalize(self, self._pool.shutdown, False)  # one never closed: its worker ends
         _LIVE_POOLS.add(self._pool)  # a fetch under way at the interpreter's exit ends first
-        self._in_flight = threading.BoundedSemaphore(depth)
+        self._depth = depth
+        self._in_flight = threading.BoundedSemaphore(depth)  # a new one in a forked child
         self.wait_histogram = LatencyHistogram()
         self.handles = 0
         self._queued: dict[int, torch.Tensor] = {}  # handle number -> ids not yet being fetched
@@ -281,6 +311,7 @@ class Prefetcher:
         self._numbers = itertools.count()
         self._closed: Future | None = None  # close()'s no-op, queued behind every fetch
         self._submitting = threading.Lock()  # no fetch is queued behind that no-op
+        _PREFETCHERS.add(self)  # a forked child has its depth free
 
     def submit(
         self,
@@ -296,13 +327,14 @@ class Prefetcher:
         ``host``: a CPU snapshot of the ids given on the CPU, which lookup checks against."""
         slot = [True]  # taken by who frees the depth slot: the fetch as it starts, or below
         number = next(self._numbers)
-        self._in_flight.acquire()
+        in_flight = self._in_flight  # the slot is freed where it was taken (not a forked child's)
+        in_flight.acquire()
         try:
             with self._queued_lock:
                 self._queued[number] = flat
             with self._submitting:  # else a fetch could be queued behind close()'s no-op
                 try:
-                    future = self._pool.submit(self._run, number, flat, packed, slot)
+                    future = self._pool.submit(self._run, number, flat, packed, slot, in_flight)
                 except RuntimeError as exc:
                     if self._closed is None:  # open: its worker could not start
                         raise RuntimeError(
@@ -313,9 +345,9 @@ class Prefetcher:
                         "prefetch: the store is closed; open a new TieredStore"
                     ) from None
                 self.handles += 1
-            future.add_done_callback(functools.partial(self._never_ran, number, slot))
+            future.add_done_callback(functools.partial(self._never_ran, number, slot, in_flight))
         except BaseException:  # closed, or interrupted (Ctrl-C) on the way: no handle comes out,
-            self._never_ran(number, slot)  # and a fetch not started yet never will
+            self._never_ran(number, slot, in_flight)  # and a fetch not started yet never will
             raise
         return PrefetchHandle(ids, flat, shape, packed, future, self, write_seq, host)
 
@@ -325,16 +357,29 @@ class Prefetcher:
             pending = list(self._queued.values())
         return torch.cat(pending) if pending else None
 
-    def _never_ran(self, number: int, slot: list, future: Future | None = None) -> None:
+    def _never_ran(
+        self,
+        number: int,
+        slot: list,
+        in_flight: threading.BoundedSemaphore,
+        future: Future | None = None,
+    ) -> None:
         """A fetch done without running (its caller cancelled it while queued, the worker's
         start failed it: its done callback; or its prefetch() interrupted) frees its slot and ids
         now; kept, depth such fetches hung prefetch(). One that ran took its slot as it started."""
         if take_once(slot):
             with self._queued_lock:
                 self._queued.pop(number, None)
-            self._in_flight.release()
+            in_flight.release()
 
-    def _run(self, number: int, flat: torch.Tensor, packed: bool, slot: list) -> tuple | None:
+    def _run(
+        self,
+        number: int,
+        flat: torch.Tensor,
+        packed: bool,
+        slot: list,
+        in_flight: threading.BoundedSemaphore,
+    ) -> tuple | None:
         """Fetch one queued batch, dropping it from the queued ids first; its slot is free after.
         Nothing when its prefetch() was interrupted before it started (that freed its slot: were
         it fetched, depth + 1 would be in flight)."""
@@ -345,7 +390,7 @@ class Prefetcher:
                 self._queued.pop(number, None)
             return self._fetch(flat, packed)
         finally:
-            self._in_flight.release()
+            in_flight.release()
 
     def collect(
         self, handle: PrefetchHandle, then: Callable[[tuple], tuple] | None = None
@@ -380,6 +425,15 @@ class Prefetcher:
         # on the worker its no-op runs after this job: waited for, it would hang
         futures.wait([self._closed], 0 if self.on_worker() else timeout)
         return self._closed.done()
+
+    def forked(self) -> None:
+        """In a forked child: no fetch is in flight (the parent's fail there, ``RunnerPool.forked``),
+        so ``depth`` slots are free (the parent's running fetch kept its slot for good, as
+        ``depth`` of them hung every prefetch), and no thread gone holds a lock."""
+        self._in_flight = threading.BoundedSemaphore(self._depth)
+        self._queued_lock = threading.Lock()
+        self._submitting = threading.Lock()
+        self._queued.clear()
 
     def on_worker(self) -> bool:
         """True on this prefetcher's worker thread (where a fetch's done callbacks run)."""
