@@ -1602,7 +1602,7 @@ def test_a_table_left_closed_under_a_hung_read_opens_at_the_first_check_once_it_
             warnings.simplefilter("ignore", RuntimeWarning)  # "still under way after 0.5 s"
             assert served.reload_if_stale(force_check=True) == []
         assert served.left_closing == ["engram_layer1"]
-        assert "engram_layer1 once the calls hung in its old store end" in caplog.text
+        assert "engram_layer1 again once the calls hung in its old store end" in caplog.text
         served.reload_check_seconds = 0.0  # every call checks, as the version watch does
         assert served.reload_if_stale() == []  # the read still hangs: not opened beside it
         assert "engram_layer1" in served.reload_refused
@@ -1611,6 +1611,38 @@ def test_a_table_left_closed_under_a_hung_read_opens_at_the_first_check_once_it_
         assert served.reload_if_stale() == ["engram_layer1"]
         assert not served.stores["engram_layer1"].closed
         assert served.reload_refused is None
+    finally:
+        release.set()
+        served.close()
+
+
+def test_the_log_of_a_table_left_closed_under_a_hung_read_says_when_it_is_tried_again(
+    tmp_path, monkeypatch, caplog
+):
+    """A table left closed under a hung read (ESTALE: no new store opens beside its old one) is
+    tried again only once that read ends (or its files change), but the log said "trying again
+    2 s later, then less often while it fails" of it before "once the calls hung in its old
+    store end". It says only when it is tried."""
+    from tiered_store.delta import row_delta
+
+    config = ServeConfig.from_yaml(make_checkpoint(tmp_path, server={"request_timeout_s": 0.5}))
+    monkeypatch.setattr(row_delta, "MIN_MAP_BYTES", 1 << 16)  # a map the other process outgrows
+    served = ServedModel(config)
+    release = threading.Event()
+    try:
+        _, handle = _a_read_hung_in_a_table_grown_elsewhere(served, monkeypatch, release)
+        with warnings.catch_warnings(), caplog.at_level(logging.ERROR, logger="tiered_store.serve"):
+            warnings.simplefilter("ignore", RuntimeWarning)  # "still under way after 0.5 s"
+            assert served.reload_if_stale(force_check=True) == []
+        assert served.left_closing == ["engram_layer1"]
+        [logged] = [r.getMessage() for r in caplog.records if "could not reopen" in r.getMessage()]
+        assert "s later" not in logged and "less often" not in logged, logged
+        assert logged.endswith(
+            "trying engram_layer1 again once the calls hung in its old store end, or once its "
+            "files change"
+        ), logged
+        release.set()
+        assert handle.future.result(10) is not None
     finally:
         release.set()
         served.close()

@@ -699,18 +699,27 @@ class ServedModel:
         kept = sorted(held)
         if refused is not None and (refused, serving, held) != self._refused_logged:
             again = f"trying again every {self.reload_check_seconds:.0f} s"
-            if self._closed_retry:
-                it, its = (
-                    ("it fails", "its") if len(self._closed_retry) == 1 else ("they fail", "their")
-                )
+            # tables left closed: tried at a wait, or (no new store opens beside an old one that
+            # calls hang in) only once those calls end; either at once when their files change
+            hung = [name for name, r in self._closed_retry.items() if r[1] == math.inf]
+            timed = [name for name in self._closed_retry if name not in hung]
+            if timed:
+                it, its = ("it fails", "its") if len(timed) == 1 else ("they fail", "their")
+                who = f"{', '.join(timed)} " if hung else ""  # named: that wait is not theirs
                 again = (
-                    f"trying again {CLOSED_RETRY_FIRST_S:g} s later, then less often while {it} "
-                    f"(at most every {CLOSED_RETRY_MOST_S:g} s), or once {its} files change"
+                    f"trying {who}again {CLOSED_RETRY_FIRST_S:g} s later, then less often while "
+                    f"{it} (at most every {CLOSED_RETRY_MOST_S:g} s), or once {its} files change"
                 )
-                hung = [name for name, r in self._closed_retry.items() if r[1] == math.inf]
-                if hung:  # its new store cannot open beside its old one
-                    its = "its old store" if len(hung) == 1 else "their old stores"
-                    again += f"; {', '.join(hung)} once the calls hung in {its} end"
+            if hung:
+                store, its = (
+                    ("its old store", "its") if len(hung) == 1 else ("their old stores", "their")
+                )
+                when = f"once the calls hung in {store} end, or once {its} files change"
+                again = (
+                    f"{again}; {', '.join(hung)} {when}"
+                    if timed
+                    else f"trying {', '.join(hung)} again {when}"
+                )
             if kept:  # (and the tables stale with them)
                 its = "its" if len(kept) == 1 else "their"
                 again += f"; {', '.join(kept)} once {its} files change (refused for what they hold)"
