@@ -1543,6 +1543,53 @@ def test_healthz_does_not_flap_to_503_while_a_table_grown_elsewhere_is_reopened(
         served.close()
 
 
+def test_table_open_agrees_with_healthz_while_a_table_grown_elsewhere_is_reopened(
+    tmp_path, monkeypatch
+):
+    """While a reload reopened a table grown elsewhere (its old store closed under the request
+    gate, requests waiting, none failing), /healthz did not name it closed, but
+    tiered_store_table_open read 0 for it: the metric and its alert said a closed table that the
+    health check did not. It reads 0 only for a table /healthz names closed."""
+    from tests import forkserver
+    from tiered_store.delta import row_delta
+    from tiered_store.delta.row_delta import delta_path
+
+    def table_open() -> dict[str, float]:
+        with urllib.request.urlopen(server.url + "/metrics", timeout=30) as scraped:
+            text = scraped.read().decode()
+        return {
+            s.labels["table"]: s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+            if s.name == "tiered_store_table_open"
+        }
+
+    monkeypatch.setattr(row_delta, "MIN_MAP_BYTES", 1 << 16)  # a map the other process outgrows
+    server = start_server(make_checkpoint(tmp_path))
+    try:
+        served = server.model
+        served.reload_check_seconds = 3600.0  # checks only when the test asks
+        _commit_a_new_version(served.config.table_path(1))  # layer 1 gets a delta
+        assert served.reload_if_stale(force_check=True) == ["engram_layer1"]
+        old = served.stores["engram_layer1"]
+        with forkserver.context().Pool(1) as pool:  # its map grown in another process
+            path = str(delta_path(old.cold.path))
+            assert pool.apply(_grow_delta_map, (path, old.rows, old.row_bytes)) > 0
+        real, seen = served._open_checked, []
+
+        def probed_open(name, store):  # /healthz and /metrics as the new store opens
+            if store.closed:
+                seen.append((get_json(server.url + "/healthz")[0], table_open()[name]))
+            return real(name, store)
+
+        monkeypatch.setattr(served, "_open_checked", probed_open)
+        assert served.reload_if_stale(force_check=True) == ["engram_layer1"]
+        assert seen == [(200, 1)], seen
+        assert table_open() == {"engram_layer1": 1, "engram_layer3": 1}
+    finally:
+        server.stop()
+
+
 def test_a_stale_table_whose_old_store_hangs_in_a_read_holds_no_request_back(tmp_path, monkeypatch):
     """A table whose map grew elsewhere has its old store closed under the request gate before
     its new store opens; that close waited without end for a call hung in the old store (a

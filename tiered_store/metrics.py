@@ -224,9 +224,10 @@ METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
     "tiered_store_table_open": (
         "gauge",
         ("table",),
-        "1 while the table's store is open; 0 while a reload has closed it and not opened its "
-        "new version yet (its lookups answer 503, its other gauges keep the closed store's last "
-        "values).",
+        "1 while the table's store is open (or being reopened on its new version, requests "
+        "waiting for it); 0 while a reload has left it closed, its new version not opened (its "
+        "lookups answer 503, /healthz names it closed, its other gauges keep the closed store's "
+        "last values).",
     ),
     "tiered_store_table_rows": ("gauge", ("table",), "Rows of the table (the cold tier)."),
     "tiered_store_row_size_bytes": ("gauge", ("table",), "Bytes per table row."),
@@ -450,6 +451,9 @@ class TableHealth:
     reloads: int = 0  # reopened on a new version (serve)
     # checks whose new version was not served, tried or not, but postponed ones (serve)
     reload_failures: int = 0
+    # its store closed by the reload under way to open its new one, which runs now (serve):
+    # requests wait for it, so neither /healthz nor tiered_store_table_open names it closed
+    reopening: bool = False
     # (sample name, labels) -> what the table's stores closed by reloads counted (``carry``)
     carried: dict[SampleKey, float] = field(default_factory=dict, repr=False, compare=False)
     # held by a scrape reading the table's store and ``carried``, and by a swap changing them
@@ -597,6 +601,9 @@ class TieredStoreCollector(Collector):
         fam = {name: _family(name) for name in STORE_METRICS}
         cls._add_tiers(fam, table, store)
         cls._add_cold(fam, table, store)
+        fam["tiered_store_table_open"].add_metric(
+            [table], int(not store.closed or health.reopening)
+        )
         for name, value in store.write_counters().items():
             fam[f"tiered_store_{name}"].add_metric([table], value)
         _add_histogram(fam["tiered_store_lookup_duration_seconds"], [table], store.lookup_latency)
@@ -658,7 +665,6 @@ class TieredStoreCollector(Collector):
     def _add_cold(fam: dict[str, Any], table: str, store: TieredStore) -> None:
         """Table geometry and cold-tier read counters of one store."""
         cold = store.cold
-        fam["tiered_store_table_open"].add_metric([table], int(not store.closed))
         fam["tiered_store_table_rows"].add_metric([table], store.rows)
         fam["tiered_store_row_size_bytes"].add_metric([table], store.row_bytes)
         fam["tiered_store_cold_read_rows_total"].add_metric([table], cold.rows_read)

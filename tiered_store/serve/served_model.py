@@ -249,9 +249,6 @@ class ServedModel:
             # table left closed -> (its files, when tried again, the wait, why): its reopen failed
             self._closed_retry: dict[str, tuple[Any, float, float, str]] = {}
             self._outlasted: frozenset[int] = frozenset()  # answers a reload gave up waiting for
-            # tables whose old store the reload under way closed to open the new (requests wait
-            # for the swap meanwhile): not named closed (/healthz 503) unless that open fails
-            self._reopening: set[str] = set()
             self.converted_anew: str | None = None  # set once the dense file changed (restart)
             # (table, store) that close(wait_s=) left to close under a call hung in it (at the
             # close, or a reload's of the store it swapped out): left_closing (``_leave``)
@@ -384,7 +381,7 @@ class ServedModel:
             self._last_version_check = now
             return self._reload_stale(force_check)
         finally:
-            self._reopening.clear()  # one whose open failed is closed from now on
+            self._end_reopening()  # one whose open failed is closed from now on
             self._reloading.release()
 
     def _reload_stale(self, force: bool = False) -> list[str]:
@@ -505,7 +502,7 @@ class ServedModel:
                 self.model.set_tables(self._guarded(opened))
             except Exception as exc:  # noqa: BLE001 (ConfigError: another geometry; out of
                 # memory beside the old stores: refused as any failure, never a request's error)
-                self._reopening.clear()  # not swapped in: closed, unless reopened alone below
+                self._end_reopening()  # not swapped in: closed, unless reopened alone below
                 # a table left closed whose new store opened is served alone, not opened again
                 ahead = {n: s for n, s in opened.items() if n != refused and self.stores[n].closed}
                 try:  # (a Ctrl-C as either begins, or as the reopen takes a store, included)
@@ -751,8 +748,14 @@ class ServedModel:
         return [
             name
             for name, store in self.stores.items()
-            if isinstance(store, TieredStore) and store.closed and name not in self._reopening
+            if isinstance(store, TieredStore) and store.closed and not self.health[name].reopening
         ]
+
+    def _end_reopening(self) -> None:
+        """No table is being reopened now (``TableHealth.reopening``): one whose store is closed
+        is named closed (/healthz, ``tiered_store_table_open``)."""
+        for health in self.health.values():
+            health.reopening = False
 
     def _reopen_closed(
         self, names: list[str], ahead: dict[str, TieredStore] | None = None
@@ -892,12 +895,12 @@ class ServedModel:
         hung on a dead disk holds no request back for good): one that outlasts it is left to
         close under them (in ``left_closing``), and the new store opens once they end."""
         old = self.stores[name]
-        self._reopening.add(name)
+        self.health[name].reopening = True  # not named closed while it opens
         try:
             self._close_or_leave(name, old, self.config.server.request_timeout_s)
             return self._open_checked(name, old)
         except BaseException:  # closed from now on (the refusal's log and /healthz say so)
-            self._reopening.discard(name)
+            self.health[name].reopening = False
             raise
 
     def _open_checked(self, name: str, old: TieredStore) -> TieredStore:
