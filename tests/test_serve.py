@@ -1857,6 +1857,36 @@ def _recorded_opens(served, monkeypatch, refused=()) -> list:
     return opened
 
 
+@pytest.mark.parametrize("through", ["an answer outlasting the reload", "a refused swap"])
+def test_a_ctrl_c_as_a_table_reopened_alone_is_served_leaves_no_store_unnamed(
+    tmp_path, monkeypatch, through
+):
+    """A table left closed, reopened alone by a store opened then (behind an answer outlasting
+    the reload, or another table's refused version before it was opened ahead): a Ctrl-C as
+    that store was being served (the model reading it already) left ``stores`` naming the
+    closed one, the new one open and out of every guard's reach: /healthz named the table
+    closed while it served, and the next reload left that store open for good. It is served
+    (``stores`` names what the model reads), or closed."""
+    with contextlib.ExitStack() as stack:
+        if through == "a refused swap":
+            served = ServedModel(ServeConfig.from_yaml(make_checkpoint(tmp_path)))
+            stack.callback(served.close)
+            served.reload_check_seconds = 3600.0  # checks only when the test asks
+            _commit_a_new_version(served.config.table_path(1))  # refused below
+        else:
+            served, *_ = stack.enter_context(
+                _an_answer_in_flight_over_a_commit(tmp_path, 0.2, _hung_answer)
+            )
+            assert served.reload_if_stale(force_check=True) == []  # it outlasts the wait
+        served.stores["engram_layer3"].close()  # what a refused reload may leave
+        opened = _recorded_opens(served, monkeypatch, refused=("engram_layer1",))
+        _reload_interrupted_at(served, _called_by("_serve_or_close", "_reopen_closed"))
+        [new] = opened
+        assert served.model.tables[3].table is served.stores["engram_layer3"]
+        assert served.stores["engram_layer3"] is new or new.closed
+        assert served.closed_tables() == ([] if not new.closed else ["engram_layer3"])
+
+
 def test_a_reload_postponed_for_an_answer_still_running_closes_the_stores_it_opened(tmp_path):
     """The new stores open before the swap waits for the answers in flight: one that outlasts
     request_timeout_s postpones the swap, and what was opened for it is closed again."""

@@ -449,7 +449,12 @@ class ServedModel:
                 self._postponed(stale, unreadable, outlasted)
                 return []
             with self._gate.exclusive(timeout=0) as running:  # a table left closed meanwhile
-                return self._reopen_alone(stale, files, unreadable, running)
+                ahead: dict[str, TieredStore] = {}  # the stores it opens, in reach of the guard
+                try:
+                    return self._reopen_alone(stale, files, unreadable, running, ahead)
+                except BaseException:  # Ctrl-C: none of them left open (one served stays)
+                    self._serve_or_close(ahead)
+                    raise
         bound = self.config.server.request_timeout_s
         opened: dict[str, TieredStore] = {}
         # the old stores close once the gate opens (after_gate exits last): no request reads
@@ -483,7 +488,7 @@ class ServedModel:
                             self._serve_or_close(ahead)
                         finally:  # the guard below closes none of them again
                             for name in ahead:
-                                del opened[name]
+                                opened.pop(name, None)
                         raise
             except BaseException:  # Ctrl-C while it waits for the answers (or before, or as it
                 _close_all(opened)  # closes them, postponed): none left open
@@ -512,7 +517,7 @@ class ServedModel:
                         [n for n in stale if n != refused], ahead
                     )
                 except BaseException:  # Ctrl-C: none of them left open (one served stays)
-                    self._serve_or_close(opened)
+                    self._serve_or_close({**opened, **ahead})  # (those it opened alone too)
                     raise
                 for name in stale:  # counted at every check that refuses it, as it is retried
                     if name not in reopened:  # (one reopened alone is counted as a reload)
@@ -563,13 +568,13 @@ class ServedModel:
         files: dict[str, Any],
         reasons: list[str],
         running: int,
-        ahead: dict[str, TieredStore] | None = None,
+        ahead: dict[str, TieredStore],
     ) -> list[str]:
         """While ``running`` answers outlast a reload of ``stale`` (the caller holds the gate):
-        each table left closed is reopened alone (``_reopen_closed``; no answer reads a version
-        of it, so none mixes two), one failing tried again later as after a refused reload; the
-        others wait for those answers (``reasons``: why the other tables keep their version).
-        Returns the tables reopened."""
+        each table left closed is reopened alone (``_reopen_closed``, over ``ahead``: no answer
+        reads a version of it, so none mixes two), one failing tried again later as after a
+        refused reload; the others wait for those answers (``reasons``: why the other tables keep
+        their version). Returns the tables reopened."""
         closed = [name for name in stale if self.stores[name].closed]
         reopened, failed = self._reopen_closed(closed, ahead)
         for name, error in failed.items():
@@ -758,24 +763,25 @@ class ServedModel:
             health.reopening = False
 
     def _reopen_closed(
-        self, names: list[str], ahead: dict[str, TieredStore] | None = None
+        self, names: list[str], ahead: dict[str, TieredStore]
     ) -> tuple[list[str], dict[str, str]]:
         """After a refused swap: each table whose old store is closed (a map grown elsewhere, or
         a reload before) on its new version alone, so that another table's failure does not take
-        it down: the store the swap opened for it (``ahead``, by table), else one opened now; one
-        that does not open answers 503 until a check opens it. Interrupted (Ctrl-C), the store of
-        the table it was at is served once the model took it, else closed (the caller's guard
-        closes those of ``ahead`` not reached). Returns the tables reopened, and why each of
+        it down: the store the swap opened for it (``ahead``, by table), else one opened now (put
+        in ``ahead``, the caller's: none out of its reach once opened); one that does not open
+        answers 503 until a check opens it. Interrupted (Ctrl-C), the store of the table it was
+        at is served once the model took it, else closed (the caller's guard serves or closes
+        those of ``ahead``: ``_serve_or_close``). Returns the tables reopened, and why each of
         those that did not failed."""
         reopened, failed = [], {}
         for name in names:
             old = self.stores[name]
             if not old.closed:
                 continue
-            new = (ahead or {}).get(name)
+            new = ahead.get(name)
             try:
                 if new is None:
-                    new = self._open_checked(name, old)
+                    new = ahead[name] = self._open_checked(name, old)
                 self.model.set_tables(self._guarded({name: new}))
             except Exception as exc:  # noqa: BLE001 (out of memory too: the others go on)
                 failed[name] = error_text(exc)  # logged by the caller, with the refusal
