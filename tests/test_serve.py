@@ -2754,6 +2754,35 @@ def test_a_conversion_rerun_is_not_served_under_the_dense_weights_loaded(
         server.stop()
 
 
+def test_a_conversion_rerun_found_while_an_answer_outlasts_the_reload_is_logged(tmp_path, caplog):
+    """A conversion rerun (the dense file replaced) found by a reload that an answer outlasted
+    (a worker hung on a read): the reload was logged as postponed, "trying again once they
+    end", though no later check tries anything once the dense file changed, and that a restart
+    serves the new checkpoint was never logged; /healthz kept the table "postponed" for good.
+    It is refused as any reload that finds it: logged once, nothing postponed."""
+    import shutil
+
+    with _an_answer_in_flight_over_a_commit(tmp_path, 0.2, _hung_answer) as (
+        served,
+        config,
+        _,
+        _,
+        end,
+    ):
+        copy = tmp_path / "dense.copy"
+        shutil.copy2(config.dense_path, copy)
+        os.replace(copy, config.dense_path)  # the same bytes, another file: converted anew
+        with caplog.at_level(logging.WARNING, logger="tiered_store.serve"):
+            assert served.reload_if_stale(force_check=True) == []
+            assert served.converted_anew is not None
+            end()  # the answer ends: nothing is tried again
+            assert served.reload_if_stale(force_check=True) == []
+        logged = [r.getMessage() for r in caplog.records if "converted anew" in r.getMessage()]
+        assert len(logged) == 1 and "restart the server" in logged[0], caplog.text
+        assert "postponed" not in caplog.text and "postponed" not in (served.reload_refused or "")
+        assert served.reloads == 0
+
+
 def test_a_conversion_rerun_of_another_model_is_said_to_need_a_restart(tmp_path):
     """A rerun of another model (another hash seed) over the served checkpoint: the reload's
     layout check refused its tables before the dense file was looked at, so the server never

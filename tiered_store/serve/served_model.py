@@ -465,8 +465,12 @@ class ServedModel:
                 if self._closing.is_set():  # closed meanwhile: nothing swapped in, none left open
                     _close_all(opened)
                     return []
-                running = gate.enter_context(self._gate.exclusive(timeout=bound))
-                if running:  # a worker hung on a read: requests go on over the version open now
+                # the dense file changed (an open found it): no version is swapped in, nor tried
+                # again, so none waits for the answers running; refused below, logged once
+                anew = self.converted_anew is not None
+                running = gate.enter_context(self._gate.exclusive(timeout=0 if anew else bound))
+                # a worker hung on a read: requests go on over the version open now
+                if running and not anew:
                     ahead = {n: s for n, s in opened.items() if self.stores[n].closed}
                     _close_all({n: s for n, s in opened.items() if n not in ahead})
                     self._outlasted = self._gate.in_flight()
