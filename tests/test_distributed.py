@@ -1334,7 +1334,8 @@ def test_sharded_serving_names_a_failed_rank_and_never_waits_for_it_for_good(tmp
     finally:
         errors = _ended(ranks)
     assert "verify_on_start" in errors[1]
-    assert "start #" in errors[0] and "rank 1" in errors[0], errors[0]
+    assert "start (before the first collective round)" in errors[0], errors[0]
+    assert "rank 1" in errors[0], errors[0]
 
 
 def test_serving_compacted_shards_checks_and_scrubs_the_versions_they_serve(tmp_path):
@@ -1432,7 +1433,8 @@ def test_a_follower_that_cannot_bind_its_metrics_stops_every_rank_with_a_clear_e
             errors = _ended(ranks)
     want = f"store.metrics.address: rank 1 cannot listen on 127.0.0.1:{port + 1}"
     assert want in errors[1] and "Traceback" not in errors[1], errors[1]
-    assert "start #" in errors[0] and "rank 1" in errors[0], errors[0]
+    assert "start (before the first collective round)" in errors[0], errors[0]
+    assert "rank 1" in errors[0], errors[0]
 
 
 def test_a_bad_page_in_a_followers_shard_fails_that_request_only(tmp_path):
