@@ -2458,6 +2458,66 @@ def test_a_decided_step_staged_on_one_shard_is_committed_after_the_other_shard_i
         assert [result["reopened rows"][i][0] for i in (3, 460)] == [2.0, 2.0]
 
 
+def _as_a_release_before_round_ids(store: TieredStore, stage: int | None = None) -> None:
+    """What a release before round ids did on ``store``'s shard: commit its staged step, then
+    (``stage``) stage that step of its writes; neither touched the staged round's key."""
+    from tiered_store.delta.row_delta import STAGED_STEP_KEY, _step_bytes
+
+    delta = store._writes.delta
+
+    def commit(txn) -> None:
+        staged = delta._staged_db(txn)
+        step = txn.get(STAGED_STEP_KEY, db=delta.meta_db)
+        txn.cursor(db=delta.rows_db).putmulti(txn.cursor(db=staged).iternext())
+        txn.drop(staged, delete=False)
+        txn.delete(STAGED_STEP_KEY, db=delta.meta_db)
+        txn.put(b"step", bytes(step), db=delta.meta_db)
+
+    delta._write("an old release's commit of the staged step", commit)
+    if stage is not None:
+        delta._write(
+            "an old release's staging",
+            lambda txn: txn.put(STAGED_STEP_KEY, _step_bytes(stage), db=delta.meta_db),
+        )
+
+
+def test_a_round_id_left_by_a_release_before_round_ids_never_decides_a_later_staged_step(
+    tmp_path,
+):
+    """Round R's step 2 staged on both shards, committed on rank 1's (rank 0 killed before its
+    phase 2); a release before round ids then committed rank 0's and staged step 3 there (rank
+    1 killed before staging it), leaving R as rank 0's staged round: the open read step 3 as
+    staged in R, which rank 1 committed, and committed it (the shards torn at 3 and 2). The
+    staged round is bound to its step: one staged at another step is none (decided by steps)."""
+    from tests.distributed_support import resumed_commit_worker
+
+    plain = make_plain_table(tmp_path)
+    shards = write_shards(plain, 2, "rows", template=shards_template(plain, "rows"), progress=False)
+    start = shards[1].shard_map.shard_range(1)[0]
+    for shard, row in ((shards[0], 3), (shards[1], 460 - start)):
+        store = TieredStore.open({"table": {"path": str(shard.path)}})
+        store.write([row], torch.full((1, store.row_width), 1.0))
+        store.commit(1)
+        store.write([row], torch.full((1, store.row_width), 2.0))
+        store.prepare_commit(2, round_id="round")
+        if shard.rank == 1:
+            store.finish_commit(2)
+        else:  # killed before its phase 2; then an old release's open and commit round
+            _as_a_release_before_round_ids(store, stage=3)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UncommittedWritesWarning)
+            store.close()
+    out = tmp_path / "out"
+    out.mkdir()
+    codes = run_ranks(resumed_commit_worker, 2, (str(plain), out), 60)
+    results = _results(out, 2)
+    assert codes == [0, 0] and not any("crash" in r for r in results), results
+    for result in results:
+        assert result["reopened warnings"] == [] and result["reopened step"] == 2, result
+        assert result["reopened staged"] is None and "redone" not in result
+        assert [result["reopened rows"][i][0] for i in (3, 460)] == [2.0, 2.0]
+
+
 def _check_torn_commit_is_found_and_redone(plain: Path, out: Path) -> None:
     """Over shards of ``plain`` that a torn commit left at steps 1 (rank 0) and 2 (rank 1), one
     row of each written 1.0 and 2.0 at those steps: reopened on two new ranks, every rank warns,

@@ -59,7 +59,10 @@ LOCK_FILE_BYTES = 128 + MAX_READERS * 64  # LMDB's lock file: a header, a 64-byt
 GROW_ATTEMPTS = 8  # a commit that fills the map doubles it and retries this many times at most
 STAGED_DB = b"staged"  # a sharded commit's first phase: records put aside, not yet committed
 STAGED_STEP_KEY = b"staged_step"  # in ``meta``: the step of the staged records (absent: none)
-STAGED_ROUND_KEY = b"staged_round"  # in ``meta``: the sharded commit round that staged them
+# in ``meta``: the sharded commit round that staged them, bound to their step ("round@step"): a
+# release before round ids staged without touching it, so one of another step is not theirs
+STAGED_ROUND_KEY = b"staged_round"
+_STAGED_ROUND_KEYS = (STAGED_ROUND_KEY, STAGED_STEP_KEY)  # what ``_round_of`` reads
 COMMITTED_ROUND_KEY = b"committed_round"  # in ``meta``: the round of the last staged commit
 
 
@@ -520,24 +523,27 @@ class RowDelta:
     @property
     def commit_rounds(self) -> tuple[str | None, str | None]:
         """(the round ``stage`` recorded with the staged records, the round of the last
-        ``commit_staged``), each None where none was recorded; read in one transaction."""
+        ``commit_staged``), each None where none was recorded (a staged round recorded at
+        another step than the one staged: none, left by a release before round ids, whose
+        ``stage`` kept it); read in one transaction."""
         self._check_process()
         try:
             with self._read_txn() as txn:
-                raw = [txn.get(k, db=self.meta_db) for k in (STAGED_ROUND_KEY, COMMITTED_ROUND_KEY)]
+                staged = _round_of(*(txn.get(k, db=self.meta_db) for k in _STAGED_ROUND_KEYS))
+                committed = txn.get(COMMITTED_ROUND_KEY, db=self.meta_db)
         except lmdb.Error as exc:
             raise self._read_failed("the commit rounds of ", exc) from None
-        staged, committed = (None if r is None else bytes(r).decode() for r in raw)
-        return staged, committed
+        return staged, None if committed is None else bytes(committed).decode()
 
     def stage(
         self, ids: np.ndarray, rows: np.ndarray, step: int, round_id: str | None = None
     ) -> None:
         """A sharded commit's first phase: put the records of ``rows`` for unique ``ids`` at
         ``step`` aside (replacing any staged before) in one durable transaction, with the id of
-        the sharded commit's round (``round_id``: its open decides from it); the committed
-        rows and step are untouched, and no reader sees the staged ones. ``CommitError`` as
-        ``commit``; the previous commit and what was staged before then stand."""
+        the sharded commit's round (``round_id``, bound to ``step``: its open decides from it);
+        the committed rows and step are untouched, and no reader sees the staged ones.
+        ``CommitError`` as ``commit``; the previous commit and what was staged before then
+        stand."""
         keys, values, step_bytes = self._records(ids, rows, step, "stage")
 
         def write(txn: lmdb.Transaction) -> None:
@@ -548,8 +554,8 @@ class RowDelta:
             txn.put(STAGED_STEP_KEY, step_bytes, db=self.meta_db)
             if round_id is None:
                 txn.delete(STAGED_ROUND_KEY, db=self.meta_db)
-            else:
-                txn.put(STAGED_ROUND_KEY, round_id.encode(), db=self.meta_db)
+            else:  # bound to the step: a later stage of a release before round ids keeps it
+                txn.put(STAGED_ROUND_KEY, f"{round_id}@{step}".encode(), db=self.meta_db)
 
         self._write(f"staging of step {step}", write, len(keys))
 
@@ -571,13 +577,13 @@ class RowDelta:
             staged = self._staged_db(txn)
             txn.cursor(db=self.rows_db).putmulti(txn.cursor(db=staged).iternext())
             txn.drop(staged, delete=False)
+            round_id = _round_of(*(txn.get(k, db=self.meta_db) for k in _STAGED_ROUND_KEYS))
             txn.delete(STAGED_STEP_KEY, db=self.meta_db)
-            round_id = txn.get(STAGED_ROUND_KEY, db=self.meta_db)
+            txn.delete(STAGED_ROUND_KEY, db=self.meta_db)
             if round_id is None:
                 txn.delete(COMMITTED_ROUND_KEY, db=self.meta_db)
             else:  # the round's other shards read it at their open: this one committed it
-                txn.put(COMMITTED_ROUND_KEY, bytes(round_id), db=self.meta_db)
-                txn.delete(STAGED_ROUND_KEY, db=self.meta_db)
+                txn.put(COMMITTED_ROUND_KEY, round_id.encode(), db=self.meta_db)
             txn.put(b"step", _step_bytes(step), db=self.meta_db)
 
         self._write(f"commit of the staged step {step}", write)
@@ -1148,6 +1154,15 @@ def _release_env(key: tuple) -> None:
 def _int_value(raw: bytes | None) -> int:
     """An int64 stored little-endian (0 when absent)."""
     return 0 if raw is None else int.from_bytes(raw, "little", signed=True)
+
+
+def _round_of(raw: bytes | None, staged_step: bytes | None) -> str | None:
+    """The round of a staged round's key as stored ("round@step"), when its step is the staged
+    step as stored (``staged_step``); else None (nothing staged, or a round staged before)."""
+    if raw is None or staged_step is None:
+        return None
+    round_id, _, step = bytes(raw).decode().rpartition("@")
+    return round_id if round_id and step == str(_int_value(staged_step)) else None
 
 
 def _step_bytes(step: int) -> bytes:
