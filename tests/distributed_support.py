@@ -1536,6 +1536,61 @@ def torn_two_steps_worker(rank: int, world: int, port: int, plain: str, out: Pat
     _report(out, rank, result)
 
 
+def killed_in_two_redos_worker(
+    rank: int,
+    world: int,
+    port: int,
+    plain: str,
+    out: Path,
+    kill_step: int,
+    phase: str,
+    killed: tuple[int, ...],
+) -> None:
+    """Every rank (its store's timeout 6 s), over shards a torn commit left at steps 1 and 3:
+    steps 2 and 3 redone (row 3 or 460 at 2.0, then 3.0), the ranks ``killed`` killed
+    (SIGKILL) in the redo of ``kill_step`` as their shard enters ``phase``."""
+    from tiered_store.distributed import ShardedStore
+
+    _join_group(rank, world, port)
+    result: dict[str, Any] = {}
+    cfg = _store_config(Path(plain), world, "rows")
+    cfg["sharding"]["timeout_s"] = 6
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the torn commit's warning (tested elsewhere)
+            store = ShardedStore.open(cfg)
+        mine = torch.tensor([3 if rank == 0 else 460])  # a row of this rank's shard
+        for step in (2, 3):
+            store.write(mine, torch.full((1, store.row_width), float(step)))
+            if step == kill_step and rank in killed:
+                setattr(store.local, phase, lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL))
+            result[f"redo {step}"] = store.commit(step)
+    except BaseException:
+        result["crash"] = traceback.format_exc()
+    _report(out, rank, result)
+    os._exit(0)  # the group may be broken: no teardown
+
+
+def resumed_redos_worker(rank: int, world: int, port: int, plain: str, out: Path) -> None:
+    """Every rank, over shards ``killed_in_two_redos_worker`` left: reopened (warnings, step,
+    rows 3 and 460), the steps after the committed one redone up to 3, reopened again."""
+    _join_group(rank, world, port)
+    result: dict[str, Any] = {}
+    cfg = _store_config(Path(plain), world, "rows")
+    try:
+        store = _opened_and_recorded(cfg, result, "reopened", torch.tensor([3, 460]))
+        mine = torch.tensor([3 if rank == 0 else 460])
+        for step in range(store.committed_step + 1, 4):
+            store.write(mine, torch.full((1, store.row_width), float(step)))
+            result[f"redo {step}"] = store.commit(step)
+        store.close()
+        _opened_and_recorded(cfg, result, "after", torch.tensor([3, 460])).close()
+        dist_destroy()
+    except BaseException:
+        result["crash"] = traceback.format_exc()
+    _report(out, rank, result)
+
+
 def resumed_commit_worker(rank: int, world: int, port: int, plain: str, out: Path) -> None:
     """Every rank, over shards a killed sharded commit of rows 3 and 460 (2.0, step 2) left
     behind: reopened (warnings, step, every row, this shard's staged step), the step redone

@@ -2567,6 +2567,46 @@ def test_a_shard_two_steps_ahead_after_a_torn_commit_takes_the_lower_redone_step
 
 
 @pytest.mark.parametrize(
+    ("kill_step", "phase", "killed", "reopened"),
+    [
+        (2, "prepare_commit", (1,), (1, [10.0, 30.0])),  # rank 1 before staging: dropped
+        (2, "finish_commit", (0, 1), (2, [2.0, 2.0])),  # every shard staged: committed
+        (2, "finish_commit", (0,), (2, [2.0, 2.0])),  # rank 1's shard committed it
+        (3, "finish_commit", (1,), (3, [3.0, 3.0])),  # rank 0's shard committed it
+    ],
+)
+def test_a_kill_in_two_redos_after_a_torn_commit_reopens_at_a_step_that_redoes_to_the_end(
+    tmp_path, kill_step, phase, killed, reopened
+):
+    """Over shards a torn commit left at steps 1 (rank 0) and 3 (rank 1), steps 2 and 3 redone
+    and ranks killed in one redo: the reopen commits or drops the redo whole (the shard ahead
+    at its own step 3, showing the redone rows), says the oldest step, and the steps redone
+    from it leave both shards at step 3 with the last redo's rows."""
+    from tests.distributed_support import killed_in_two_redos_worker, resumed_redos_worker
+
+    plain = make_plain_table(tmp_path)
+    shards = write_shards(plain, 2, "rows", template=shards_template(plain, "rows"), progress=False)
+    start = shards[1].shard_map.shard_range(1)[0]
+    for shard, row, steps in ((shards[0], 3, 1), (shards[1], 460 - start, 3)):
+        with TieredStore.open({"table": {"path": str(shard.path)}}) as store:
+            for value in range(1, steps + 1):
+                store.write([row], torch.full((1, store.row_width), 10.0 * value))
+                store.commit()
+    out = tmp_path / "out"
+    out.mkdir()
+    args = (str(plain), out, kill_step, phase, killed)
+    assert run_ranks(killed_in_two_redos_worker, 2, args, 60)[killed[0]] == -9
+    codes = run_ranks(resumed_redos_worker, 2, (str(plain), out), 60)
+    results = _results(out, 2)
+    assert codes == [0, 0] and not any("crash" in r for r in results), results
+    for result in results:
+        assert (result["reopened step"], result["reopened rows"]) == reopened, result
+        assert bool(result["reopened warnings"]) == (reopened[0] < 3), result  # torn till 3
+        assert result["after warnings"] == [] and result["after step"] == 3
+        assert result["after rows"] == [3.0, 3.0]
+
+
+@pytest.mark.parametrize(
     ("phase", "resumed_at"),
     [("prepare_commit", 1), ("finish_commit", 2)],
     ids=["before-staging", "after-every-shard-staged"],
