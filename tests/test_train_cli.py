@@ -1375,3 +1375,19 @@ def test_a_corpus_inside_the_run_folder_is_still_read(tmp_path):
     settings = replace(_settings(out / "texts"), steps=1, checkpoint_every=1)
     assert train(out, settings, resume=False, progress=False)["steps"] == 1
     assert _committed(out) == 1
+
+
+def test_a_corpus_inside_the_run_folder_named_through_a_link_is_still_read(tmp_path):
+    """A run folder or a corpus named through a symbolic link was compared by its name: a
+    corpus inside the run was taken for one outside it, the run's folder left out of it, and
+    the run refused, its every file in "the excluded folder (analyze's --out)"; links are
+    followed, so each trains on its corpus, and resumes."""
+    for name, link in (("run", "run-link"), ("run2", "texts-link")):
+        shutil.copytree(ROOT / "tiered_store" / "engram", tmp_path / name / "texts")
+        (tmp_path / link).symlink_to(tmp_path / name / ("" if name == "run" else "texts"))
+    by_run_link = replace(_settings(tmp_path / "run" / "texts"), steps=1, checkpoint_every=1)
+    by_corpus_link = replace(_settings(tmp_path / "texts-link"), steps=1, checkpoint_every=1)
+    for out, settings in ((tmp_path / "run-link", by_run_link), (tmp_path / "run2", by_corpus_link)):  # fmt: skip
+        assert train(out, settings, resume=False, progress=False)["steps"] == 1
+        assert train(out, replace(settings, steps=2), resume=True, progress=False)["steps"] == 2
+        assert _committed(out) == 2

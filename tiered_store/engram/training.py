@@ -343,9 +343,10 @@ def _run(out, settings, model, table, layers, sizes, batches, progress, out_name
 def _outside_corpus(out: Path, corpus: list[str] | None) -> Path | None:
     """``out`` where no path of ``corpus`` lies in it (then its files, the run's train.json and
     loss.csv, are never read as text: a resume of a run inside its corpus reads what the run
-    began on), else None (the corpus is in the run's folder: excluding it would leave none)."""
-    here = Path(os.path.abspath(out))
-    paths = [Path(os.path.abspath(p)) for p in corpus or []]
+    began on), else None (the corpus is in the run's folder: excluding it would leave none).
+    Links are followed: a run or corpus named through one is where its link leads."""
+    here = Path(os.path.realpath(out))
+    paths = [Path(os.path.realpath(p)) for p in corpus or []]
     return None if any(p == here or here in p.parents for p in paths) else out
 
 
