@@ -1391,3 +1391,15 @@ def test_a_corpus_inside_the_run_folder_named_through_a_link_is_still_read(tmp_p
         assert train(out, settings, resume=False, progress=False)["steps"] == 1
         assert train(out, replace(settings, steps=2), resume=True, progress=False)["steps"] == 2
         assert _committed(out) == 2
+
+
+def test_a_corpus_path_in_the_home_folder_is_read_there(tmp_path, monkeypatch):
+    """A corpus path with a leading ~ (a Python caller's, or a quoted --corpus) was made
+    absolute first, as a folder named ~ under the current one, and refused as no such file; it
+    is the home folder, as every corpus path's ~ is, and the run saves where it found it."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    shutil.copytree(ROOT / "tiered_store" / "engram", tmp_path / "texts")
+    settings = replace(_settings(ROOT), corpus=["~/texts"], steps=1, checkpoint_every=1)
+    assert train(tmp_path / "run", settings, resume=False, progress=False)["steps"] == 1
+    saved = json.loads((tmp_path / "run" / "train.json").read_text())
+    assert saved["corpus"] == [str(tmp_path / "texts")]

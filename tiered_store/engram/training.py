@@ -62,7 +62,7 @@ from ..cli_args import (
     saying_made,
 )
 from ..cold_table import IO_MODES
-from ..config import check_device, load_yaml, naming_file
+from ..config import check_device, expand_home, load_yaml, naming_file
 from ..corpus import CorpusError, corpus_paths, resolve_corpus
 from ..delta.row_delta import delta_path
 from ..delta.row_optimizers import OPTIMIZERS, make_row_optimizer
@@ -152,7 +152,8 @@ def train(
         raise ConfigError(f"{_option('device', out_name)}: {exc}") from None
     compute = compute_device(device, _option("device", out_name))  # CUDA there: ConfigError
     if settings.corpus:  # as found from here (a resume may run in another directory)
-        paths = [os.path.abspath(c) for c in corpus_paths(settings.corpus)]  # one: one path
+        # one: one path; a leading ~ read first (abspath makes "~/t" a folder here named ~)
+        paths = [os.path.abspath(expand_home(c)) for c in corpus_paths(settings.corpus)]
         settings = replace(settings, corpus=paths)
     # a resume's settings are the run's saved ones (``saved_in``): an error in them names the
     # file (the options a resume is given do not change them)
