@@ -1403,3 +1403,19 @@ def test_a_corpus_path_in_the_home_folder_is_read_there(tmp_path, monkeypatch):
     assert train(tmp_path / "run", settings, resume=False, progress=False)["steps"] == 1
     saved = json.loads((tmp_path / "run" / "train.json").read_text())
     assert saved["corpus"] == [str(tmp_path / "texts")]
+
+
+def test_a_python_resume_without_a_step_count_goes_on_to_the_runs_own(tmp_path):
+    """``TrainSettings().steps`` was 200, so a Python ``train(resume=True)`` given default
+    settings grew a run of 2 steps to 200 (the command's --resume keeps the run's count unless
+    --steps is given); None means not given, as on the command line: a resume keeps the run's
+    count, a new run takes 200; a count of 0 is refused, as --steps 0 is."""
+    out = tmp_path / "run"
+    settings = replace(_settings(ROOT / "tiered_store" / "engram"), steps=2, checkpoint_every=1)
+    assert train(out, settings, resume=False, progress=False)["steps"] == 2
+    assert train(out, TrainSettings(), resume=True, progress=False)["steps"] == 2
+    assert json.loads((out / "train.json").read_text())["steps"] == 2
+    assert TrainSettings().steps is None
+    with pytest.raises(ConfigError, match=r"^steps: expected an integer >= 1, got 0$"):
+        train(tmp_path / "new", replace(settings, steps=0), resume=False, progress=False)
+    assert not (tmp_path / "new").exists()

@@ -90,14 +90,16 @@ DENSE_NAME = r"dense-([1-9][0-9]*)\.pt"  # train's dense-S.pt (S >= 1, no leadin
 APPLIED_KEY = "applied_steps"  # in dense-S.pt: steps applied by S (the rows' Adam count)
 COMMITTED_FILE = "committed.json"  # the step of the table's last commit, as the run recorded it
 RUN_ID_KEY = "run_id"  # in committed.json and the table's "trainable" metadata: whose record
+DEFAULT_STEPS = 200  # a new run's step count where none is given
 AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # --precision's dtypes
 
 
 @dataclass
 class TrainSettings:
-    """Everything a run needs; saved in ``OUT/train.json`` so ``--resume`` continues the same."""
+    """Everything a run needs; saved in ``OUT/train.json`` so ``--resume`` continues the same.
+    ``steps`` None: not given (a new run's ``DEFAULT_STEPS``; a resume's, the run's own)."""
 
-    steps: int = 200
+    steps: int | None = None
     batch_size: int = 8
     seq_len: int = 128
     checkpoint_every: int = 20
@@ -144,6 +146,8 @@ def train(
     (``resume``, ``batch_size``), and a folder it makes is said on stderr then
     (``--out: created 'RUN'``). ``device``: where the model computes and the hot tier lives
     (``cpu``, ``cuda``, ``cuda:N``); not a setting of the run, so a resume may move it.
+    ``settings.steps``: the count to reach (a resume's only grows); None: a new run's
+    ``DEFAULT_STEPS``, a resume's own count.
     ``model_file``: the file ``settings.model`` was read from (the command's ``--model``),
     named with the key in an error of the model (a resume's names its saved settings file)."""
     try:
@@ -650,8 +654,8 @@ def _settings(
     asked: Collection[str] | None,
     out_name: str,
 ) -> tuple[TrainSettings, Path | None]:
-    """The run's settings, checked: saved ones on resume (the step count may grow: ``steps`` 0
-    means not asked, the run's own), else ``given``; a resume warns of the ``asked`` settings
+    """The run's settings, checked: saved ones on resume (the step count may grow: ``steps``
+    None means not asked, the run's own), else ``given``; a resume warns of the ``asked`` settings
     (None: those not at their default) it ignores. Returns them and the saved settings file
     they came from (None: not a resume's). Reads ``out`` (named ``out_name`` in errors),
     writes nothing."""
@@ -689,8 +693,8 @@ def _settings(
         )
     if resume and path.exists() and holds:
         saved = _saved_settings(path, out_name)
-        if given.steps:  # the count asked for (the run's may grow to it): the caller's to name
-            given = counted(given, "steps", None)
+        if given.steps is not None:  # the count asked for (the run's may grow to it): the
+            given = counted(given, "steps", None)  # caller's to name
         default = TrainSettings()
         ignored = [  # asked for (a default value too), and not what the run uses
             f"{_option(f.name, out_name)} (not the run's model, which {path} holds)"
@@ -706,7 +710,7 @@ def _settings(
             )
             and getattr(given, f.name) != getattr(saved, f.name)
         ]
-        if given.steps and given.steps < saved.steps:  # asked for fewer: the run has more
+        if given.steps is not None and given.steps < (saved.steps or 0):  # fewer: it has more
             steps = _option("steps", out_name)
             ignored.append(f"{steps} {given.steps} (it runs {saved.steps}; steps only grow)")
         if ignored:
@@ -715,8 +719,8 @@ def _settings(
                 f"{_option('steps', out_name)} may grow); ignored: {', '.join(ignored)}",
                 stacklevel=3,
             )
-        if given.steps:  # not asked: the run's own, checked below (never the default)
-            saved.steps = max(saved.steps, given.steps)
+        if given.steps is not None:  # not asked: the run's own, checked below (no default)
+            saved.steps = max(saved.steps or 0, given.steps)
         given, saved_in = saved, path
     elif resume:
         warnings.warn(
@@ -728,8 +732,8 @@ def _settings(
             f"{out_name}: {out} already holds a training run; pass {_resume_flag(out_name)} to "
             "continue it, or choose another directory"
         )
-    if not given.steps and saved_in is None:  # not asked, and no run to take it from
-        given = replace(given, steps=TrainSettings().steps)
+    if given.steps is None and saved_in is None:  # not asked, and no run to take it from
+        given = replace(given, steps=DEFAULT_STEPS)
     if given.optimizer not in OPTIMIZERS:
         raise ConfigError(
             f"{_option('optimizer', out_name)}: {given.optimizer!r}; expected one of {OPTIMIZERS}"
@@ -885,7 +889,7 @@ def register(sub) -> None:
     p.add_argument(
         "--steps",
         type=at_least(1, "at least 1 step"),
-        help=f"optimizer steps in all (default {d.steps}; with --resume, the run's own unless "
+        help=f"optimizer steps in all (default {DEFAULT_STEPS}; with --resume, the run's own unless "
         "given, and only ever more)",
     )
 
@@ -931,7 +935,7 @@ def _run_train(args) -> int:
     """The command: settings from the options, the run, its summary as JSON."""
 
     settings = TrainSettings(
-        steps=args.steps if args.steps is not None else 0,  # 0: not asked
+        steps=args.steps,  # None: not asked
         batch_size=args.batch_size,
         seq_len=args.seq_len,
         checkpoint_every=args.checkpoint_every,
