@@ -165,8 +165,12 @@ def test_a_negative_seed_is_refused_before_any_work(tmp_path, capsys):
         ("--hot", "1GiB", "--hot: '1GiB' is 15,790,320 rows, more than the table's 10,026 rows"),
         ("--io", "bogus", "argument --io: invalid choice: 'bogus'"),
         ("--steps", "0", "argument --steps: expected at least 1 step, got '0'"),
-        ("--corpus", "/nonexistent", "corpus path '/nonexistent': no such file or directory"),
-        ("--seq-len", "100000", "do not fill one batch of 2 x 100000"),
+        ("--corpus", "/nonexistent", "--corpus: corpus path '/nonexistent': no such file or"),
+        (
+            "--seq-len",
+            "100000",
+            "tokens do not fill one batch of --batch-size 2 x --seq-len 100000",
+        ),  # fmt: skip
         # a next-token loss needs two tokens: refused at the first step, the run made and stuck
         ("--seq-len", "1", "--seq-len: expected an integer >= 2 (a next-token loss), got 1"),
         ("--dense-lr", "-1", "argument --dense-lr: expected a number > 0, got '-1'"),
@@ -1419,3 +1423,32 @@ def test_a_python_resume_without_a_step_count_goes_on_to_the_runs_own(tmp_path):
     with pytest.raises(ConfigError, match=r"^steps: expected an integer >= 1, got 0$"):
         train(tmp_path / "new", replace(settings, steps=0), resume=False, progress=False)
     assert not (tmp_path / "new").exists()
+
+
+def test_a_corpus_too_small_names_the_option_or_on_a_resume_the_settings_file(tmp_path, capsys):
+    """A corpus too small for one batch was refused as 'corpus: N tokens do not fill one batch
+    of 2 x 16', naming neither --corpus nor the batch's options, and on a resume (its corpus
+    emptied since) not the train.json that holds the corpus and the batch: each is named."""
+    texts = tmp_path / "texts"
+    shutil.copytree(ROOT / "tiered_store" / "engram", texts)
+    common, small, out = _cli_args(tmp_path)
+    common[common.index("--corpus") + 1] = str(texts)
+    assert main([*common, *small, "--steps", "1", "--seq-len", "10000000"]) == 2
+    err = capsys.readouterr().err
+    assert re.search(r"error: --corpus: [0-9,]+ tokens do not fill one batch of --batch-size 2 x --seq-len 10000000; expected a larger corpus or smaller batches$", err, re.M), err  # fmt: skip
+    assert not out.exists()
+    assert main([*common, *small, "--steps", "1"]) == 0
+    capsys.readouterr()
+    shutil.rmtree(texts)
+    texts.mkdir()
+    (texts / "a.txt").write_text("a few words")
+    assert main(["train", "--out", str(out), "--quiet", "--resume", "--steps", "2"]) == 2
+    err = capsys.readouterr().err
+    saved = out / "train.json"
+    assert re.search(rf"error: --resume: {re.escape(str(saved))}: corpus: [0-9]+ tokens do not fill one batch of batch_size 2 x seq_len 16; expected the corpus the run was started on", err), err  # fmt: skip
+    assert f'set the "corpus" key of {saved} to where it is now' in err, err
+    assert _committed(out) == 1
+    settings = replace(_settings(texts), steps=1)
+    with pytest.raises(ConfigError, match=r"^corpus: [0-9]+ tokens do not fill one batch of batch_size 2 x seq_len 16; expected a larger corpus or smaller batches$"):  # fmt: skip
+        train(tmp_path / "py", settings, resume=False, progress=False)
+    assert not (tmp_path / "py").exists()

@@ -185,19 +185,22 @@ def train(
             )
     # the corpus too: a path that does not exist, or too little text for one batch, is refused
     # before the run's folder holds anything that a rerun would have to --resume
+    per_batch = settings.batch_size * settings.seq_len
     try:
         exclude = _outside_corpus(out, settings.corpus)  # the run's files are none of its text
         corpus = resolve_corpus(settings.corpus, exclude=exclude).shuffled(settings.seed)
-    except CorpusError as exc:  # a resume's corpus moved: the saved path is the one to change
+        tokens = read_tokens(corpus, model.hasher.tokenizer, max_tokens=per_batch * settings.steps)
+    except CorpusError as exc:
+        raise _corpus_refused(exc, saved_in, out_name) from None
+    if len(tokens) < per_batch:  # named here: token_batches's error names no option or file
+        size, seq = ("batch_size", "seq_len")  # a resume's: the keys of its settings file
         if saved_in is None:
-            raise
-        raise ConfigError(
-            f"{_option('resume', out_name)}: {saved_in}: corpus: {exc}; expected the corpus the "
-            f'run was started on: move it back, or set the "corpus" key of {saved_in} to where '
-            "it is now"
-        ) from None
-    per_batch = settings.batch_size * settings.seq_len
-    tokens = read_tokens(corpus, model.hasher.tokenizer, max_tokens=per_batch * settings.steps)
+            size, seq = _option(size, out_name), _option(seq, out_name)
+        batch = f"{size} {settings.batch_size} x {seq} {settings.seq_len}"
+        short = f"{len(tokens):,} tokens do not fill one batch of {batch}"
+        if saved_in is None:
+            short = f"{short}; expected a larger corpus or smaller batches"
+        raise _corpus_refused(ConfigError(short), saved_in, out_name, named=True)
     batches = token_batches(tokens, settings.batch_size, settings.seq_len)
     saying = out_name.startswith("--")  # the command's: said when made (not when the run ends)
     with saying_made(out, out_name) if saying else contextlib.nullcontext():
@@ -343,6 +346,24 @@ def _run(out, settings, model, table, layers, sizes, batches, progress, out_name
         "tokens_per_second": trained / seconds if seconds > 0 else None,
         "store": table.store.stats().get("writes", {}),
     }
+
+
+def _corpus_refused(
+    exc: TieredStoreError, saved_in: Path | None, out_name: str, *, named: bool = False
+) -> TieredStoreError:
+    """The error of a corpus that cannot be read (``exc``), naming what sets it: a resume's
+    saved settings file ``saved_in`` and its "corpus" key (the corpus moved or changed since),
+    else the command's ``--corpus`` (``named``: a Python caller's ``corpus`` too; else ``exc``
+    names the corpus already, and goes as it is)."""
+    if saved_in is not None:  # the saved path is the one to change
+        return ConfigError(
+            f"{_option('resume', out_name)}: {saved_in}: corpus: {exc}; expected the corpus the "
+            f'run was started on: restore it there, or set the "corpus" key of {saved_in} to '
+            "where it is now"
+        )
+    if named or out_name.startswith("--"):
+        return ConfigError(f"{_option('corpus', out_name)}: {exc}")
+    return exc
 
 
 def _outside_corpus(out: Path, corpus: list[str] | None) -> Path | None:
