@@ -1452,3 +1452,23 @@ def test_a_corpus_too_small_names_the_option_or_on_a_resume_the_settings_file(tm
     with pytest.raises(ConfigError, match=r"^corpus: [0-9]+ tokens do not fill one batch of batch_size 2 x seq_len 16; expected a larger corpus or smaller batches$"):  # fmt: skip
         train(tmp_path / "py", settings, resume=False, progress=False)
     assert not (tmp_path / "py").exists()
+
+
+def test_a_run_stopped_by_an_error_in_a_step_says_which_step_stands(tmp_path, capsys):
+    """A run stopped by an error in a step (a gradient gone NaN), its rows past the last commit
+    dropped, was told so by the store's warning, which 54578dc hid; nothing then said which
+    step stands: a line says it, as for an interrupt, the store's advice to call commit() not."""
+    settings = replace(_settings(ROOT / "tiered_store" / "engram"), steps=2, checkpoint_every=2)
+    out = tmp_path / "run"
+    train(out, settings, resume=False, progress=False)
+    state = torch.load(out / "dense-2.pt", weights_only=True)
+    for group in state["optimizer"]["param_groups"]:
+        group["lr"] = 1e30  # step 3 steps the dense weights out of range: step 4's loss is NaN
+    torch.save(state, out / "dense-2.pt")
+    capsys.readouterr()
+    with pytest.raises(RowDataError, match=r"^step 4: the gradient of row \d+ holds a non-finite"):
+        train(out, replace(settings, steps=6), resume=True, progress=False)
+    err = capsys.readouterr().err
+    assert re.search(rf"^train: stopped by the error below; {re.escape(str(out))} holds step 2, its last checkpoint \(the [0-9,]+ rows written since are dropped\)$", err, re.M), err  # fmt: skip
+    assert "call commit()" not in err
+    assert _committed(out) == 2

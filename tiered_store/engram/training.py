@@ -268,7 +268,16 @@ def train(
             file=sys.stderr,
         )
         raise
-    finally:  # a step's rows past the last commit go, as after a kill: the error says what stands
+    except Exception:  # a step's error (a NaN gradient) says nothing of the run: what stands is
+        dropped = store.write_counters()["dirty_rows"]  # said, as for an interrupt
+        if dropped:
+            print(
+                f"train: stopped by the error below; {out} holds step {store.committed_step}, its "
+                f"last checkpoint (the {dropped:,} rows written since are dropped)",
+                file=sys.stderr,
+            )
+        raise
+    finally:  # a step's rows past the last commit go, as after a kill: what stands is said
         with warnings.catch_warnings():  # (not the store's advice to call commit())
             warnings.simplefilter("ignore", UncommittedWritesWarning)
             store.close()
