@@ -1472,3 +1472,17 @@ def test_a_run_stopped_by_an_error_in_a_step_says_which_step_stands(tmp_path, ca
     assert re.search(rf"^train: stopped by the error below; {re.escape(str(out))} holds step 2, its last checkpoint \(the [0-9,]+ rows written since are dropped\)$", err, re.M), err  # fmt: skip
     assert "call commit()" not in err
     assert _committed(out) == 2
+
+
+def test_a_corpus_path_in_the_home_folder_with_home_empty_names_the_option(
+    tmp_path, capsys, monkeypatch
+):
+    """--corpus '~/texts' with HOME set but empty was refused naming the path alone; the error
+    names --corpus, and no run is made."""
+    monkeypatch.setenv("HOME", "")
+    common, small, out = _cli_args(tmp_path)
+    common[common.index("--corpus") + 1] = "~/texts"
+    assert main([*common, *small, "--steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "error: --corpus: '~/texts': HOME is set but empty" in err, err
+    assert not out.exists()

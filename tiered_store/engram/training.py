@@ -157,7 +157,10 @@ def train(
     compute = compute_device(device, _option("device", out_name))  # CUDA there: ConfigError
     if settings.corpus:  # as found from here (a resume may run in another directory)
         # one: one path; a leading ~ read first (abspath makes "~/t" a folder here named ~)
-        paths = [os.path.abspath(expand_home(c)) for c in corpus_paths(settings.corpus)]
+        try:
+            paths = [os.path.abspath(expand_home(c)) for c in corpus_paths(settings.corpus)]
+        except ConfigError as exc:  # HOME set but empty: named as the option given
+            raise ConfigError(f"{_option('corpus', out_name)}: {exc}") from None
         settings = replace(settings, corpus=paths)
     # a resume's settings are the run's saved ones (``saved_in``): an error in them names the
     # file (the options a resume is given do not change them)
