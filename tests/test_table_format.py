@@ -792,6 +792,32 @@ def test_missing_manifest_or_data(tmp_path):
         check_table(path)
 
 
+def test_a_manifest_nested_past_the_recursion_limit_is_refused_naming_it(tmp_path):
+    """A manifest of deeply nested JSON (a file overwritten by another tool) raised a bare
+    RecursionError from json.loads, or, nested just below the limit, from its checksum's
+    json.dumps: a traceback from `tiered-store info`, not an error naming the file."""
+    path, _ = make(tmp_path, np.ones((16, 4), np.float32))
+    mpath = tmp_path / "t.npy.manifest.json"
+    doc = json.loads(mpath.read_text())
+    mpath.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(TableFormatError, match=r"t\.npy\.manifest\.json .*nested"):
+        read_manifest(path)
+    depth = sys.getrecursionlimit()
+    for nest in range(depth - 60, depth):  # json.loads takes it, the checksum's dumps may not
+        metadata: dict = {}
+        for _ in range(nest):
+            metadata = {"a": metadata}
+        try:
+            text = json.dumps({**doc, "metadata": metadata})
+        except RecursionError:
+            continue
+        mpath.write_text(text)
+        try:
+            read_manifest(path)
+        except TableFormatError as exc:
+            assert "t.npy.manifest.json" in str(exc)
+
+
 # ---- the manifest's own checksum ----------------------------------------------------------------
 
 

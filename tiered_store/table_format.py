@@ -123,6 +123,10 @@ DEFAULT_BLOCK_BYTES = 1 << 20  # 1 MiB per checksummed block
 DEFAULT_CHUNK_BYTES = 64 << 20  # 64 MiB of rows in RAM at a time while creating
 VERIFY_READ_BYTES = 8 << 20  # 8 MiB sequential reads while verifying
 VERIFY_ATTEMPTS = 3  # verify_table's reads of a table made anew meanwhile, before it gives up
+_TOO_DEEP = (  # a manifest json cannot parse or write back: a RecursionError, said of the file
+    "nested deeper than Python's recursion limit lets it be read; expected the table's JSON "
+    "manifest (a few levels of objects and lists)"
+)
 
 
 class TableExistsError(TierIOError, FileExistsError):
@@ -249,7 +253,10 @@ class TableManifest:
             value = doc.get(key, "<missing>") if isinstance(doc, dict) else doc
             return TableFormatError(f"{where}: field {key!r} is {value!r}; expected {expected}")
 
-        manifest_crc32c = check_manifest_checksum(doc, where) if isinstance(doc, dict) else None
+        try:  # its canonical form is written back with json.dumps, which recurses
+            manifest_crc32c = check_manifest_checksum(doc, where) if isinstance(doc, dict) else None
+        except RecursionError:
+            raise TableFormatError(f"{where} is {_TOO_DEEP}") from None
         if not isinstance(doc, dict) or doc.get("format") != FORMAT_NAME:
             raise bad("format", repr(FORMAT_NAME))
         version = doc.get("format_version")
@@ -474,6 +481,8 @@ def _read_manifest_doc(path: str | os.PathLike[str]) -> tuple[Any, Path]:
         doc = json.loads(text)
     except json.JSONDecodeError as exc:
         raise TableFormatError(f"table manifest {manifest_path} is not valid JSON: {exc}") from None
+    except RecursionError:  # json.loads parses nested arrays and objects recursively
+        raise TableFormatError(f"table manifest {manifest_path} is {_TOO_DEEP}") from None
     return doc, manifest_path
 
 
