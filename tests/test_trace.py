@@ -1253,3 +1253,31 @@ def test_a_batch_size_for_an_array_with_a_batch_axis_is_refused(tmp_path):
     assert not (tmp_path / "t.trace").exists()
     with trace_from_npy(tmp_path / "ids.npy", tmp_path / "t.trace") as r:
         assert r.n_batches == 2
+
+
+def test_a_header_or_footer_nested_past_the_recursion_limit_is_refused_naming_the_file(tmp_path):
+    """A foreign writer's header or footer of deeply nested JSON (its checksum matching) raised a
+    bare RecursionError from json.loads that named no file."""
+    import struct
+    import zlib
+
+    from tiered_store.trace import _TRAILER, END_MAGIC
+
+    deep = b"[" * 100_000 + b"]" * 100_000
+    p = tmp_path / "odd.trace"
+    p.write_bytes(
+        struct.pack("<8sHHI", b"ENGTRACE", 1, 0, len(deep))
+        + deep
+        + struct.pack("<I", zlib.crc32(deep))
+    )
+    with pytest.raises(TraceFormatError, match=r"odd\.trace: header .*nested"):
+        TraceReader(p)
+    path = tmp_path / "t.trace"
+    _write_sample(path)
+    data = path.read_bytes()
+    start = len(data) - _TRAILER.size - _TRAILER.unpack(data[-_TRAILER.size :])[0]
+    path.write_bytes(data[:start] + deep + _TRAILER.pack(len(deep), zlib.crc32(deep), 0, END_MAGIC))
+    with pytest.raises(
+        TraceFormatError, match=rf"{re.escape(str(path))}: malformed footer .*nested"
+    ):
+        TraceReader(path)

@@ -98,6 +98,10 @@ _MAX_NDIM = 4
 _SHUFFLED = 1
 
 _CHUNK_ENTRY = "[offset, ids, records, first batch, last batch]"  # a footer chunk: 5 integers
+_TOO_DEEP = (  # a foreign writer's header or footer that json.loads cannot parse (RecursionError)
+    "nested deeper than Python's recursion limit lets it be read; expected a JSON object of a "
+    "few levels"
+)
 
 DEFAULT_CHUNK_IDS = 1 << 22  # ids per chunk before it is flushed (32 MiB of int64)
 DEFAULT_LEVEL = 3  # zstd level: ~0.7 GB/s on shuffled ids, within 5% of level 9's ratio
@@ -632,6 +636,8 @@ class TraceReader:
             header = json.loads(head)
         except ValueError:
             raise self._fail("header is not valid JSON") from None
+        except RecursionError:  # json.loads parses nested arrays and objects recursively
+            raise self._fail(f"header is {_TOO_DEEP}") from None
         if not isinstance(header, dict):
             raise self._fail(f"header is {json.dumps(header)[:40]}; expected a JSON object")
         if header.get("magic") != HEADER_MAGIC:
@@ -656,7 +662,10 @@ class TraceReader:
             if end == END_MAGIC and start >= self._data_start:
                 raw = self._pread(start, foot_len)
                 if zlib.crc32(raw) == crc:
-                    footer = json.loads(raw)
+                    try:
+                        footer = json.loads(raw)
+                    except RecursionError:
+                        raise self._malformed(_TOO_DEEP) from None
                     self._data_end = start
                     return footer
                 raise self._fail("footer checksum mismatch (corrupt footer)")
