@@ -7,6 +7,7 @@ import fcntl
 import functools
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -1178,3 +1179,37 @@ def test_a_verification_where_o_direct_is_refused_reads_through_the_cache(
         f.write(bytes([byte[0] ^ 0xFF]))
     with pytest.raises(TableFormatError, match="block 3"):
         verify_table(path, progress=False)
+
+
+@pytest.mark.parametrize(
+    ("name", "match"),
+    [
+        ("t.npy.manifest.json", r"table manifest .*t\.npy\.manifest\.json is a FIFO"),
+        ("t.npy", r"table data file .*t\.npy is a FIFO"),
+        ("t.npy.pages.crc32c", r"page checksum file .*t\.npy\.pages\.crc32c is a FIFO"),
+    ],
+)
+def test_a_fifo_in_place_of_a_table_file_is_refused_naming_it_not_waited_on(tmp_path, name, match):
+    """A FIFO at the manifest's, the data file's or the page checksums' path made every open and
+    verify wait for a writer forever (reading it), where the library refuses a FIFO elsewhere."""
+    import threading
+
+    path, _ = make(tmp_path, np.ones((16, 4), np.float32))
+    (tmp_path / name).unlink()
+    os.mkfifo(tmp_path / name)
+    errors: list[BaseException] = []
+
+    def check() -> None:
+        try:
+            verify_table(path, progress=False)
+        except BaseException as exc:
+            errors.append(exc)
+
+    worker = threading.Thread(
+        target=check, daemon=True
+    )  # a blocked open fails the test, not the run
+    worker.start()
+    worker.join(10)
+    assert not worker.is_alive(), f"verify waited on the FIFO at {name}"
+    assert len(errors) == 1 and isinstance(errors[0], TableFormatError), errors
+    assert re.search(match, str(errors[0]))

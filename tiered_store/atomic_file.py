@@ -58,6 +58,17 @@ NOT_FILES = (
 )
 
 
+def special_file(path: str | os.PathLike[str]) -> str | None:
+    """What ``path`` is, in words, when it is a FIFO, device or socket (an open of a FIFO waits
+    for a writer forever, a read of ``/dev/zero`` never ends); None for anything else, a missing
+    path included."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:  # the open that follows says why
+        return None
+    return next((what for test, what in NOT_FILES if test(mode)), None)
+
+
 def make_named_dir(path: Path, name: str, expected: str) -> None:
     """Make the folder ``path`` (and its parents) when missing; when it cannot be (a file there
     or on its way, no permission), a ``ConfigError`` naming it as ``name`` (the argument, or the

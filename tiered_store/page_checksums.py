@@ -35,6 +35,7 @@ from typing import Any, NamedTuple
 import crc32c as _crc32c
 import numpy as np
 
+from .atomic_file import special_file
 from .errors import TableFormatError
 
 __all__ = [
@@ -164,6 +165,8 @@ def load_page_checksums(npy_path: Path, entry: PageChecksums) -> np.ndarray:
     """
     path = sidecar_path(npy_path)
     fix = f"rebuild it with `tiered-store verify --add-page-checksums {npy_path}`"
+    if (kind := special_file(path)) is not None:  # its open would wait for a writer forever
+        raise TableFormatError(f"page checksum file {path} is {kind}; expected a file; {fix}")
     try:
         with open(path, "rb") as f:
             content = f.read(entry.pages * _SIDECAR_DTYPE.itemsize + 1)

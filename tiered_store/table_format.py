@@ -63,6 +63,7 @@ from .atomic_file import (
     atomic_files,
     fsync_dir,
     remove_abandoned_temporaries,
+    special_file,
     write_step,
 )
 from .errors import TableFormatError, TieredStoreError, TierIOError, shown, warn_at_caller
@@ -445,6 +446,10 @@ def read_manifest(path: str | os.PathLike[str]) -> TableManifest:
 def _read_manifest_doc(path: str | os.PathLike[str]) -> tuple[Any, Path]:
     """The parsed JSON of the table ``path``'s manifest (unchecked) and the manifest's path."""
     npy_path, manifest_path = table_paths(path)
+    if (kind := special_file(manifest_path)) is not None:  # its read would wait or never end
+        raise TableFormatError(
+            f"table manifest {manifest_path} is {kind}; expected the table's JSON manifest file"
+        )
     try:
         text = manifest_path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -521,7 +526,11 @@ def check_table(path: str | os.PathLike[str]) -> TableManifest:
 
 def _check_data_file(npy_path: Path, manifest: TableManifest) -> None:
     """``check_table``'s check of the data file (its ``.npy`` header and size) against
-    ``manifest``."""
+    manifest``."""
+    if (kind := special_file(npy_path)) is not None:  # its open or read would wait or never end
+        raise TableFormatError(
+            f"table data file {npy_path} is {kind}; expected the table's .npy file"
+        )
     try:
         with open(npy_path, "rb") as f:
             shape, fortran, descr, data_offset = _read_npy_header(f, npy_path)
