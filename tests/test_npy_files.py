@@ -78,3 +78,32 @@ def test_an_npy_of_another_format_version_is_refused_naming_the_versions_read(tm
     with open(path, "rb") as f, pytest.raises(ValueError) as err:
         read_npy_header(f)
     assert str(err.value) == "unsupported .npy format version 3.0; expected 1.0 or 2.0"
+
+
+def test_a_fifo_named_as_an_npy_is_refused_not_waited_on(tmp_path):
+    """np.load opened a FIFO at an .npy's path and waited for a writer forever: trace_from_npy
+    (and every other reader of row-id or profile files) hung; it is the ValueError they report."""
+    import os
+
+    from tiered_store.errors import TraceFormatError
+    from tiered_store.npy_files import load_npy
+    from tiered_store.trace import trace_from_npy
+
+    fifo = tmp_path / "ids.npy"
+    os.mkfifo(fifo)
+    errors: list[BaseException] = []
+
+    def read() -> None:
+        for call in (lambda: load_npy(fifo), lambda: trace_from_npy(fifo, tmp_path / "t.trace")):
+            try:
+                call()
+            except BaseException as exc:  # noqa: BLE001  (what the test reports)
+                errors.append(exc)
+
+    worker = threading.Thread(target=read, daemon=True)  # blocked: fails the test, not the run
+    worker.start()
+    worker.join(10)
+    assert not worker.is_alive(), "a read of the FIFO waited for a writer"
+    assert [type(e) for e in errors] == [ValueError, TraceFormatError]
+    assert str(errors[0]) == "it is a FIFO (named pipe); expected an .npy or .npz file"
+    assert f"{fifo}: not a readable .npy (it is a FIFO" in str(errors[1])

@@ -20,6 +20,8 @@ from typing import IO, Any
 
 import numpy as np
 
+from .atomic_file import special_file
+
 __all__ = ["load_npy", "npy_header_lock", "read_npy_header"]
 
 npy_header_lock = threading.RLock()
@@ -55,8 +57,11 @@ def load_npy(path: str | os.PathLike[str], *, mmap_mode: str | None = None) -> A
 
     An ``.npy`` read whole is memory-mapped under the lock and copied after it; an ``.npz`` is
     returned open (read its members under the lock). An empty or cut-off file is the
-    ``ValueError`` every caller handles.
+    ``ValueError`` every caller handles, as is a FIFO, device or socket at ``path`` (an open of a
+    FIFO waits for a writer forever).
     """
+    if (kind := special_file(path)) is not None:
+        raise ValueError(f"it is {kind}; expected an .npy or .npz file")
     with npy_header_lock, _header_errors_as_value_errors():
         try:
             loaded = np.load(path, mmap_mode=mmap_mode or "r", allow_pickle=False)
