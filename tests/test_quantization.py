@@ -363,3 +363,18 @@ def test_the_scale_is_the_smallest_power_of_two_that_holds_the_block():
             row = torch.zeros(1, 32)
             row[0, 3] = -float(amax)
             assert int(quantize_rows(row, quant)[0, -1]) - 127 == want, (k, float(amax))
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool])
+def test_quantize_refuses_integer_rows_it_rounded_twice(dtype):
+    """Integer rows went through float32's nearest rounding, then e4m3's: 2**30 + 2**26 + 1
+    became the midpoint 2**30 + 2**26, then the even code 2**30, not the nearest, 1.125 * 2**30
+    (float64 rows of that value round once, to it); bool rows were quantised as 0 and 1."""
+    q = RowQuantization(values=2, block=2)
+    x = torch.tensor([[2**30 + 2**26 + 1, 0]]).to(dtype)
+    with pytest.raises(ValueError, match=rf"quantize_rows: rows of {dtype}; expected floating"):
+        quantize_rows(x, q)
+    exact = torch.tensor([[2**30 + 2**26 + 1, 0]], dtype=torch.float64)
+    assert dequantize_rows(quantize_rows(exact, q), q, torch.float64).tolist() == [
+        [1.125 * 2**30, 0]
+    ]

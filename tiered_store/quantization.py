@@ -178,6 +178,7 @@ def quantize_rows(values: torch.Tensor, quant: RowQuantization) -> torch.Tensor:
     """Float rows ``[..., values]`` -> packed ``uint8`` rows: per block, the smallest power-of-two
     scale that brings the block's largest magnitude within e4m3's range, then round to e4m3.
 
+    Integer and bool rows are refused (a ValueError): through float32 they would round twice.
     An all-zero block gets the smallest scale, byte 0 (2**-127). NaN, inf and values of magnitude
     248 * 2**120 (about 3.3e38) or more are refused (a ValueError naming the element): e4m3fn has
     no inf, one NaN would make its whole block NaN, and those largest finite float32s round to
@@ -194,6 +195,11 @@ def quantize_rows(values: torch.Tensor, quant: RowQuantization) -> torch.Tensor:
     _check_tensor(values, "quantize_rows")
     if values.is_complex():
         raise ValueError(f"quantize_rows: rows of {values.dtype}; expected real values")
+    if not values.is_floating_point():  # float32's rounding, then e4m3's: not the nearest code
+        raise ValueError(
+            f"quantize_rows: rows of {values.dtype}; expected floating-point values (float64, "
+            "float32, bfloat16 or float16)"
+        )
     if values.dim() == 0 or values.shape[-1] != quant.values:
         raise ValueError(
             f"quantize_rows: rows of {values.shape[-1] if values.dim() else '?'} values; "
