@@ -1281,3 +1281,30 @@ def test_a_header_or_footer_nested_past_the_recursion_limit_is_refused_naming_th
         TraceFormatError, match=rf"{re.escape(str(path))}: malformed footer .*nested"
     ):
         TraceReader(path)
+
+
+def test_a_refused_write_leaves_the_trace_as_it_was(tmp_path):
+    """A write refused for its ids had already moved the trace to its ``batch`` and registered
+    its new table: the next write landed in that batch, and the footer counted the batches up to
+    it and listed a table no id was written to."""
+    path = tmp_path / "t.trace"
+    with TraceWriter(path) as w:
+        w.write(np.arange(3), "a")
+        with pytest.raises(RowIdError, match="table 'b' ids span"):
+            w.write(np.array([-1, 2]), "b", batch=7)
+        with pytest.raises(TraceFormatError, match="table index 5"):
+            w.write(np.arange(2), 5, batch=9)
+        w.write(np.arange(3), "a")
+    with TraceReader(path) as r:
+        assert r.tables == ["a"]
+        assert r.n_batches == 1
+        assert [(b.batch, b.table) for b in r.batches()] == [(0, "a"), (0, "a")]
+    layout = tmp_path / "layout.trace"
+    with TraceWriter(layout, {"tables": [{"name": "a", "rows": 10}]}) as w:
+        with pytest.raises(RowIdError, match=r"expected \[0, 10\)"):
+            w.write(np.array([20]), "a", batch=4)
+        with pytest.raises(TraceFormatError, match="not in the header's tables"):
+            w.write(np.array([1]), "z", batch=6)
+        w.write(np.array([1]), "a")
+    with TraceReader(layout) as r:
+        assert r.n_batches == 1 and [b.batch for b in r.batches()] == [0]

@@ -365,7 +365,8 @@ class TraceWriter:
 
     def write(self, ids: np.ndarray, table: str | int = 0, *, batch: int | None = None) -> None:
         """Append one record: ``table``'s ids for the current batch (or batch ``batch``, which may
-        not go back), any integer shape up to 4-D."""
+        not go back), any integer shape up to 4-D. A write refused leaves the trace as it was
+        (its batch, its tables)."""
         if self._closed:
             raise TraceFormatError(f"{self.path}: write after close")
         ids = np.asarray(ids)
@@ -386,18 +387,18 @@ class TraceWriter:
                 raise TraceFormatError(
                     f"{self.path}: batch {batch} after batch {self._batch}; batches only go forward"
                 )
-            self._batch = batch
-        t = self._table_index(table)
         flat = ids.reshape(-1)
-        if flat.size:
-            lo, hi = int(flat.min()), int(flat.max())
-            rows = self._table_rows[t]
-            if lo < 0 or hi >= 2**63 or (rows is not None and hi >= rows):
-                bound = f"[0, {rows})" if rows is not None else "in [0, 2**63) (int64)"
-                name = self._tables[t]
-                raise RowIdError(
-                    f"{self.path}: table {name!r} ids span [{lo}, {hi}]; expected {bound}"
-                )
+        lo, hi = (int(flat.min()), int(flat.max())) if flat.size else (0, 0)
+        known = len(self._tables)
+        t = self._table_index(table)  # registers a new name (no layout: its rows are not given)
+        rows = self._table_rows[t]
+        if lo < 0 or hi >= 2**63 or (rows is not None and hi >= rows):
+            name = self._tables[t]
+            del self._tables[known:], self._per_table[known:], self._table_rows[known:]
+            bound = f"[0, {rows})" if rows is not None else "in [0, 2**63) (int64)"
+            raise RowIdError(f"{self.path}: table {name!r} ids span [{lo}, {hi}]; expected {bound}")
+        if batch is not None:
+            self._batch = batch
         shape = list(ids.shape) + [0] * (_MAX_NDIM - ids.ndim)
         if self._buf_n and self._buf_n + flat.size > self._chunk_ids:
             self._flush()
