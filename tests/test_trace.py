@@ -1308,3 +1308,14 @@ def test_a_refused_write_leaves_the_trace_as_it_was(tmp_path):
         w.write(np.array([1]), "a")
     with TraceReader(layout) as r:
         assert r.n_batches == 1 and [b.batch for b in r.batches()] == [0]
+
+
+def test_a_header_nested_past_the_recursion_limit_is_refused_before_writing(tmp_path):
+    """json.dumps of such a header raised a bare RecursionError, where one it cannot serialise
+    otherwise is a TraceFormatError naming the trace."""
+    import functools
+
+    deep = functools.reduce(lambda inner, _: [inner], range(5000), [])
+    with pytest.raises(TraceFormatError, match=r"t\.trace is nested deeper"):
+        TraceWriter(tmp_path / "t.trace", {"config": deep})
+    assert list(tmp_path.iterdir()) == []

@@ -98,9 +98,9 @@ _MAX_NDIM = 4
 _SHUFFLED = 1
 
 _CHUNK_ENTRY = "[offset, ids, records, first batch, last batch]"  # a footer chunk: 5 integers
-_TOO_DEEP = (  # a foreign writer's header or footer that json.loads cannot parse (RecursionError)
-    "nested deeper than Python's recursion limit lets it be read; expected a JSON object of a "
-    "few levels"
+_TOO_DEEP = (  # a header or footer json cannot parse or write (RecursionError)
+    "nested deeper than Python's recursion limit lets JSON read or write it; expected a JSON "
+    "object of a few levels"
 )
 
 DEFAULT_CHUNK_IDS = 1 << 22  # ids per chunk before it is flushed (32 MiB of int64)
@@ -245,6 +245,8 @@ class TraceWriter:
             raise TraceFormatError(
                 f"trace header for {self.path} is not JSON-serialisable: {exc}"
             ) from None
+        except RecursionError:
+            raise TraceFormatError(f"trace header for {self.path} is {_TOO_DEEP}") from None
         self._chunk_ids = chunk
         self._compressor = zstandard.ZstdCompressor(level=zstd_level)
         self._buf_ids: list[np.ndarray] = []
