@@ -1319,3 +1319,38 @@ def test_a_header_nested_past_the_recursion_limit_is_refused_before_writing(tmp_
     with pytest.raises(TraceFormatError, match=r"t\.trace is nested deeper"):
         TraceWriter(tmp_path / "t.trace", {"config": deep})
     assert list(tmp_path.iterdir()) == []
+
+
+_WRITE_PAST_THE_FILE_SIZE_LIMIT = r"""
+import resource, sys
+import numpy as np
+from tiered_store.trace import TraceWriter
+resource.setrlimit(resource.RLIMIT_FSIZE, (65536, resource.RLIM_INFINITY))
+ids = np.random.default_rng(0).integers(0, 2**40, 1 << 14)
+try:
+    with TraceWriter(sys.argv[1], chunk_ids=1 << 14) as w:
+        for _ in range(50):
+            w.write(ids, "a")
+            w.end_batch()
+except OSError as exc:
+    print(type(exc).__name__, exc)
+"""
+
+
+def test_a_trace_cut_short_by_the_file_size_limit_names_the_trace_and_the_step(tmp_path):
+    """A chunk write that failed (past RLIMIT_FSIZE here; a full disk alike) raised a bare
+    "[Errno 27] File too large" naming no file, where every other writer names its file."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "t.trace"
+    done = subprocess.run(
+        [sys.executable, "-c", _WRITE_PAST_THE_FILE_SIZE_LIMIT, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    said = f"cannot write trace {path}: writing chunk "
+    assert done.stdout.startswith("TierIOError") and said in done.stdout, done.stdout + done.stderr
+    assert "File too large" in done.stdout and "nothing was published" in done.stdout
+    assert list(tmp_path.iterdir()) == []

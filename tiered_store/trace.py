@@ -448,13 +448,18 @@ class TraceWriter:
             len(payload),
             zlib.crc32(payload),
         )
-        offset = self._file.tell()
-        self._file.write(head + struct.pack("<I", zlib.crc32(head)))
-        self._file.write(payload)
-        self._file.flush()  # to the OS, not left in the buffer: a writer killed loses no whole chunk
+        with write_step(*self._writing(f"writing chunk {index}")):
+            offset = self._file.tell()
+            self._file.write(head + struct.pack("<I", zlib.crc32(head)))
+            self._file.write(payload)
+            self._file.flush()  # to the OS, not the buffer: a writer killed loses no whole chunk
         self._chunks.append([offset, int(ids.size), len(meta), int(meta[0, 0]), int(meta[-1, 0])])
         self._buf_ids, self._buf_meta, self._buf_n = [], [], 0
         self.chunk_written_at = time.monotonic()
+
+    def _writing(self, step: str) -> tuple[str, str, str]:
+        """``write_step``'s arguments for ``step`` of this trace."""
+        return f"cannot write trace {self.path}", step, "nothing was published under its name"
 
     def close(self) -> None:
         """Flush, write the footer, fsync and rename into place."""
@@ -462,12 +467,13 @@ class TraceWriter:
             return
         try:
             self._flush()
-            self._file.write(
-                _footer(
-                    self._tables, self._chunks, self._records, self._last_batch, self._per_table
+            with write_step(*self._writing("writing its footer")):
+                self._file.write(
+                    _footer(
+                        self._tables, self._chunks, self._records, self._last_batch, self._per_table
+                    )
                 )
-            )
-            self._out.commit()
+                self._out.commit()
         except BaseException:
             self.abort()
             raise
