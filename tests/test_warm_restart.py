@@ -1181,3 +1181,34 @@ def test_a_periodic_save_under_way_at_a_timed_out_close_leaves_a_later_stores_fi
         go.set()
         release.set()
         caller.join(30)
+
+
+_SAVE_PAST_THE_FILE_SIZE_LIMIT = r"""
+import resource, sys
+from pathlib import Path
+import numpy as np
+from tiered_store.warm_restart import RestartState, save_restart
+resource.setrlimit(resource.RLIMIT_FSIZE, (65536, resource.RLIM_INFINITY))
+try:
+    save_restart(Path(sys.argv[1]), {"generation": 0}, RestartState({"hot": np.arange(100_000)}))
+except OSError as exc:
+    print(type(exc).__name__, exc)
+"""
+
+
+def test_a_save_cut_short_by_the_file_size_limit_names_the_file(tmp_path):
+    """A save's write that failed (past RLIMIT_FSIZE here; a full disk alike) raised a bare
+    "[Errno 27] File too large": the periodic save's warning named no file."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "t.npy.restart"
+    done = subprocess.run(
+        [sys.executable, "-c", _SAVE_PAST_THE_FILE_SIZE_LIMIT, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    said = f"cannot save warm-restart file {path}: writing it failed: File too large"
+    assert done.stdout.startswith("TierIOError") and said in done.stdout, done.stdout + done.stderr
+    assert list(tmp_path.iterdir()) == []

@@ -29,7 +29,7 @@ from typing import Any
 import crc32c
 import numpy as np
 
-from .atomic_file import AtomicFile, remove_abandoned_temporaries
+from .atomic_file import AtomicFile, remove_abandoned_temporaries, write_step
 from .cold_table import ColdTable
 from .errors import warn_at_caller
 from .table_format import table_paths
@@ -135,12 +135,13 @@ def save_restart(
         # written and checksummed part by part from the arrays' own memory: joining them into
         # one bytes object (hundreds of MB with a sketch) held the GIL, so lookups, for its copies
         crc = 0
-        for part in parts:
-            view = memoryview(part).cast("B")
-            out.file.write(view)
-            crc = crc32c.crc32c(view, crc)
-        out.file.write(_LEN.pack(crc))
-        out.finish()
+        with write_step(f"cannot save warm-restart file {path}", "writing it", "it is as it was"):
+            for part in parts:
+                view = memoryview(part).cast("B")
+                out.file.write(view)
+                crc = crc32c.crc32c(view, crc)
+            out.file.write(_LEN.pack(crc))
+            out.finish()
         if still_current is not None:
             still_current()
         out.publish()
