@@ -906,3 +906,39 @@ def test_an_existing_file_that_is_a_fifo_or_device_is_named_not_said_missing(tmp
         with pytest.raises(argparse.ArgumentTypeError) as err:
             existing_file(text)
         assert str(err.value) == f"{text!r} is {kind}; expected an existing file"
+
+
+def test_a_config_read_from_a_pipe_through_dev_stdin_refuses_its_relative_paths(tmp_path):
+    """A config piped in as /dev/stdin (`gen-config | replay /dev/stdin ...`) resolved its
+    relative paths under /dev (its link's folder: no file of the config's), and one read
+    through /proc/thread-self/fd/N under that task's descriptors, unrefused: each is a config
+    read from a pipe, its relative paths refused naming the key; its absolute ones kept."""
+    import os
+
+    from tiered_store.config import StoreConfig
+    from tiered_store.errors import ConfigError
+
+    said = "table.path: 't.npy' is a relative path in a config read from a pipe"
+    code = "from tiered_store.config import StoreConfig; print(StoreConfig.from_yaml('/dev/stdin'))"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    for text, out in (
+        ("table: {path: t.npy}\n", said),
+        (f"table: {{path: {tmp_path}/a.npy}}\n", f"{tmp_path}/a.npy"),
+    ):
+        done = subprocess.run(
+            [sys.executable, "-c", code],
+            input=text,
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
+        )
+        assert out in done.stdout + done.stderr, done.stderr[-2000:]
+    read, write = os.pipe()
+    os.write(write, b"table: {path: t.npy}\n")
+    os.close(write)
+    try:
+        with pytest.raises(ConfigError, match=said):
+            StoreConfig.from_yaml(f"/proc/thread-self/fd/{read}")
+    finally:
+        os.close(read)

@@ -504,11 +504,27 @@ def resolved_under(base_dir: Path, text: str, where: str | None = None) -> str:
     return os.path.realpath(base_dir / text)
 
 
+#: a process's (or a task's) descriptors, the real folder of /dev/fd, /proc/self/fd and
+#: /proc/thread-self/fd, and of a pipe's /dev/stdin
+_DESCRIPTORS = re.compile(r"/proc/[^/]+(?:/task/[^/]+)?/fd")
+
+
+def config_folder(path: Path) -> Path:
+    """The folder a config file's relative paths are under: its own, or a process's descriptors
+    (which :func:`refuse_relative_in_pipe` knows) for a pipe read through a link to one
+    (``/dev/stdin``: its own folder, /dev, holds no file of the config's)."""
+    real = os.path.dirname(os.path.realpath(path))
+    if _DESCRIPTORS.fullmatch(real) and not _DESCRIPTORS.fullmatch(os.path.realpath(path.parent)):
+        return Path(real)
+    return path.parent
+
+
 def refuse_relative_in_pipe(base_dir: Path, text: str, where: str | None = None) -> None:
     """A ``ConfigError`` for the relative path ``text`` of a config read from a pipe (a shell's
-    ``<(...)``, ``/dev/fd/N``): its folder, a process's descriptors, holds no file to resolve it
-    under (``where``: the file and key that gave it)."""
-    if os.path.isabs(text) or not re.fullmatch(r"/proc/[^/]+/fd", os.path.realpath(base_dir)):
+    ``<(...)``, ``/dev/fd/N``, ``/dev/stdin``: ``base_dir`` from :func:`config_folder`): its
+    folder, a process's descriptors, holds no file to resolve it under (``where``: the file and
+    key that gave it)."""
+    if os.path.isabs(text) or not _DESCRIPTORS.fullmatch(os.path.realpath(base_dir)):
         return
     raise ConfigError(
         f"{'' if where is None else where + ': '}{text!r} is a relative path in a config read "
@@ -1093,7 +1109,7 @@ class StoreConfig(ConfigModel):
         """Load and validate a YAML file; errors name the file and the key path."""
         path = Path(expand_home(path))  # its paths are under its folder, ~ read
         data = load_yaml(path, what="config file")
-        return cls.from_dict(data, base_dir=path.parent, source=str(path))
+        return cls.from_dict(data, base_dir=config_folder(path), source=str(path))
 
     def _resolve_paths(self, base_dir: Path, source: str | None) -> StoreConfig:
         """A copy with the table and the tiers' row/profile files resolved against ``base_dir``

@@ -33,6 +33,7 @@ from .config import (
     PrefetchConfig,
     TiersConfig,
     checked_by,
+    config_folder,
     expand_home,
     int_at_least,
     load_yaml,
@@ -434,6 +435,8 @@ def _relative_to(path: Path, data: dict[str, Any]) -> dict[str, Any]:
     relative to the folder of ``path``, the YAML, as every config file's paths are; a ``~`` that
     cannot be read (HOME set but empty) is refused naming the file and the key."""
 
+    folder = config_folder(path)  # (a pipe's /dev/stdin: a process's descriptors)
+
     def under(text: Any, key: str) -> Any:
         if not isinstance(text, str):
             return text  # DemoConfig names what is wrong with it
@@ -441,8 +444,8 @@ def _relative_to(path: Path, data: dict[str, Any]) -> dict[str, Any]:
             text = expand_home(text)
         except ConfigError as exc:
             raise ConfigError(f"{path}: {key}: {exc}") from None
-        refuse_relative_in_pipe(path.parent, text, f"{path}: {key}")
-        return text if os.path.isabs(text) else os.path.join(path.parent, text)  # ('./~' kept)
+        refuse_relative_in_pipe(folder, text, f"{path}: {key}")
+        return text if os.path.isabs(text) else os.path.join(folder, text)  # ('./~' kept)
 
     run = data.get("run") or {}
     if isinstance(run.get("corpus"), list):

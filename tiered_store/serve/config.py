@@ -20,6 +20,7 @@ from ..config import (
     PathText,
     StoreConfig,
     check_address,
+    config_folder,
     expand_home,
     load_yaml,
     path_text_problem,
@@ -245,7 +246,7 @@ class ServeConfig:
         """Load and validate a YAML file; relative paths are relative to it."""
         path = Path(expand_home(path))  # its paths are under its folder, ~ read
         data = load_yaml(path)
-        return cls.from_dict(data, base_dir=path.parent, source=str(path))
+        return cls.from_dict(data, base_dir=config_folder(path), source=str(path))
 
     @property
     def checkpoint_dir(self) -> Path:
