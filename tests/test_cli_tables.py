@@ -536,3 +536,22 @@ def test_shard_out_and_unshard_shards_read_a_leading_tilde_as_the_home_folder(
         main(["shard", "t.npy", "--ranks", "2", "--out", "~/x{rank}", "--quiet"])
     assert exited.value.code == 2
     assert "--out: '~/x{rank}': HOME is set but empty" in capsys.readouterr().err
+
+
+def test_shard_out_dot_slash_tilde_is_named_as_the_folder_here_not_the_home_one(
+    tmp_path, monkeypatch, capsys
+):
+    """shard --out './~/s{rank}' wrote the shards under the folder '~' here but printed them as
+    '~/s0.npy' (the home folder's, as pathlib drops the './'): path_template reads it as
+    given_path does, that folder made absolute; its text kept otherwise (a last '/')."""
+    from tiered_store.cli_args import path_template
+
+    (tmp_path / "~").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert path_template("./~/s{rank}") == str(tmp_path / "~" / "s{rank}")
+    assert path_template("s{rank}/") == "s{rank}/"
+    assert main(["init", "t.npy", "--random", "100x4", "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["shard", "t.npy", "--ranks", "2", "--by", "rows", "--out", "./~/s{rank}"]) == 0
+    out = capsys.readouterr().out
+    assert f"rank 0: {tmp_path / '~' / 's0.npy'} rows" in out, out

@@ -331,16 +331,19 @@ def output_table(text: str) -> Path:
 def path_template(text: str) -> str:
     """An argparse ``type``: a path template (``shard --out``, ``unshard --shards``, with
     ``{rank}``), a leading ``~`` the home folder as in every path given (:func:`given_path`: a
-    quoted ``'~/s{rank}'`` named a folder ``~`` here); its text is kept otherwise (a last ``/``
-    is the command's to check).
+    quoted ``'~/s{rank}'`` named a folder ``~`` here) and a folder ``~`` here, ``./~``, made
+    absolute, as it reads them; its text is kept otherwise (a last ``/`` is the command's to check).
 
     >>> path_template("~/s{rank}") == str(Path.home() / "s{rank}")
     True
-    >>> path_template("./~/s{rank}")
-    './~/s{rank}'
+    >>> path_template("./~/s{rank}") == str(Path.cwd() / "~" / "s{rank}")
+    True
     """
-    given_path(text)  # '' refused, and '~' with HOME set but empty
-    return expand_home(text)
+    path = given_path(text)  # '' refused, and '~' with HOME set but empty
+    expanded = expand_home(text)
+    if path.is_absolute() and not os.path.isabs(expanded):  # './~': pathlib drops the './'
+        return os.path.join(os.getcwd(), os.path.normpath(expanded)) + text[len(text.rstrip("/")) :]
+    return expanded
 
 
 def _first_missing(text: str, path: Path) -> Path:
