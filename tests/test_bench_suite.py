@@ -153,10 +153,13 @@ def test_an_out_that_is_a_fifo_or_a_device_is_refused_not_replaced(tmp_path):
     os.mkfifo(fifo)
     done = run_python([ROOT / "bench" / "bench_mrc.py", "--out", fifo], timeout=60)
     assert done.returncode == 2 and done.stdout == "", done.stderr[-3000:]
-    expected = f"argument --out: '{fifo}' is not a regular file (a device, FIFO or socket)"
+    expected = f"argument --out: '{fifo}' is a FIFO (named pipe)"
     assert expected in done.stderr and "expected a file to write" in done.stderr
     assert stat.S_ISFIFO(fifo.lstat().st_mode) and [p.name for p in tmp_path.iterdir()] == ["pipe"]
-    with pytest.raises(argparse.ArgumentTypeError, match="'/dev/null' is not a regular file"):
+    with pytest.raises(
+        argparse.ArgumentTypeError,
+        match="'/dev/null' is a character device; expected a file to write",
+    ):
         output_file("/dev/null")
 
 

@@ -358,7 +358,7 @@ def test_a_default_output_folder_is_checked_as_a_given_one(
         ),
         ("tabs/.", "'tabs/.' ends in '/.', a folder's name; expected a table file to write"),
         ("-", "'-' here would be a path named '-', not standard output; expected a table file"),
-        ("f", "'f.npy' is not a regular file (a device, FIFO or socket); expected a file to write"),
+        ("f", "'f.npy' is a FIFO (named pipe); expected a file to write (or nothing there)"),
     ],
 )
 def test_init_refuses_a_folder_name_dash_or_fifo_before_writing(
@@ -542,7 +542,7 @@ def test_export_trace_to_a_folder_name_or_a_fifo_is_refused_before_reading(trace
     os.mkfifo(fifo)
     for out, message in (
         (f"{tmp_path}/ids/", "ends in '/', a folder's name; expected a file to write"),
-        (str(fifo), "is not a regular file (a device, FIFO or socket); expected a file to write"),
+        (str(fifo), "is a FIFO (named pipe); expected a file to write (or nothing there)"),
     ):
         try:
             code = main(["export-trace", str(trace), out, "--overwrite", "--quiet"])
@@ -550,7 +550,9 @@ def test_export_trace_to_a_folder_name_or_a_fifo_is_refused_before_reading(trace
             code = exited.code
         err = capsys.readouterr().err
         assert code == 2 and f"{out!r} {message}" in err, err
-    with pytest.raises(TierIOError, match=f"output {fifo} is not a regular file"):
+    with pytest.raises(
+        TierIOError, match=rf"output {fifo} is a FIFO \(named pipe\); expected a file path"
+    ):
         trace_to_npy(trace, fifo)
     assert stat.S_ISFIFO(fifo.lstat().st_mode)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pipe", "t.trace"]

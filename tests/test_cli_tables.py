@@ -360,7 +360,7 @@ def test_a_source_npy_that_is_empty_or_a_directory_is_a_clear_error(tmp_path, ki
     if kind == "directory":
         assert f"source .npy file {source} is a directory; expected a 2-D .npy file" in err
     elif kind == "fifo":
-        expected = "is not a regular file (a device, FIFO or socket); expected a 2-D .npy file"
+        expected = "is a FIFO (named pipe); expected a 2-D .npy file"
         assert f"source .npy file {source} {expected}" in err
     else:
         assert f"source {source} is not a readable .npy file: empty or cut off (No data" in err

@@ -496,7 +496,7 @@ def test_the_unshard_command_checks_table_as_every_output_file(cut, tmp_path, mo
     for out, said in (
         ("joined/", "'joined/' ends in '/', a folder's name; expected a table file to write"),
         ("-", "'-' here would be a path named '-', not standard output; expected a table file"),
-        ("f", "'f.npy' is not a regular file (a device, FIFO or socket); expected a file to"),
+        ("f", "'f.npy' is a FIFO (named pipe); expected a file to write (or nothing there)"),
         ("no/w.npy", "'no/w.npy': 'no' does not exist; expected a file in an existing folder"),
         ("/proc/w.npy", "'/proc/w.npy': cannot write in '/proc' ("),
     ):

@@ -58,6 +58,11 @@ NOT_FILES = (
 )
 
 
+def special_kind(mode: int) -> str | None:
+    """What ``NOT_FILES`` names a file of ``mode`` (``a FIFO (named pipe)``); None for another."""
+    return next((what for test, what in NOT_FILES if test(mode)), None)
+
+
 def special_file(path: str | os.PathLike[str]) -> str | None:
     """What ``path`` is, in words, when it is a FIFO, device or socket (an open of a FIFO waits
     for a writer forever, a read of ``/dev/zero`` never ends); None for anything else, a missing
@@ -66,7 +71,13 @@ def special_file(path: str | os.PathLike[str]) -> str | None:
         mode = os.stat(path).st_mode
     except OSError:  # the open that follows says why
         return None
-    return next((what for test, what in NOT_FILES if test(mode)), None)
+    return special_kind(mode)
+
+
+def what_is(path: Path) -> str:
+    """What is at ``path``, which is there and no folder: ``a file``, or a device, FIFO or socket
+    named as ``NOT_FILES`` names it (``a character device``); ``a file`` when it is gone meanwhile."""
+    return special_file(path) or "a file"
 
 
 def make_named_dir(path: Path, name: str, expected: str) -> None:
@@ -289,7 +300,7 @@ class AtomicFile:
             there = self.path.lstat().st_mode  # (a link is replaced, its target left as it was)
         except OSError:  # nothing there (or no way to tell): the open or the rename says why
             there = stat.S_IFREG
-        kind = next((what for test, what in NOT_FILES if test(there)), None)
+        kind = special_kind(there)
         if kind is not None:
             raise in_the_way(self.path, kind, errno.EEXIST)
         self.tmp = temporary_name(self.path) if tmp is None else tmp

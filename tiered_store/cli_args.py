@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from .atomic_file import NOT_FILES
+from .atomic_file import what_is
 from .capacity import CAPACITY_HELP, MAX_ROWS, check_capacity_spec, check_share, format_bytes
 from .config import check_device, expand_home
 from .errors import ConfigError, TieredStoreError, error_text, shown
@@ -165,7 +165,7 @@ def existing_file(text: str) -> Path:
         what = (
             "is a directory"
             if path.is_dir()
-            else f"is {_what_is(path)}"
+            else f"is {what_is(path)}"
             if path.exists()  # a FIFO or device was said not to exist
             else "does not exist"
         )
@@ -182,19 +182,9 @@ def existing_dir(text: str) -> Path:
     """
     path = given_path(text)
     if not path.is_dir():
-        what = f"is {_what_is(path)}" if path.exists() else "does not exist"
+        what = f"is {what_is(path)}" if path.exists() else "does not exist"
         raise argparse.ArgumentTypeError(f"{text!r} {what}; expected an existing folder")
     return path
-
-
-def _what_is(path: Path) -> str:
-    """What is at ``path``, which is there and no folder: ``a file``, or a device, FIFO or socket
-    named as such (``a FIFO (named pipe)``)."""
-    try:
-        mode = path.stat().st_mode
-    except OSError:  # gone meanwhile, or no way to tell
-        return "a file"
-    return next((what for test, what in NOT_FILES if test(mode)), "a file")
 
 
 def add_table_dir(parser: ArgumentParser) -> None:
@@ -291,8 +281,7 @@ def output_file(text: str) -> Path:
         )
     if path.exists() and not path.is_file():  # the write's rename would replace it
         raise argparse.ArgumentTypeError(
-            f"{text!r} is not a regular file (a device, FIFO or socket); expected a file to "
-            "write (or nothing there)"
+            f"{text!r} is {what_is(path)}; expected a file to write (or nothing there)"
         )
     if _first_missing(text, path) != path:
         raise argparse.ArgumentTypeError(
@@ -357,7 +346,7 @@ def _first_missing(text: str, path: Path) -> Path:
         if parent.exists():
             if not parent.is_dir():
                 raise argparse.ArgumentTypeError(
-                    f"{text!r}: {str(parent)!r} is {_what_is(parent)}; expected a folder on the way"
+                    f"{text!r}: {str(parent)!r} is {what_is(parent)}; expected a folder on the way"
                 )
             return first
     return path
@@ -398,7 +387,7 @@ def folder(text: str) -> Path:
             )
         if path.exists():
             raise argparse.ArgumentTypeError(
-                f"{text!r} is {_what_is(path)}; expected a folder (or nothing there)"
+                f"{text!r} is {what_is(path)}; expected a folder (or nothing there)"
             )
         _check_can_make(str(path), _first_missing(text, path))  # (another run may make it)
     return path

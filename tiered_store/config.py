@@ -46,7 +46,7 @@ from pydantic import ValidationError as _PydanticValidationError
 
 from policies.zipf_tuned import DEFAULT_RECENCY_WINDOW
 
-from .atomic_file import NOT_FILES
+from .atomic_file import special_kind
 from .capacity import check_capacity_spec
 from .errors import ConfigError, cut_text, shown
 
@@ -175,7 +175,7 @@ def load_yaml(path: str | Path, *, what: str = "config file") -> dict[str, Any]:
         mode = path.stat().st_mode  # (a shell's `<(gen-config)`), its writer's to end
     except OSError:  # the read below says why
         mode = stat.S_IFREG
-    not_file = next((w for test, w in NOT_FILES if test(mode) and not stat.S_ISFIFO(mode)), None)
+    not_file = None if stat.S_ISFIFO(mode) else special_kind(mode)
     if not_file is not None:
         raise ConfigError(f"{what} {path}: it is {not_file}; expected a {kind} file")
     try:

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tiered_store.atomic_file import NOT_FILES
+from tiered_store.atomic_file import special_kind
 from tiered_store.errors import ConfigError, TierIOError
 from tiered_store.integers import as_integer
 from tiered_store.io_uring import MAX_QUEUE_DEPTH, IoUring
@@ -299,7 +299,7 @@ def _open_direct(path: Path) -> int:
             str(path),
         )
     if not stat.S_ISREG(mode):  # a FIFO's open waits for a writer; a device's size reads as 0
-        kind = next((what for test, what in NOT_FILES if test(mode)), "not a regular file")
+        kind = special_kind(mode) or "not a regular file"
         raise TierIOError(
             errno.EINVAL,
             f"cannot probe {path}: it is {kind}; expected a file on the disk to probe",

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .atomic_file import what_is
 from .errors import TableFormatError, TierIOError, shown
 from .integers import as_integer
 from .npy_files import load_npy
@@ -503,8 +504,7 @@ def open_source(source: object, dtype: object) -> SourceReader:
             )
         if path.exists() and not path.is_file():  # "does not exist" said of a FIFO or device
             raise TableFormatError(
-                f"source .npy file {path} is not a regular file (a device, FIFO or socket); "
-                "expected a 2-D .npy file"
+                f"source .npy file {path} is {what_is(path)}; expected a 2-D .npy file"
             )
         if not path.is_file():
             raise TableNotFoundError(

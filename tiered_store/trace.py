@@ -67,7 +67,14 @@ import numpy as np
 import zstandard
 from tqdm.auto import tqdm
 
-from .atomic_file import AtomicFile, hidden_temporaries, open_lock, write_step
+from .atomic_file import (
+    AtomicFile,
+    hidden_temporaries,
+    open_lock,
+    special_kind,
+    what_is,
+    write_step,
+)
 from .errors import ConfigError, RowIdError, TierIOError, TraceFormatError
 from .integers import as_integer
 from .npy_files import load_npy
@@ -596,8 +603,8 @@ class TraceReader:
                 )
             if not stat.S_ISREG(info.st_mode):
                 raise TraceFormatError(
-                    f"trace {self.path}: cannot open (not a regular file: a FIFO, socket or "
-                    "device); expected a trace file"
+                    f"trace {self.path}: cannot open (it is "
+                    f"{special_kind(info.st_mode) or 'not a regular file'}); expected a trace file"
                 )
             os.set_blocking(fd, True)
             self._file: BinaryIO = os.fdopen(fd, "rb")
@@ -1292,8 +1299,7 @@ def _check_npy_target(trace: Path, npy_path: Path, overwrite: bool) -> None:
     if npy_path.exists() and not npy_path.is_file():  # the rename would replace it (/dev/null)
         raise TierIOError(
             errno.EEXIST,
-            f"output {npy_path} is not a regular file (a device, FIFO or socket); expected a file "
-            "path",
+            f"output {npy_path} is {what_is(npy_path)}; expected a file path",
         )
     if not npy_path.parent.is_dir():
         raise TierIOError(
