@@ -944,3 +944,20 @@ def test_a_config_read_from_a_pipe_through_dev_stdin_refuses_its_relative_paths(
             StoreConfig.from_yaml(f"/proc/thread-self/fd/{read}")
     finally:
         os.close(read)
+
+
+def test_a_numeric_option_of_thousands_of_digits_is_echoed_cut_short(tmp_path, capsys):
+    """at_least, positive_number, fraction, the number lists and init --random echoed a value of
+    5,000 digits (one int() refuses) in full, a 5 KB line; each shows it cut short, with its
+    length, as shown() does."""
+    from tiered_store.cli_args import at_least, fraction, int_list, positive_number
+
+    digits = "9" * 5000
+    for parse in (at_least(1), positive_number, fraction(), int_list(0)):
+        with pytest.raises(argparse.ArgumentTypeError) as err:
+            parse(digits)
+        assert str(err.value).endswith("... (5,000 characters)"), str(err.value)[:200]
+        assert len(str(err.value)) < 200, str(err.value)[:200]
+    assert main(["init", str(tmp_path / "t.npy"), "--random", f"{digits}x4", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "... (5,002 characters); expected ROWSxDIM" in err and len(err) < 1000, err[:300]

@@ -30,7 +30,7 @@ from .cli_args import (
     run_script,
     saying_made,
 )
-from .errors import ConfigError, TieredStoreError
+from .errors import ConfigError, TieredStoreError, shown
 
 if TYPE_CHECKING:
     from .table_format import TableExistsError
@@ -558,9 +558,9 @@ def _parse_shape(text: str) -> tuple[int, int]:
     try:
         rows, dim = (int(x) for x in text.lower().split("x"))
     except ValueError:
-        raise _usage(f"--random: got {text!r}; expected ROWSxDIM like 1000000x64") from None
+        raise _usage(f"--random: got {shown(text)}; expected ROWSxDIM like 1000000x64") from None
     if rows <= 0 or dim <= 0:
-        raise _usage(f"--random: got {text!r}; expected positive ROWS and DIM")
+        raise _usage(f"--random: got {shown(text)}; expected positive ROWS and DIM")
     return rows, dim
 
 

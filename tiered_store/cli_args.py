@@ -47,7 +47,7 @@ def at_least(minimum: int, what: str | None = None) -> Callable[[str], int]:
         except ValueError:
             value = None
         if value is None or value < minimum:
-            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {shown(text)}")
         return value
 
     return parse
@@ -457,7 +457,7 @@ def positive_number(text: str) -> float:
     except ValueError:
         value = math.nan
     if not 0.0 < value < math.inf:  # NaN too
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {shown(text)}")
     return value
 
 
@@ -486,7 +486,7 @@ def fraction(what: str | None = None, *, below_one: bool = False) -> Callable[[s
         except ValueError:
             value = math.nan
         if not (0.0 < value < 1.0 if below_one else 0.0 < value <= 1.0):  # NaN too
-            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {shown(text)}")
         return value
 
     return parse
@@ -606,7 +606,7 @@ def _number_list(convert: Callable[[str], float], minimum: float, expected: str)
         except ValueError:
             values = []
         if not values or not all(math.isfinite(v) and v >= minimum for v in values):
-            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {shown(text)}")
         return values
 
     return parse
