@@ -74,3 +74,14 @@ def test_a_capacity_of_thousands_of_digits_is_refused_by_name(spec):
     assert len(str(caught.value)) < 600 and "Exceeds the limit" not in str(caught.value)
     with pytest.raises(ConfigError, match=r"^k: got .*; expected a"):
         resolve_capacity(spec, table_rows=100, row_bytes=8, key="k")
+
+
+def test_a_share_of_a_table_of_no_rows_is_refused_by_name_not_divided_by_zero():
+    """resolve_capacity of '5%' with table_rows=0 (a rank's empty shard) raised a bare
+    ZeroDivisionError writing what one row is as a share of the table; it names the key, the
+    value and what is expected. 0 (off) is still taken."""
+    with pytest.raises(ConfigError) as err:
+        resolve_capacity("5%", table_rows=0, row_bytes=16, key="tiers.hot.capacity")
+    assert str(err.value).startswith("tiers.hot.capacity: '5%' is less than one row"), err.value
+    assert "the table has no rows" in str(err.value) and "expected 0" in str(err.value)
+    assert resolve_capacity("0%", table_rows=0, row_bytes=16, key="k") == 0

@@ -98,10 +98,15 @@ def resolve_capacity(spec: int | str, *, table_rows: int, row_bytes: int, key: s
             raise ConfigError(f"{key}: {exc}") from None
         rows = asked // row_bytes
     if asked and not rows:  # a tier of 0 rows is off: only when asked for
+        share = f"{100 / table_rows:.3g}% of {table_rows:,} rows" if table_rows else None
         raise ConfigError(
-            f"{key}: {shown(spec)} is less than one row of this table ({row_bytes:,} bytes, "
-            f"{100 / table_rows:.3g}% of {table_rows:,} rows); expected at least one row, or 0 "
-            "to turn the tier off"
+            f"{key}: {shown(spec)} is less than one row of this table "
+            + (
+                f"({row_bytes:,} bytes, {share}); expected at least one row, or 0 to turn the "
+                "tier off"
+                if share
+                else "(the table has no rows); expected 0 to turn the tier off"
+            )
         )
     if rows > table_rows:
         raise ConfigError(
