@@ -1179,6 +1179,22 @@ def test_an_address_with_a_port_of_thousands_of_digits_is_named():
     assert ServeConfig.from_dict({"server": {"address": "h:" + "0" * 5000 + "80"}})
 
 
+def test_an_address_with_unpaired_brackets_is_refused_naming_it():
+    """An IPv6 host's brackets were stripped wherever they were, so '[::1:80' (no ']') and
+    '::1]:80' were taken as '::1' port 80; an address whose host has a bracket is refused unless
+    the host is one pair of them around the rest, naming the key and the value."""
+    from tiered_store.config import check_address
+
+    for address in ("[::1:80", "::1]:80", "[[::1]]:80", "[::1]x:80", "a[b]:80", "[]:80"):
+        with pytest.raises(ConfigError) as caught:
+            check_address(address, "server.address")
+        said = str(caught.value)
+        assert said.startswith(f"server.address: got {address!r}; expected"), said
+        assert "'[::1]:8080'" in said, said
+    assert check_address("[::1]:80", "k") == ("::1", 80)
+    assert check_address("127.0.0.1:0", "k") == ("127.0.0.1", 0)
+
+
 def test_a_config_path_with_a_nul_character_is_named():
     """A config file's own path with a NUL character raised pathlib's bare ValueError (embedded
     null byte) out of load_yaml and every from_yaml."""

@@ -1016,7 +1016,14 @@ def check_address(
     if value == "" and allow_empty:
         return None
     host, sep, port = value.rpartition(":") if isinstance(value, str) else ("", "", "")
-    host = host.strip("[]")
+    if "[" in host or "]" in host:  # an IPv6 host: '[::1]', its brackets one pair around it all
+        inner = host[1:-1] if host[:1] == "[" and host[-1:] == "]" else ""
+        if not inner or "[" in inner or "]" in inner:  # '[::1:80' was taken as '::1' port 80
+            raise ConfigError(
+                f"{where}got {shown(value)}; expected 'host:port' like {like!r}, an IPv6 host "
+                "in one pair of brackets ('[::1]:8080')"
+            )
+        host = inner
     if not sep or not host or not (port.isascii() and port.isdigit()):  # not "²"
         empty = " or '' (off)" if allow_empty else ""
         raise ConfigError(f"{where}got {shown(value)}; expected 'host:port' like {like!r}{empty}")
