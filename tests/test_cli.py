@@ -961,3 +961,12 @@ def test_a_numeric_option_of_thousands_of_digits_is_echoed_cut_short(tmp_path, c
     assert main(["init", str(tmp_path / "t.npy"), "--random", f"{digits}x4", "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "... (5,002 characters); expected ROWSxDIM" in err and len(err) < 1000, err[:300]
+
+
+def test_a_capacity_of_thousands_of_leading_zeros_is_its_row_count():
+    """capacity() measured a row count's digits past its leading zeros (fa39ebf) but gave int()
+    them all, which refuses over 4,300 digits: '000...05' raised a bare ValueError (argparse's
+    'invalid capacity value', the 5,000 digits echoed); it is 5 rows, as '05' is."""
+    from tiered_store.cli_args import capacity
+
+    assert capacity("0" * 5000 + "5") == 5 and capacity("05") == 5 and capacity("0" * 5000) == 0

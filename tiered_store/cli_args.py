@@ -512,7 +512,7 @@ def capacity(text: str) -> int | str:
             raise argparse.ArgumentTypeError(
                 f"got {shown(text)}; expected a row count of at most {MAX_ROWS:,}"
             )
-        spec = int(digits)
+        spec = int(digits.lstrip("0") or "0")  # (int() counts leading zeros too)
     try:
         check_share(spec)
     except ValueError as exc:
