@@ -412,6 +412,43 @@ def test_the_searches_find_the_lower_bound_at_every_range_and_value():
                     assert got == [want] * 4, (values.tolist(), low, high, value, got)
 
 
+def test_the_pair_searches_find_their_pair_at_every_range_row_and_request():
+    """``_gallop_pair`` (the first pair at a row and request or past it), ``_run_start`` (the
+    first pair of a pair's row) and ``first_places`` (each row's first place announced),
+    compiled and their Python bodies, against a brute-force reading at every range of short
+    queues: rows of one pair and of many, finished pairs (negated), the request's pair first or
+    last of its row, a row and request below, among or past every pair (the doubling step
+    running past ``high``: a search that stopped a step early there passed the callers' tests,
+    which only see a pair found or not)."""
+    from tiered_store import request_queue_kernels as kernels
+
+    gallop = [kernels._gallop_pair, kernels._gallop_pair.py_func]
+    run_start = [kernels._run_start, kernels._run_start.py_func]
+    queues = [[], [(5, 1)], [(1, 1), (1, -2), (1, 3)]]
+    queues += [[(0, 3), (2, 1), (2, -2), (2, 3), (2, 4), (2, -5), (2, 6), (2, 7), (3, -1), (7, 2)]]
+    queues += [[(2, k) for k in range(1, 12)]]
+    for pairs in queues:
+        rows = np.array([r for r, _ in pairs], dtype=np.int64)
+        tokens = np.array([k for _, k in pairs], dtype=np.int64)
+        keys = [(r, abs(k)) for r, k in pairs]
+        for low in range(rows.size + 1):
+            for high in range(low, rows.size + 1):
+                for row in range(-1, 9):
+                    for token in range(13):
+                        want = low + sum(key < (row, token) for key in keys[low:high])
+                        got = [int(f(rows, tokens, row, token, low, high)) for f in gallop]
+                        assert got == [want] * 2, (pairs, low, high, row, token, got)
+        for i, row in enumerate(rows.tolist()):
+            want = rows.tolist().index(row)
+            assert [int(f(rows, i)) for f in run_start] == [want] * 2, (pairs, i)
+    for where in ([], [0], [2, 0, 2, 1, 0], [3, 3, 3], [1, 0, 1]):
+        where = np.array(where, dtype=np.int32)
+        for m in (4, 5):
+            want = [where.tolist().index(r) if r in where else -1 for r in range(m)]
+            for f in (kernels.first_places, kernels.first_places.py_func):
+                assert f(where, m).tolist() == want, (where.tolist(), m)
+
+
 class _NumpyFailingAt:
     """numpy, but for its ``n``-th allocation (``empty``, ``sort``), which fails as out of
     memory does."""
