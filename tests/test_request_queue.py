@@ -1293,9 +1293,10 @@ def test_memory_report_counts_what_announced_requests_hold(tmp_path):
 
 def test_memory_report_counts_each_announced_requests_own_arrays(tmp_path):
     """``queue_bytes`` left out each request's own arrays (its rows, those no earlier request
-    looks up, its lookups left of each, each id's place among its rows and, from its second
-    batch served, its pairs' places): 17 prefill-sized requests held about 26 MB it did not
-    report. They are counted, and go with their requests."""
+    looks up, its lookups left of each, each id's place among its rows, from its second
+    batch served, its pairs' places and, from a batch that searched for an id it announced, its
+    rows' first places): 17 prefill-sized requests held about 26 MB it did not report. They
+    are counted, and go with their requests; per row, 16-36 B (docs/design.md said 24-40)."""
     path, _ = make_table(tmp_path, rows=ROWS, dim=4)
     with TieredStore(store_config(path, warm={"capacity": 256})) as store:
         first = store.announce(torch.arange(1000).repeat(2))  # 1,000 rows, 2,000 ids
@@ -1313,6 +1314,13 @@ def test_memory_report_counts_each_announced_requests_own_arrays(tmp_path):
         store.served(first, torch.arange(10, 20))  # its second batch: its pairs' places found
         assert first.pair_at is not None
         assert queue_bytes() == pairs + handles + 8 * 1000
+        store.served(first, torch.arange(500, 520))  # 480 ids skipped: their first places made
+        assert first.first_at.size == 1000
+        assert queue_bytes() == pairs + handles + (8 + 4) * 1000
+        # per row: 16 B (its rows, its lookups left), 36 B (8 B more each: a first row, a pair's
+        # place; 4 B: a first place)
+        assert second.nbytes - 4 * 1000 - 8 * 500 == 16 * 1000
+        assert first.nbytes - 4 * 2000 == 36 * 1000
         store.release(first)
         store.release(second)
         assert queue_bytes() == 0
