@@ -1356,6 +1356,40 @@ def test_a_commit_over_staged_records_is_refused_and_keeps_the_writes(tmp_path):
         assert store.lookup([2, 5])[:, 0].tolist() == [2.0, 7.0]
 
 
+@pytest.mark.parametrize(
+    ("key", "value", "expected"),
+    [
+        (b"staged_round", b"\xff\xfe@2", "ASCII text"),
+        (b"staged_round", b"round", r"ROUND@STEP \(a round id, an integer step\)"),
+        (b"staged_round", b"@2", r"ROUND@STEP \(a round id, an integer step\)"),
+        (b"staged_round", b"round@two", r"ROUND@STEP \(a round id, an integer step\)"),
+        (b"committed_round", b"\xff\xfe", "ASCII text"),
+    ],
+)
+def test_a_damaged_commit_round_is_named_with_its_delta_and_key(tmp_path, key, value, expected):
+    """A round key in a delta's ``meta`` damaged (not text, or a staged round not ROUND@STEP):
+    reading the commit rounds (a sharded open's) or committing the staged step raised
+    UnicodeDecodeError naming nothing, or read a damaged staged round as none (decided by the
+    steps). ``DeltaCorruptError`` names the delta, the key, the value and the form expected;
+    the staged step stays staged. A step of 0 reads back as any other."""
+    path, _ = make_table(tmp_path, rows=100, dim=4)
+    delta = RowDelta(delta_path(path), row_bytes=16, create=True, table_rows=100)
+    delta.stage(np.zeros(0, np.int64), np.zeros((0, 16), np.uint8), step=0, round_id="r0")
+    assert delta.commit_rounds == ("r0", None)
+    delta.commit_staged(0)
+    assert (delta.step, delta.commit_rounds) == (0, (None, "r0"))
+    delta.stage(np.array([5]), np.ones((1, 16), np.uint8), step=2, round_id="r2")
+    delta._write("a damaged round", lambda txn: txn.put(key, value, db=delta.meta_db))
+    named = rf"delta: .*\.npy\.delta holds {re.escape(repr(value))} under the meta key '{key.decode()}'; expected {expected}, as a sharded commit writes it: the delta is damaged"  # fmt: skip
+    with pytest.raises(DeltaCorruptError, match=named):
+        _ = delta.commit_rounds
+    if key == b"staged_round":
+        with pytest.raises(DeltaCorruptError, match=named):
+            delta.commit_staged(2)
+    assert (delta.step, delta.staged_step) == (0, 2)
+    delta.close()
+
+
 @pytest.mark.parametrize("written", [True, False])
 def test_a_hot_admission_that_raises_leaves_no_warm_slot_without_its_row(tmp_path, written):
     """The hot tier's admission raised (its spill of dirty victims, or its admission filter, out

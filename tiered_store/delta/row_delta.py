@@ -529,11 +529,16 @@ class RowDelta:
         self._check_process()
         try:
             with self._read_txn() as txn:
-                staged = _round_of(*(txn.get(k, db=self.meta_db) for k in _STAGED_ROUND_KEYS))
-                committed = txn.get(COMMITTED_ROUND_KEY, db=self.meta_db)
+                raw = [
+                    txn.get(k, db=self.meta_db) for k in (*_STAGED_ROUND_KEYS, COMMITTED_ROUND_KEY)
+                ]
         except lmdb.Error as exc:
             raise self._read_failed("the commit rounds of ", exc) from None
-        return staged, None if committed is None else bytes(committed).decode()
+        committed = raw[2]
+        return (
+            _round_of(raw[0], raw[1], self.path),
+            None if committed is None else _round_text(committed, COMMITTED_ROUND_KEY, self.path),
+        )
 
     def stage(
         self, ids: np.ndarray, rows: np.ndarray, step: int, round_id: str | None = None
@@ -577,7 +582,9 @@ class RowDelta:
             staged = self._staged_db(txn)
             txn.cursor(db=self.rows_db).putmulti(txn.cursor(db=staged).iternext())
             txn.drop(staged, delete=False)
-            round_id = _round_of(*(txn.get(k, db=self.meta_db) for k in _STAGED_ROUND_KEYS))
+            round_id = _round_of(
+                *(txn.get(k, db=self.meta_db) for k in _STAGED_ROUND_KEYS), self.path
+            )
             txn.delete(STAGED_STEP_KEY, db=self.meta_db)
             txn.delete(STAGED_ROUND_KEY, db=self.meta_db)
             if round_id is None:
@@ -1156,13 +1163,34 @@ def _int_value(raw: bytes | None) -> int:
     return 0 if raw is None else int.from_bytes(raw, "little", signed=True)
 
 
-def _round_of(raw: bytes | None, staged_step: bytes | None) -> str | None:
+def _round_of(raw: bytes | None, staged_step: bytes | None, path: Path) -> str | None:
     """The round of a staged round's key as stored ("round@step"), when its step is the staged
-    step as stored (``staged_step``); else None (nothing staged, or a round staged before)."""
+    step as stored (``staged_step``); else None (nothing staged, or a round staged before).
+    ``DeltaCorruptError`` naming the delta ``path`` and the key for a value of another form."""
     if raw is None or staged_step is None:
         return None
-    round_id, _, step = bytes(raw).decode().rpartition("@")
-    return round_id if round_id and step == str(_int_value(staged_step)) else None
+    round_id, _, step = _round_text(raw, STAGED_ROUND_KEY, path).rpartition("@")
+    if not round_id or not re.fullmatch(r"-?[0-9]+", step):
+        raise _bad_round(raw, STAGED_ROUND_KEY, path, "ROUND@STEP (a round id, an integer step)")
+    return round_id if int(step) == _int_value(staged_step) else None
+
+
+def _round_text(raw: bytes, key: bytes, path: Path) -> str:
+    """A round key's value (``key`` in ``meta`` of the delta at ``path``) as text;
+    ``DeltaCorruptError`` naming them where it is not ASCII text."""
+    try:
+        return bytes(raw).decode("ascii")
+    except UnicodeDecodeError:
+        raise _bad_round(raw, key, path, "ASCII text") from None
+
+
+def _bad_round(raw: bytes, key: bytes, path: Path, expected: str) -> DeltaCorruptError:
+    """The error of a round key's value that is not of the form ``expected``."""
+    return DeltaCorruptError(
+        f"delta: {path} holds {bytes(raw)[:64]!r} under the meta key {key.decode()!r}; expected "
+        f"{expected}, as a sharded commit writes it: the delta is damaged, restore it from a "
+        "good copy"
+    )
 
 
 def _step_bytes(step: int) -> bytes:
