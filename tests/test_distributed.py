@@ -2518,6 +2518,39 @@ def test_a_round_id_left_by_a_release_before_round_ids_never_decides_a_later_sta
         assert [result["reopened rows"][i][0] for i in (3, 460)] == [2.0, 2.0]
 
 
+def test_a_shard_whose_staged_round_is_damaged_fails_the_open_on_every_rank_naming_it(tmp_path):
+    """Rank 1's shard holding a staged step whose round key is damaged: reading it for the
+    open's fingerprint raised on rank 1 alone, outside the error every rank is told, so rank 0
+    waited in the exchange until the timeout and named rank 1 as gone. Every rank's open
+    raises at once, naming rank 1's shard, the delta's key and its value."""
+    from tests.distributed_support import open_error_worker
+    from tiered_store.delta.row_delta import STAGED_ROUND_KEY, RowDelta, delta_path
+
+    plain = make_plain_table(tmp_path)
+    shards = write_shards(plain, 2, "rows", template=shards_template(plain, "rows"), progress=False)
+    store = TieredStore.open({"table": {"path": str(shards[1].path)}})
+    store.write([0], torch.full((1, store.row_width), 1.0))
+    store.prepare_commit(1, round_id="round")
+    with pytest.warns(UncommittedWritesWarning):
+        store.close()
+    delta = RowDelta(delta_path(shards[1].path), store.row_bytes)
+    delta._write(
+        "a damaged round", lambda txn: txn.put(STAGED_ROUND_KEY, b"\xff@1", db=delta.meta_db)
+    )
+    delta.close()
+    out = tmp_path / "out"
+    out.mkdir()
+    codes = run_ranks(open_error_worker, 2, (str(plain), out), 60)
+    results = _results(out, 2)
+    assert codes == [0, 0] and not any("crash" in r for r in results), results
+    for result in results:
+        assert result["open"].startswith(
+            f"ShardMismatchError: rank 1: cannot open its shard {shards[1].path}: "
+            f"DeltaCorruptError: delta: {delta_path(shards[1].path)} holds b'\\xff@1' under the "
+            "meta key 'staged_round'"
+        ), result
+
+
 def _check_torn_commit_is_found_and_redone(plain: Path, out: Path) -> None:
     """Over shards of ``plain`` that a torn commit left at steps 1 (rank 0) and 2 (rank 1), one
     row of each written 1.0 and 2.0 at those steps: reopened on two new ranks, every rank warns,

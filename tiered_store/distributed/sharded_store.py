@@ -664,16 +664,24 @@ class ShardedStore:
             return None, f"{type(exc).__name__}: {error_text(exc)}"
 
     def _fingerprint(self, info: ShardInfo | None, error: str | None) -> dict[str, Any]:
-        """What every rank must agree on, as this rank sees it."""
+        """What every rank must agree on, as this rank sees it (a shard whose commit state
+        cannot be read: its error, told to every rank)."""
         sharding = self.config.sharding
+        state = (None, None, None)  # committed step, staged step, commit rounds
+        if self.local is not None:
+            try:
+                local = self.local
+                state = (local.committed_step, local.staged_step, local.commit_rounds)
+            except Exception as exc:  # noqa: BLE001 (any: raised on every rank, in step)
+                info, error = None, f"{type(exc).__name__}: {error_text(exc)}"
         doc: dict[str, Any] = {
             "protocol": PROTOCOL_VERSION,
             "shard": str(self.path),
             "error": error,
             "heartbeat": uuid.uuid4().hex,  # rank 0's names this store's heartbeat keys
-            "committed_step": None if self.local is None else self.local.committed_step,
-            "staged_step": None if self.local is None else self.local.staged_step,
-            "commit_rounds": None if self.local is None else self.local.commit_rounds,
+            "committed_step": state[0],
+            "staged_step": state[1],
+            "commit_rounds": state[2],
             "world": self.world,
             "config": {
                 "ranks": sharding.ranks,
