@@ -1591,6 +1591,47 @@ def resumed_redos_worker(rank: int, world: int, port: int, plain: str, out: Path
     _report(out, rank, result)
 
 
+def step_read_failing_once_staged_worker(
+    rank: int, world: int, port: int, plain: str, out: Path
+) -> None:
+    """Every rank (its store's timeout 5 s) commits rows 3 and 460 at 2.0, rank 1's shard
+    failing to read its committed step while a step is staged (a read error between the
+    phases); each rank's commit and committed step, then reopened: its step and rows."""
+    from tiered_store.distributed import ShardedStore
+    from tiered_store.errors import TierIOError
+
+    _join_group(rank, world, port)
+    result: dict[str, Any] = {}
+    cfg = _store_config(Path(plain), world, "rows")
+    cfg["sharding"]["timeout_s"] = 5
+    try:
+        store = ShardedStore.open(cfg)
+        shard, plain_class = store.local, type(store.local)
+
+        class StepReadFails(plain_class):
+            @property
+            def committed_step(self) -> int:
+                if self.staged_step is not None:
+                    raise TierIOError(f"delta: reading the step of {self.cold.path} failed")
+                return super().committed_step
+
+        if rank == 1:
+            shard.__class__ = StepReadFails
+        store.write(torch.tensor([3, 460]), torch.full((2, store.row_width), 2.0))
+        try:
+            result["commit"] = store.commit()
+        except Exception as exc:  # noqa: BLE001 (recorded for the test)
+            result["commit"] = f"{type(exc).__name__}: {exc}"
+        shard.__class__ = plain_class
+        result["step"] = store.committed_step
+        store.close()
+        _opened_and_recorded(cfg, result, "reopened", torch.tensor([3, 460])).close()
+        dist_destroy()
+    except BaseException:
+        result["crash"] = traceback.format_exc()
+    _report(out, rank, result)
+
+
 def resumed_commit_worker(rank: int, world: int, port: int, plain: str, out: Path) -> None:
     """Every rank, over shards a killed sharded commit of rows 3 and 460 (2.0, step 2) left
     behind: reopened (warnings, step, every row, this shard's staged step), the step redone

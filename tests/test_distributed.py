@@ -2551,6 +2551,25 @@ def test_a_shard_whose_staged_round_is_damaged_fails_the_open_on_every_rank_nami
         ), result
 
 
+def test_a_step_read_failing_between_the_phases_leaves_no_rank_out_of_phase_2(tmp_path):
+    """Between a commit's phases each rank read its shard's committed step again (for the step
+    to commit at) outside the error every rank is told: rank 1's read failing there left it
+    out of phase 2, rank 0 waiting out the timeout with step 1 undecided on its side. Phase 2
+    commits the step phase 1 staged at, read no more: the commit ends on every rank."""
+    from tests.distributed_support import step_read_failing_once_staged_worker
+
+    plain = make_plain_table(tmp_path)
+    write_shards(plain, 2, "rows", template=shards_template(plain, "rows"), progress=False)
+    out = tmp_path / "out"
+    out.mkdir()
+    codes = run_ranks(step_read_failing_once_staged_worker, 2, (str(plain), out), 60)
+    results = _results(out, 2)
+    assert codes == [0, 0] and not any("crash" in r for r in results), results
+    for result in results:
+        assert (result["commit"], result["step"], result["reopened step"]) == (1, 1, 1), result
+        assert result["reopened warnings"] == [] and result["reopened rows"] == [2.0, 2.0]
+
+
 def _check_torn_commit_is_found_and_redone(plain: Path, out: Path) -> None:
     """Over shards of ``plain`` that a torn commit left at steps 1 (rank 0) and 2 (rank 1), one
     row of each written 1.0 and 2.0 at those steps: reopened on two new ranks, every rank warns,

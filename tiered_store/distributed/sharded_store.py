@@ -1053,7 +1053,8 @@ class ShardedStore:
             )
         step = max(c for c, _, _ in asked) + 1 if step is None else step
         round_id = asked[0][2]  # rank 0's: each shard stages it, and keeps it once committed
-        staged = self._all_gather(self._local_error(self._prepare_shard, step, round_id))
+        here: list[int] = []  # the step this shard staged at (its own, ahead, in a redo)
+        staged = self._all_gather(self._local_error(self._prepare_shard, step, round_id, here))
         if any(e is not None for e in staged):
             # every rank that staged drops it; a failed drop leaves it to the next commit's
             # staging or the next open (a shard did not stage it: the open drops it)
@@ -1062,21 +1063,23 @@ class ShardedStore:
                 undropped = self._local_error(self.local.abort_commit)
             return step, staged, [None] * self.world, undropped
         # every shard is at ``step`` (or its own, ahead: torn still) now, or finishes it (in the
-        # round: a caller interrupted too)
-        here, torn = self._step_here(step)[0], self._torn_steps
+        # round: a caller interrupted too); phase 2 commits the step phase 1 staged here (not
+        # read again: a read failing here would leave this rank out of phase 2, the others waiting)
+        torn = self._torn_steps
         self._torn_steps = None if torn is None else _torn_steps([max(step, t) for t in torn])
-        return step, staged, self._all_gather(self._local_error(self._finish_shard, here)), None
+        return step, staged, self._all_gather(self._local_error(self._finish_shard, here[0])), None
 
-    def _prepare_shard(self, step: int, round_id: str) -> None:
+    def _prepare_shard(self, step: int, round_id: str, here: list[int]) -> None:
         """Phase 1 on this shard: finish the step it staged and failed to commit in an earlier
-        round, then stage ``step``; after a torn commit, a shard already at ``step`` takes the
-        redone step's writes at that step (its newer rows are rewritten, the others reach it)."""
+        round, then stage ``step`` (appended to ``here``: the step it staged at); after a torn
+        commit, a shard already at ``step`` takes the redone step's writes at that step (its
+        newer rows are rewritten, the others reach it)."""
         if self._unresolved is not None:
             raise CommitError(self._unresolved)
         if self._unfinished is not None:
             self._finish_shard(self._unfinished)
-        here, redo = self._step_here(step)
-        self.local.prepare_commit(here, redo=redo, round_id=round_id)
+        at, redo = self._step_here(step)
+        here.append(self.local.prepare_commit(at, redo=redo, round_id=round_id))
 
     def _step_here(self, step: int) -> tuple[int, bool]:
         """The step this shard stages a round's ``step`` at, and whether it redoes its own: after
