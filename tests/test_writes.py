@@ -836,6 +836,34 @@ def test_a_store_opened_before_the_first_commit_elsewhere_is_stale_and_may_not_w
         again.commit()
 
 
+@pytest.mark.parametrize("compacted", [False, True])
+def test_a_reader_is_stale_after_a_shard_redoes_its_step_at_that_step(tmp_path, compacted):
+    """A shard ahead after a torn commit redoes the step it is at (``prepare_commit(its step,
+    redo=True)`` then ``finish_commit``): its rows change, its step does not. A reader that had
+    it open (through its delta, or a compacted version with none) compared steps alone and was
+    never stale, serving the rows from before the redo until reopened for another reason. It
+    compares the step and the commit's round: stale, its own view whole."""
+    path, _ = make_table(tmp_path, rows=100, dim=4)
+    cfg = store_config(path)
+    with TieredStore(cfg) as store:
+        store.write([5], torch.full((1, 4), 3.0))
+        store.prepare_commit(3, round_id="first")
+        store.finish_commit(3)
+    if compacted:
+        compact_table(path, progress=False)
+    with TieredStore(cfg) as reader:
+        assert not reader.is_stale()
+        with TieredStore(cfg) as writer:
+            writer.write([5], torch.full((1, 4), 4.0))
+            assert writer.prepare_commit(3, redo=True, round_id="redo") == 3
+            writer.finish_commit(3)
+            assert not writer.is_stale()
+        assert reader.is_stale() and reader.committed_step == 3
+        assert reader.lookup([5])[0, 0] == 3.0  # its view, whole, until reopened
+    with TieredStore(cfg) as again:
+        assert not again.is_stale() and again.lookup([5])[0, 0] == 4.0
+
+
 def test_a_delta_a_writer_died_creating_reads_as_none(tmp_path):
     """A writer killed inside its first write() can leave TABLE.npy.delta/ as an LMDB environment
     with no databases (made here as LMDB makes it). It holds no commit: a store is not stale over

@@ -23,7 +23,7 @@ from .cache_plan import CacheHierarchy, IgnoredSettingWarning, ignored_tier_sett
 from .capacity import available_host_memory, format_bytes
 from .cold_table import ColdTable
 from .config import StoreConfig, in_config_file, naming_file
-from .delta.row_delta import GREW_STEP, RowDelta, committed_step, delta_path
+from .delta.row_delta import GREW_STEP, RowDelta, committed_mark, delta_path
 from .delta.table_versions import (
     current_version,
     open_current_version,
@@ -1426,10 +1426,12 @@ class TieredStore:
         return "was made anew" if self.cold.replaced() else None
 
     def _committed_elsewhere(self) -> bool:
-        """Whether another process committed to this version's delta since this store's view."""
+        """Whether another process committed to this version's delta since this store's view
+        (by step and round: a shard's redone step is committed again at its step)."""
         if self._writes is None:  # opened without a delta: has one been committed to since?
-            return committed_step(self.cold.path, self.row_bytes) not in (None, self._base_step)
-        return self._writes.delta.latest_step() != self._writes.delta.step
+            mark = committed_mark(self.cold.path, self.row_bytes)
+            return mark not in (None, (self._base_step, None))
+        return self._writes.delta.latest_mark() != self._writes.delta.mark
 
     def _become_writer(self, lock: int | None = None) -> None:
         """Take the table's single-writer lock (once; ``lock``: the one the caller took), then open

@@ -93,11 +93,20 @@ def open_delta(table_path: str | os.PathLike[str], row_bytes: int) -> RowDelta |
 def committed_step(table_path: str | os.PathLike[str], row_bytes: int) -> int | None:
     """The step of the last commit to the delta of the version at ``table_path`` (the step the
     version started from, before any); None when it has no delta (see ``open_delta``)."""
+    mark = committed_mark(table_path, row_bytes)
+    return None if mark is None else mark[0]
+
+
+def committed_mark(
+    table_path: str | os.PathLike[str], row_bytes: int
+) -> tuple[int, bytes | None] | None:
+    """``RowDelta.latest_mark()`` of the delta of the version at ``table_path``; None when it
+    has no delta (see ``open_delta``)."""
     delta = open_delta(table_path, row_bytes)
     if delta is None:
         return None
     try:
-        return delta.latest_step()
+        return delta.latest_mark()
     finally:
         delta.close()
 
@@ -377,12 +386,36 @@ class RowDelta:
         """The step of the last commit on disk now, pinned or not; ``GREW_STEP`` when another
         process grew the map, which only commits do (this process reads them once every handle
         of its environment has closed and one reopens)."""
+        return self.latest_mark()[0]
+
+    @property
+    def mark(self) -> tuple[int, bytes | None]:
+        """(step, round of the last ``commit_staged`` as stored) of this view's commit, from one
+        transaction: a shard redoing a step after a torn commit commits it again under a new
+        round, so two commits whose step is the same differ here; of the pinned snapshot while
+        pinned."""
         self._check_process()
         try:
-            with self._txn(db=self.meta_db) as txn:
-                return _int_value(txn.get(b"step"))
+            with self._read_txn() as txn:
+                return self._mark(txn)
+        except lmdb.Error as exc:
+            raise self._read_failed("the step of ", exc) from None
+
+    def latest_mark(self) -> tuple[int, bytes | None]:
+        """``mark`` of the last commit on disk now, pinned or not; ``(GREW_STEP, None)`` when
+        another process grew the map (as ``latest_step``)."""
+        self._check_process()
+        try:
+            with self._txn() as txn:
+                return self._mark(txn)
         except lmdb.MapResizedError:
-            return GREW_STEP
+            return GREW_STEP, None
+
+    def _mark(self, txn: lmdb.Transaction) -> tuple[int, bytes | None]:
+        """``mark`` as ``txn`` reads it."""
+        committed = txn.get(COMMITTED_ROUND_KEY, db=self.meta_db)
+        step = _int_value(txn.get(b"step", db=self.meta_db))
+        return step, None if committed is None else bytes(committed)
 
     def pin(self) -> None:
         """Read one committed version from now on (a long read transaction), whatever commits
