@@ -1507,10 +1507,12 @@ def killed_redo_worker(rank: int, world: int, port: int, plain: str, out: Path) 
     os._exit(0)
 
 
-def torn_two_steps_worker(rank: int, world: int, port: int, plain: str, out: Path) -> None:
+def torn_two_steps_worker(
+    rank: int, world: int, port: int, plain: str, out: Path, pass_step: bool = True
+) -> None:
     """Every rank, over shards a torn commit left at steps 1 and 3: steps 2 and 3 redone (row 3
-    or 460 at 2.0, then 3.0), each commit's step or error and the committed step after it
-    recorded; reopened after."""
+    or 460 at 2.0, then 3.0; ``pass_step``: committed with that step, else with none), each
+    commit's step or error and the committed step after it recorded; reopened after."""
     from tiered_store.distributed import ShardedStore
 
     _join_group(rank, world, port)
@@ -1524,7 +1526,7 @@ def torn_two_steps_worker(rank: int, world: int, port: int, plain: str, out: Pat
         for step in (2, 3):
             store.write(mine, torch.full((1, store.row_width), float(step)))
             try:
-                result[f"redo {step}"] = store.commit(step)
+                result[f"redo {step}"] = store.commit(step if pass_step else None)
             except Exception as exc:  # noqa: BLE001 (recorded for the test)
                 result[f"redo {step}"] = f"{type(exc).__name__}: {exc}"
             result[f"step after {step}"] = store.committed_step

@@ -2591,11 +2591,16 @@ def _check_torn_commit_is_found_and_redone(plain: Path, out: Path) -> None:
         assert result["after warnings"] == [] and result["after rows"] == [3.0, 3.0]
 
 
-def test_a_shard_two_steps_ahead_after_a_torn_commit_takes_the_lower_redone_step(tmp_path):
+@pytest.mark.parametrize("pass_step", [True, False], ids=["commit(step)", "commit()"])
+def test_a_shard_two_steps_ahead_after_a_torn_commit_takes_the_lower_redone_step(
+    tmp_path, pass_step
+):
     """Over shards a torn commit left at steps 1 (rank 0) and 3 (rank 1), steps 2 and 3 redone:
     rank 1's shard refused step 2 (lower than its step 3), so the redo failed on every rank and
     the job could never resume from committed_step. The shard ahead stages the redone step's
-    writes at its own step; committed_step is the oldest shard's until every shard is at one."""
+    writes at its own step; committed_step is the oldest shard's until every shard is at one.
+    A commit() with no step (a loop resumed from committed_step 1) committed at the highest
+    shard's step + 1 (4, then 5), past the steps redone; it commits committed_step + 1."""
     from tests.distributed_support import torn_two_steps_worker
 
     plain = make_plain_table(tmp_path)
@@ -2608,7 +2613,7 @@ def test_a_shard_two_steps_ahead_after_a_torn_commit_takes_the_lower_redone_step
                 store.commit()
     out = tmp_path / "out"
     out.mkdir()
-    codes = run_ranks(torn_two_steps_worker, 2, (str(plain), out), 60)
+    codes = run_ranks(torn_two_steps_worker, 2, (str(plain), out, pass_step), 60)
     results = _results(out, 2)
     assert codes == [0, 0] and not any("crash" in r for r in results), results
     for result in results:
@@ -2866,7 +2871,8 @@ def test_a_shard_whose_lock_holder_resolved_it_otherwise_opens_torn_on_every_ran
         assert result["opened step"] == result["opened stats step"] == 1, result
         assert result["opened staged"] is None
         assert result["opened rows"] == ([1.0, 2.0] if decided == 2 else [2.0, 1.0])
-        assert result["committed"] == 3 and result["committed rows"] == [3.0, 3.0]
+        # commit(): committed_step + 1, the step to redo (the shard at 2 takes it at 2 again)
+        assert result["committed"] == 2 and result["committed rows"] == [3.0, 3.0]
 
 
 def test_a_drop_decided_before_waiting_for_a_shards_lock_is_left_to_the_next_open(tmp_path):

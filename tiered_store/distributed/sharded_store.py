@@ -359,8 +359,8 @@ class ShardedStore:
         self._raise_failed("write", errors, then=_FAILED_WRITE)
 
     def commit(self, step: int | None = None) -> int:
-        """Commit every rank's shard with one ``step`` (default: the highest last committed step
-        of the ranks + 1); a collective. Returns the step. Ranks passing different steps raise
+        """Commit every rank's shard with one ``step`` (default: ``committed_step`` + 1: after a
+        torn commit, the oldest shard's + 1, the first step to redo); a collective. Returns the step. Ranks passing different steps raise
         ``StepMismatchError`` on every rank (nothing committed anywhere).
 
         Two phases, so that the shards end at one step whatever fails: first every shard stages
@@ -1051,7 +1051,9 @@ class ShardedStore:
                 f"({_ranks_by_value([s for _, s, _ in asked])}); expected the same step on every "
                 "rank (or None on all); nothing was committed on any shard"
             )
-        step = max(c for c, _, _ in asked) + 1 if step is None else step
+        if step is None:  # committed_step + 1 (torn: the oldest shard's, the same on every rank)
+            torn = self._torn_steps
+            step = (max(c for c, _, _ in asked) if torn is None else min(torn)) + 1
         round_id = asked[0][2]  # rank 0's: each shard stages it, and keeps it once committed
         here: list[int] = []  # the step this shard staged at (its own, ahead, in a redo)
         staged = self._all_gather(self._local_error(self._prepare_shard, step, round_id, here))
