@@ -1593,12 +1593,13 @@ def resumed_redos_worker(rank: int, world: int, port: int, plain: str, out: Path
     _report(out, rank, result)
 
 
-def step_read_failing_once_staged_worker(
-    rank: int, world: int, port: int, plain: str, out: Path
+def step_read_failing_worker(
+    rank: int, world: int, port: int, plain: str, out: Path, always: bool
 ) -> None:
     """Every rank (its store's timeout 5 s) commits rows 3 and 460 at 2.0, rank 1's shard
     failing to read its committed step while a step is staged (a read error between the
-    phases); each rank's commit and committed step, then reopened: its step and rows."""
+    phases), or at every read (``always``: then the commit is tried again once reads work);
+    each rank's commit and committed step, then reopened: its step and rows."""
     from tiered_store.distributed import ShardedStore
     from tiered_store.errors import TierIOError
 
@@ -1613,7 +1614,7 @@ def step_read_failing_once_staged_worker(
         class StepReadFails(plain_class):
             @property
             def committed_step(self) -> int:
-                if self.staged_step is not None:
+                if always or self.staged_step is not None:
                     raise TierIOError(f"delta: reading the step of {self.cold.path} failed")
                 return super().committed_step
 
@@ -1625,6 +1626,8 @@ def step_read_failing_once_staged_worker(
         except Exception as exc:  # noqa: BLE001 (recorded for the test)
             result["commit"] = f"{type(exc).__name__}: {exc}"
         shard.__class__ = plain_class
+        if always:
+            result["retried"] = store.commit()
         result["step"] = store.committed_step
         store.close()
         _opened_and_recorded(cfg, result, "reopened", torch.tensor([3, 460])).close()

@@ -2556,17 +2556,45 @@ def test_a_step_read_failing_between_the_phases_leaves_no_rank_out_of_phase_2(tm
     to commit at) outside the error every rank is told: rank 1's read failing there left it
     out of phase 2, rank 0 waiting out the timeout with step 1 undecided on its side. Phase 2
     commits the step phase 1 staged at, read no more: the commit ends on every rank."""
-    from tests.distributed_support import step_read_failing_once_staged_worker
+    from tests.distributed_support import step_read_failing_worker
 
     plain = make_plain_table(tmp_path)
     write_shards(plain, 2, "rows", template=shards_template(plain, "rows"), progress=False)
     out = tmp_path / "out"
     out.mkdir()
-    codes = run_ranks(step_read_failing_once_staged_worker, 2, (str(plain), out), 60)
+    codes = run_ranks(step_read_failing_worker, 2, (str(plain), out, False), 60)
     results = _results(out, 2)
     assert codes == [0, 0] and not any("crash" in r for r in results), results
     for result in results:
         assert (result["commit"], result["step"], result["reopened step"]) == (1, 1, 1), result
+        assert result["reopened warnings"] == [] and result["reopened rows"] == [2.0, 2.0]
+
+
+def test_a_step_read_failing_as_a_commit_starts_fails_it_on_every_rank_naming_the_shard(
+    tmp_path,
+):
+    """A commit's first exchange carries each rank's committed step, read outside the error
+    every rank is told: rank 1's read failing raised there alone, and rank 0 waited out the
+    timeout in the exchange and named rank 1 as stopped (the store unusable). Every rank
+    raises CommitError naming rank 1's error, nothing committed, and the commit tried again
+    once the read works goes through."""
+    from tests.distributed_support import step_read_failing_worker
+
+    plain = make_plain_table(tmp_path)
+    shards = write_shards(plain, 2, "rows", template=shards_template(plain, "rows"), progress=False)
+    out = tmp_path / "out"
+    out.mkdir()
+    codes = run_ranks(step_read_failing_worker, 2, (str(plain), out, True), 60)
+    results = _results(out, 2)
+    assert codes == [0, 0] and not any("crash" in r for r in results), results
+    for rank, result in enumerate(results):
+        assert result["commit"] == (
+            f"CommitError: rank {rank}: commit: reading the committed step of a shard failed "
+            f"(rank 1: TierIOError: delta: reading the step of {shards[1].path} failed); expected "
+            "every shard's step readable: nothing was committed on any shard, and the writes are "
+            "kept: commit again"
+        ), result
+        assert (result["retried"], result["step"], result["reopened step"]) == (1, 1, 1), result
         assert result["reopened warnings"] == [] and result["reopened rows"] == [2.0, 2.0]
 
 

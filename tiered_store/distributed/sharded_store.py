@@ -1044,16 +1044,27 @@ class ShardedStore:
         (the step, every rank's error of each phase or None: no second phase, none; this rank's
         error dropping what it staged after a failed first phase, or None)."""
         self._enter("commit")
-        asked = self._all_gather((self.local.committed_step, step, uuid.uuid4().hex))
-        if len({s for _, s, _ in asked}) > 1:  # raised on every rank: they stay in step
+        try:  # a read failing here is told to every rank (raised on its own, the others wait)
+            last, unread = self.local.committed_step, None
+        except Exception as exc:  # noqa: BLE001 (any: raised on every rank, in step)
+            last, unread = None, f"{type(exc).__name__}: {error_text(exc)}"
+        asked = self._all_gather((last, step, uuid.uuid4().hex, unread))
+        if any(u is not None for *_, u in asked):  # raised on every rank: they stay in step
+            raise CommitError(
+                f"rank {self.rank}: commit: reading the committed step of a shard failed ("
+                + "; ".join(f"rank {r}: {u}" for r, (*_, u) in enumerate(asked) if u is not None)
+                + "); expected every shard's step readable: nothing was committed on any shard, "
+                "and the writes are kept: commit again"
+            )
+        if len({s for _, s, _, _ in asked}) > 1:  # raised on every rank: they stay in step
             raise StepMismatchError(
                 f"rank {self.rank}: commit: ranks passed different steps "
-                f"({_ranks_by_value([s for _, s, _ in asked])}); expected the same step on every "
-                "rank (or None on all); nothing was committed on any shard"
+                f"({_ranks_by_value([s for _, s, _, _ in asked])}); expected the same step on "
+                "every rank (or None on all); nothing was committed on any shard"
             )
         if step is None:  # committed_step + 1 (torn: the oldest shard's, the same on every rank)
             torn = self._torn_steps
-            step = (max(c for c, _, _ in asked) if torn is None else min(torn)) + 1
+            step = (max(c for c, _, _, _ in asked) if torn is None else min(torn)) + 1
         round_id = asked[0][2]  # rank 0's: each shard stages it, and keeps it once committed
         here: list[int] = []  # the step this shard staged at (its own, ahead, in a redo)
         staged = self._all_gather(self._local_error(self._prepare_shard, step, round_id, here))
