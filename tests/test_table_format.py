@@ -1213,3 +1213,26 @@ def test_a_fifo_in_place_of_a_table_file_is_refused_naming_it_not_waited_on(tmp_
     assert not worker.is_alive(), f"verify waited on the FIFO at {name}"
     assert len(errors) == 1 and isinstance(errors[0], TableFormatError), errors
     assert re.search(match, str(errors[0]))
+
+
+@pytest.mark.parametrize(
+    ("edit", "field"),
+    [
+        ({"format_version": True}, "format_version"),
+        ({"block_checksums": [True]}, "block_checksums"),
+        ({"row_bytes": 4.0}, "row_bytes"),
+        ({"file_bytes": 4160.0}, "file_bytes"),
+    ],
+)
+def test_a_manifest_number_written_as_a_json_boolean_or_float_is_refused(tmp_path, edit, field):
+    """JSON ``true`` is a Python bool, an int equal to 1: it was read as format_version 1 and as a
+    block checksum of 1; a size written as a float (4.0) was taken as the int, where a writer
+    writes ints."""
+    path, _ = make(tmp_path, np.zeros((16, 1), np.float32))
+    mpath = table_paths(path)[1]
+    doc = {**json.loads(mpath.read_text()), **edit}
+    mpath.write_text(json.dumps(sealed(doc)))
+    with pytest.raises(
+        TableFormatError, match=rf"field '{field}' is (True|\[True\]|4\.0|4160\.0); expected"
+    ):
+        read_manifest(path)

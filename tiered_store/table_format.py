@@ -261,7 +261,7 @@ class TableManifest:
         if not isinstance(doc, dict) or doc.get("format") != FORMAT_NAME:
             raise bad("format", repr(FORMAT_NAME))
         version = doc.get("format_version")
-        if not isinstance(version, int) or version < 1:
+        if not _is_pos_int(version):  # JSON true is a bool, an int equal to 1
             raise bad("format_version", "a positive integer")
         if version > FORMAT_VERSION:
             raise bad("format_version", f"<= {FORMAT_VERSION} (written by a newer tiered-store)")
@@ -275,15 +275,15 @@ class TableManifest:
         descr, itemsize, _ = TABLE_DTYPES[dtype]
         if doc.get("npy_descr") != descr:
             raise bad("npy_descr", repr(descr) + f" for dtype {dtype}")
-        if doc.get("row_bytes") != dim * itemsize:
+        if not _is_int(doc.get("row_bytes"), dim * itemsize):
             raise bad("row_bytes", f"{dim * itemsize} (dim {dim} x {itemsize} bytes)")
         data_offset = doc.get("data_offset")
         if not _is_pos_int(data_offset) or data_offset % PAGE_BYTES:
             raise bad("data_offset", f"a positive multiple of {PAGE_BYTES}")
         data_bytes = rows * dim * itemsize
-        if doc.get("data_bytes") != data_bytes:
+        if not _is_int(doc.get("data_bytes"), data_bytes):
             raise bad("data_bytes", f"{data_bytes} (rows x row_bytes)")
-        if doc.get("file_bytes") != data_offset + data_bytes:
+        if not _is_int(doc.get("file_bytes"), data_offset + data_bytes):
             raise bad("file_bytes", f"{data_offset + data_bytes} (data_offset + data_bytes)")
         block_bytes = doc.get("block_bytes")
         if not _is_pos_int(block_bytes) or block_bytes % PAGE_BYTES:
@@ -295,7 +295,7 @@ class TableManifest:
         if not (
             isinstance(sums, list)
             and len(sums) == n_blocks
-            and all(isinstance(s, int) and 0 <= s < 2**32 for s in sums)
+            and all(_is_int(s) and 0 <= s < 2**32 for s in sums)
         ):
             raise bad("block_checksums", f"a list of {n_blocks} uint32 values")
         created = doc.get("created")
@@ -1175,6 +1175,12 @@ def page_checksum_error(
 def _is_pos_int(x: object) -> bool:
     """True for an int (not bool) > 0."""
     return isinstance(x, int) and not isinstance(x, bool) and x > 0
+
+
+def _is_int(x: object, equal_to: int | None = None) -> bool:
+    """True for an int (not bool, which JSON's ``true`` is; not a float such as 4.0), equal to
+    ``equal_to`` when given."""
+    return isinstance(x, int) and not isinstance(x, bool) and equal_to in (None, x)
 
 
 def _read_npy_header(f: Any, npy_path: Path) -> tuple[tuple[int, ...], bool, str, int]:
