@@ -129,6 +129,13 @@ def test_a_file_with_a_field_the_table_lacks_names_it(tmp_path):
         assert load_restart(path, {"generation": 0, "rows": 10}) is None
 
 
+def _resealed(body: bytes) -> bytes:
+    """``body`` and its CRC32C, as every format's writer ends its file."""
+    import crc32c
+
+    return body + crc32c.crc32c(body).to_bytes(4, "little")
+
+
 @pytest.mark.parametrize(
     "damage, why",
     [
@@ -136,10 +143,26 @@ def test_a_file_with_a_field_the_table_lacks_names_it(tmp_path):
         (lambda b: b[:40] + bytes([b[40] ^ 1]) + b[41:], "checksum mismatch"),
         (lambda b: b"", "not a warm-restart file"),
         (lambda b: b"garbage" * 9, "not a warm-restart file"),
-        # a later release's file was called no warm-restart file at all
-        (lambda b: b"TSRESTART3\n" + b[11:], r"newer format \(TSRESTART3; expected TSRESTART2\)"),
+        # a later release's file (its own checksum holds) was called no warm-restart file at all
+        (lambda b: _resealed(b"TSRESTART3\n" + b[11:-4]), r"newer format \(TSRESTART3; expected"),
+        (lambda b: _resealed(b"TSRESTART1\n" + b[11:-4]), r"older format \(TSRESTART1; expected"),
+        # a bit flipped in this format's digit was said to be a newer format: it is corrupt
+        (
+            lambda b: b"TSRESTART3\n" + b[11:],
+            r"checksum mismatch \(its magic reads TSRESTART3.*corrupt",
+        ),
+        (lambda b: b"TSRESTART6\n" + b[11:-9], r"checksum mismatch .*corrupt or truncated"),
     ],
-    ids=["truncated", "bit-flip", "empty", "garbage", "newer-format"],
+    ids=[
+        "truncated",
+        "bit-flip",
+        "empty",
+        "garbage",
+        "newer-format",
+        "older-format",
+        "format-digit-flip",
+        "truncated-format-digit-flip",
+    ],
 )
 def test_corrupt_file_warns_and_starts_cold(tmp_path, damage, why):
     path, data = make_table(tmp_path)

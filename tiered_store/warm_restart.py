@@ -10,7 +10,9 @@ per tier; ``pinned``: pinned rows per tier; ``profiles``: per tier, the sketch's
 totals), the held ids as little-endian int64 tier after tier, the pinned ids likewise, the
 sketches as little-endian float32 tier after tier, then the CRC32C of everything before it (4
 bytes, little-endian). A format-1 file (no profiles), or one of a newer format (a later release
-wrote it), is refused with a warning naming its format: the store starts cold.
+wrote it), is refused with a warning naming its format: the store starts cold. Every format ends
+with that CRC32C: a file whose magic names another format but whose CRC32C does not hold (a bit
+flipped in the format's digit) is refused as corrupt.
 """
 
 from __future__ import annotations
@@ -171,11 +173,16 @@ def load_restart(path: Path, identity: dict[str, Any]) -> RestartState | None:
         return _cold_start(path, f"it is unreadable ({exc})")
     other = _ANY_MAGIC.match(data)
     if other is not None and other.group() != MAGIC:
+        named = other.group().strip().decode()
+        if not _sealed(data):  # a bit flipped in a format digit is no file of another format
+            return _cold_start(
+                path,
+                f"checksum mismatch (its magic reads {named}, and the CRC32C ending every "
+                "format's file does not hold): corrupt or truncated",
+            )
         age = "an older" if int(other[1]) < FORMAT else "a newer"
         return _cold_start(
-            path,
-            f"it is in {age} format ({other.group().strip().decode()}; expected "
-            f"{MAGIC.strip().decode()})",
+            path, f"it is in {age} format ({named}; expected {MAGIC.strip().decode()})"
         )
     if len(data) < len(MAGIC) + 2 * _LEN.size or not data.startswith(MAGIC):
         return _cold_start(
@@ -244,6 +251,13 @@ def load_restart(path: Path, identity: dict[str, Any]) -> RestartState | None:
         state.profiles[name] = (profiles[name], sketch)
         at += size
     return state
+
+
+def _sealed(data: bytes) -> bool:
+    """Whether ``data`` ends with the CRC32C of everything before it, as every format ends."""
+    return (
+        len(data) >= _LEN.size and crc32c.crc32c(memoryview(data)[:-4]) == _LEN.unpack(data[-4:])[0]
+    )
 
 
 def restart_warning(path: Path, why: str) -> None:
