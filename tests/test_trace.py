@@ -1350,3 +1350,61 @@ def test_a_trace_cut_short_by_the_file_size_limit_names_the_trace_and_the_step(t
     assert done.stdout.startswith("TierIOError") and said in done.stdout, done.stdout + done.stderr
     assert "File too large" in done.stdout and "nothing was published" in done.stdout
     assert list(tmp_path.iterdir()) == []
+
+
+_A_CHUNK_THAT_FAILS_THEN_ROOM = r"""
+import resource, sys
+import numpy as np
+from tiered_store.trace import TraceReader, TraceWriter
+path, limit = sys.argv[1], resource.RLIMIT_FSIZE
+ids = np.random.default_rng(0).integers(0, 2**40, 1 << 13)
+with TraceWriter(path, chunk_ids=1 << 14) as w:
+    w.write(ids, "a")  # buffered
+    resource.setrlimit(limit, (1024, resource.RLIM_INFINITY))  # a full disk, for a while
+    for call in (
+        lambda: w.write(np.arange((1 << 13) + 1), "b", batch=5),  # its chunk ahead of it fails
+        lambda: w.write(np.arange(1 << 13), "c", batch=6),  # its own chunk fails
+        w.end_chunk,
+    ):
+        try:
+            call()
+        except OSError as exc:
+            print(type(exc).__name__)
+    resource.setrlimit(limit, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+    w.write(np.arange(3), "a")
+with TraceReader(path) as r:
+    got = [(b.batch, b.table, b.ids.size) for b in r.batches()]
+    print(r.tables, got, np.array_equal(next(r.batches()).ids, ids))
+resource.setrlimit(limit, (8, resource.RLIM_INFINITY))
+try:
+    TraceWriter(path + ".2")
+except OSError as exc:
+    print(type(exc).__name__, "header" in str(exc))
+"""
+
+
+def test_a_chunk_that_could_not_be_written_leaves_a_trace_that_closes_whole(tmp_path):
+    """A chunk write that failed (a full disk; the file-size limit here) left its partial bytes
+    in the file, so the trace closed once there was room again was published unreadable ("its
+    chunks cover bytes [1,024, ...) of the data"); the write that failed had also moved the trace
+    to its batch and registered its table, or (its own chunk failing) kept the record it raised
+    for. A failed write takes nothing and leaves no bytes; a header write that fails leaves no
+    temporary."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "t.trace"
+    done = subprocess.run(
+        [sys.executable, "-c", _A_CHUNK_THAT_FAILS_THEN_ROOM, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.stdout.splitlines() == [
+        "TierIOError",
+        "TierIOError",
+        "TierIOError",
+        f"['a'] [(0, 'a', {1 << 13}), (0, 'a', 3)] True",
+        "TierIOError True",
+    ], done.stdout + done.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["t.trace"]

@@ -47,6 +47,7 @@ its chunks from the start that check, up to the first one cut off or corrupt, un
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -285,10 +286,14 @@ class TraceWriter:
             raise TierIOError(errno.ENOENT, f"cannot write trace {self.path}: its temporary "
                               "vanished as it was made", str(self.path))  # fmt: skip
         self._unlock = weakref.finalize(self, release, lock)  # once: close, abort, collection
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        self._file.write(_PREAMBLE.pack(MAGIC, FORMAT_VERSION, 0, len(head)))
-        self._file.write(head)
-        self._file.write(struct.pack("<I", zlib.crc32(head)))
+        self._end = 0  # the bytes written whole: a failed write's are cut off (``_append``)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            preamble = _PREAMBLE.pack(MAGIC, FORMAT_VERSION, 0, len(head))
+            self._append("writing its header", preamble, head, struct.pack("<I", zlib.crc32(head)))
+        except BaseException:  # a full disk: no temporary left behind
+            self.abort()
+            raise
 
     @staticmethod
     def _parse_layout(tables: Any) -> list[dict[str, Any]] | None:
@@ -374,8 +379,9 @@ class TraceWriter:
 
     def write(self, ids: np.ndarray, table: str | int = 0, *, batch: int | None = None) -> None:
         """Append one record: ``table``'s ids for the current batch (or batch ``batch``, which may
-        not go back), any integer shape up to 4-D. A write refused leaves the trace as it was
-        (its batch, its tables)."""
+        not go back), any integer shape up to 4-D. A write refused, or whose chunk could not be
+        written (a full disk: a ``TierIOError``), leaves the trace as it was (its batch, its
+        tables, its records): write it again once there is room."""
         if self._closed:
             raise TraceFormatError(f"{self.path}: write after close")
         ids = np.asarray(ids)
@@ -398,27 +404,40 @@ class TraceWriter:
                 )
         flat = ids.reshape(-1)
         lo, hi = (int(flat.min()), int(flat.max())) if flat.size else (0, 0)
-        known = len(self._tables)
+        known, was = len(self._tables), (self._batch, self._last_batch)
         t = self._table_index(table)  # registers a new name (no layout: its rows are not given)
-        rows = self._table_rows[t]
-        if lo < 0 or hi >= 2**63 or (rows is not None and hi >= rows):
-            name = self._tables[t]
+        try:
+            rows = self._table_rows[t]
+            if lo < 0 or hi >= 2**63 or (rows is not None and hi >= rows):
+                bound = f"[0, {rows})" if rows is not None else "in [0, 2**63) (int64)"
+                raise RowIdError(
+                    f"{self.path}: table {self._tables[t]!r} ids span [{lo}, {hi}]; "
+                    f"expected {bound}"
+                )
+            shape = list(ids.shape) + [0] * (_MAX_NDIM - ids.ndim)
+            if self._buf_n and self._buf_n + flat.size > self._chunk_ids:
+                self._flush()  # the records before this one
+            if batch is not None:
+                self._batch = batch
+            self._buf_ids.append(np.array(flat, dtype=np.int64))  # a copy: callers reuse buffers
+            self._buf_meta.append([self._batch, t, flat.size, ids.ndim, *shape])
+            self._buf_n += flat.size
+            self._per_table[t] += flat.size
+            self._records += 1
+            self._last_batch = self._batch
+            if self._buf_n >= self._chunk_ids:
+                try:
+                    self._flush()
+                except BaseException:  # not taken: the records before it stay buffered
+                    self._buf_ids.pop(), self._buf_meta.pop()
+                    self._buf_n -= flat.size
+                    self._per_table[t] -= flat.size
+                    self._records -= 1
+                    raise
+        except BaseException:
+            self._batch, self._last_batch = was
             del self._tables[known:], self._per_table[known:], self._table_rows[known:]
-            bound = f"[0, {rows})" if rows is not None else "in [0, 2**63) (int64)"
-            raise RowIdError(f"{self.path}: table {name!r} ids span [{lo}, {hi}]; expected {bound}")
-        if batch is not None:
-            self._batch = batch
-        shape = list(ids.shape) + [0] * (_MAX_NDIM - ids.ndim)
-        if self._buf_n and self._buf_n + flat.size > self._chunk_ids:
-            self._flush()
-        self._buf_ids.append(np.array(flat, dtype=np.int64))  # a copy: callers reuse buffers
-        self._buf_meta.append([self._batch, t, flat.size, ids.ndim, *shape])
-        self._buf_n += flat.size
-        self._per_table[t] += flat.size
-        self._records += 1
-        self._last_batch = self._batch
-        if self._buf_n >= self._chunk_ids:
-            self._flush()
+            raise
 
     def end_batch(self) -> int:
         """Close the current batch; returns the index of the next one."""
@@ -455,14 +474,29 @@ class TraceWriter:
             len(payload),
             zlib.crc32(payload),
         )
-        with write_step(*self._writing(f"writing chunk {index}")):
-            offset = self._file.tell()
-            self._file.write(head + struct.pack("<I", zlib.crc32(head)))
-            self._file.write(payload)
-            self._file.flush()  # to the OS, not the buffer: a writer killed loses no whole chunk
+        offset = self._end  # to the OS, not a buffer: a writer killed loses no whole chunk
+        self._append(f"writing chunk {index}", head + struct.pack("<I", zlib.crc32(head)), payload)
         self._chunks.append([offset, int(ids.size), len(meta), int(meta[0, 0]), int(meta[-1, 0])])
         self._buf_ids, self._buf_meta, self._buf_n = [], [], 0
         self.chunk_written_at = time.monotonic()
+
+    def _append(self, step: str, *parts: bytes) -> None:
+        """Write ``parts`` at the end of what is written whole, straight to the OS; a write that
+        fails (a full disk, a Ctrl-C) is cut off, so the next one (``step`` again) goes there."""
+        fd = self._file.fileno()
+        at = self._end
+        try:
+            with write_step(*self._writing(step)):
+                for part in parts:
+                    view = memoryview(part).cast("B")
+                    while view:  # a write near a full disk may write part of it
+                        written = os.pwrite(fd, view, at)
+                        view, at = view[written:], at + written
+        except BaseException:
+            with contextlib.suppress(OSError):  # shrinking needs no room
+                os.ftruncate(fd, self._end)
+            raise
+        self._end = at
 
     def _writing(self, step: str) -> tuple[str, str, str]:
         """``write_step``'s arguments for ``step`` of this trace."""
@@ -474,12 +508,11 @@ class TraceWriter:
             return
         try:
             self._flush()
+            footer = _footer(
+                self._tables, self._chunks, self._records, self._last_batch, self._per_table
+            )
+            self._append("writing its footer", footer)
             with write_step(*self._writing("writing its footer")):
-                self._file.write(
-                    _footer(
-                        self._tables, self._chunks, self._records, self._last_batch, self._per_table
-                    )
-                )
                 self._out.commit()
         except BaseException:
             self.abort()
