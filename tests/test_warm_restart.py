@@ -881,7 +881,7 @@ def test_a_fifo_at_the_restart_path_starts_cold_without_blocking(tmp_path):
     cleanup.start()
     cleanup.join(10)
     assert not cleanup.is_alive(), "the clean-up blocked opening a FIFO"
-    with pytest.warns(RestartWarning, match=r"not used, it is not a regular file"):
+    with pytest.warns(RestartWarning, match=r"not used, it is a FIFO \(named pipe\); expected"):
         store = TieredStore(config(path, hot=16, warm=64))
     serve(store, data, batches=2)
     # the save refuses a FIFO at its path, as every writer does (not replaced: the user's)

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .atomic_file import what_is
+from .atomic_file import special_file
 from .errors import TableFormatError, TierIOError, shown
 from .integers import as_integer
 from .npy_files import load_npy
@@ -502,10 +502,8 @@ def open_source(source: object, dtype: object) -> SourceReader:
             raise TableFormatError(
                 f"source .npy file {path} is a directory; expected a 2-D .npy file"
             )
-        if path.exists() and not path.is_file():  # "does not exist" said of a FIFO or device
-            raise TableFormatError(
-                f"source .npy file {path} is {what_is(path)}; expected a 2-D .npy file"
-            )
+        if (kind := special_file(path)) is not None:  # "does not exist" said of a FIFO
+            raise TableFormatError(f"source .npy file {path} is {kind}; expected a 2-D .npy file")
         if not path.is_file():
             raise TableNotFoundError(
                 errno.ENOENT, f"source .npy file {path} does not exist", str(path)

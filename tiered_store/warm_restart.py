@@ -31,7 +31,7 @@ from typing import Any
 import crc32c
 import numpy as np
 
-from .atomic_file import AtomicFile, remove_abandoned_temporaries, write_step
+from .atomic_file import AtomicFile, remove_abandoned_temporaries, special_kind, write_step
 from .cold_table import ColdTable
 from .errors import warn_at_caller
 from .table_format import table_paths
@@ -164,8 +164,10 @@ def load_restart(path: Path, identity: dict[str, Any]) -> RestartState | None:
     else None (with a ``RestartWarning`` naming the file and the mismatch, unless the file is
     simply absent)."""
     try:
-        if not stat.S_ISREG(path.stat().st_mode):  # a FIFO or device would block or never end
-            return _cold_start(path, "it is not a regular file")
+        mode = path.stat().st_mode
+        if not stat.S_ISREG(mode):  # a FIFO or device would block or never end
+            kind = "a folder" if stat.S_ISDIR(mode) else special_kind(mode)
+            return _cold_start(path, f"it is {kind}; expected the warm-restart file")
         data = path.read_bytes()
     except FileNotFoundError:
         return None
