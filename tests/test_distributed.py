@@ -1593,6 +1593,52 @@ def test_a_follower_stopped_by_rank_0_finishes_its_close_past_the_stop_grace(tmp
     assert took > 14, took  # the close was slow indeed, past the grace of 12.5 s
 
 
+_SIGNAL_AS_THE_OPEN_ENDS_HOOK = """
+import os, signal
+if os.environ["RANK"] == "1":  # torchrun's SIGTERM as the follower's model is open (its stores
+    from tiered_store.serve.served_model import ServedModel  # opened, the start barrier passed)
+
+    _open = ServedModel.__init__
+
+    def _open_then_signal(self, *args, **kwargs):
+        _open(self, *args, **kwargs)
+        signal.raise_signal(signal.SIGTERM)  # before the follower's handlers are installed
+
+    ServedModel.__init__ = _open_then_signal
+"""
+
+
+def test_a_follower_signalled_as_its_model_opened_closes_it(tmp_path):
+    """A follower signalled (torchrun's SIGTERM, a Ctrl-C) once its model opened but before its
+    stop handlers were installed exited on the KeyboardInterrupt with its model never closed:
+    its stores' warm-restart saves were skipped (the next start cold), and their close's waits
+    for calls under way too. The model is closed before the follower exits."""
+    from tiered_store.distributed.shard_files import shard_path
+    from tiered_store.serve import ServeConfig
+    from tiered_store.warm_restart import restart_path
+
+    config_path = _sharded_serve_config(tmp_path, verify_on_start=False)
+    doc = yaml.safe_load(config_path.read_text())
+    doc["store"].setdefault("tiers", {})["restart"] = {"enabled": True}
+    config_path.write_text(yaml.safe_dump(doc))
+    hook = tmp_path / "hook.py"
+    hook.write_text(_SIGNAL_AS_THE_OPEN_ENDS_HOOK)  # run by the ranks at start
+    ranks = _serve_ranks(config_path, prelude=hook)
+    try:
+        follower = ranks[1].communicate(timeout=120)
+        ranks[0].terminate()
+        ranks[0].communicate(timeout=60)
+    finally:
+        _ended(ranks)
+    assert ranks[1].returncode == 130, (ranks[1].returncode, follower[1][-3000:])
+    config = ServeConfig.from_yaml(config_path)
+    saved = {
+        layer: restart_path(shard_path(config.table_path(layer), 1, 2)).exists()
+        for layer in config.model.engram.layer_ids
+    }
+    assert all(saved.values()), (saved, follower[1][-3000:])
+
+
 _DEAD_DISK_HOOK = """
 import os, threading
 if os.environ["RANK"] == "1":  # the follower's shard: a read hung for good as its close begins

@@ -216,9 +216,20 @@ def run_follower(config: Any) -> int:
     from .server import BACKGROUND_JOIN_S, stop_announced_within_s
 
     metrics_url: list[str] = []  # the listener's, once bound
-    served = ServedModel(config, before_start=lambda s: metrics_url.extend(_export_metrics(s)))
-    rank = served.control.rank
-    followed = _stay_until_stopped(rank, stop_announced_within_s(config))  # rank 0's own bound
+    opened: list[ServedModel] = []  # the model once its stores opened (its start's checks next)
+
+    def before_start(served: ServedModel) -> None:
+        opened.append(served)
+        metrics_url.extend(_export_metrics(served))
+
+    try:
+        served = ServedModel(config, before_start=before_start)
+        rank = served.control.rank
+        followed = _stay_until_stopped(rank, stop_announced_within_s(config))  # rank 0's bound
+    except BaseException:  # a signal before its handlers (torchrun's SIGTERM as the open ended;
+        for model in opened:  # a start that failed closed its stores already): the model closed
+            model.close(wait_s=model.control.timeout_s)
+        raise
     stop_scrub, scrubber = threading.Event(), None
     try:
         if config.checkpoint.scrub_interval_s > 0:  # its own shards: in its metrics and log
