@@ -1590,6 +1590,64 @@ def test_table_open_agrees_with_healthz_while_a_table_grown_elsewhere_is_reopene
         server.stop()
 
 
+def test_a_table_reopened_under_the_gate_is_not_named_closed_as_a_refused_swap_serves_it_alone(
+    tmp_path, monkeypatch
+):
+    """Two tables grown elsewhere reopen under the request gate (their old stores closed first);
+    the first opened, the second's new version failed: the refused swap cleared the first's
+    reopen mark before it put the store opened for it into service alone, so that meanwhile
+    /healthz answered 503 naming it closed and tiered_store_table_open read 0 for it (requests
+    waited, none failed). Only the table left closed is named closed."""
+    import errno
+
+    from tests import forkserver
+    from tiered_store.delta import row_delta
+    from tiered_store.delta.row_delta import delta_path
+
+    def table_open() -> dict[str, float]:
+        with urllib.request.urlopen(server.url + "/metrics", timeout=30) as scraped:
+            text = scraped.read().decode()
+        return {
+            s.labels["table"]: s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+            if s.name == "tiered_store_table_open"
+        }
+
+    monkeypatch.setattr(row_delta, "MIN_MAP_BYTES", 1 << 16)  # a map the other process outgrows
+    server = start_server(make_checkpoint(tmp_path))
+    try:
+        served = server.model
+        served.reload_check_seconds = 3600.0  # checks only when the test asks
+        for layer in (1, 3):  # each table gets a delta
+            _commit_a_new_version(served.config.table_path(layer))
+        assert served.reload_if_stale(force_check=True) == ["engram_layer1", "engram_layer3"]
+        with forkserver.context().Pool(1) as pool:  # their maps grown in another process
+            for old in served.stores.values():
+                path = str(delta_path(old.cold.path))
+                assert pool.apply(_grow_delta_map, (path, old.rows, old.row_bytes)) > 0
+        real_open, real_alone, seen = served._open_checked, served._reopen_closed, []
+
+        def failing_open(name, old):  # layer 3's new version does not open once its old closed
+            if name == "engram_layer3" and old.closed:
+                raise TierIOError(errno.EIO, f"{name}: injected open failure")
+            return real_open(name, old)
+
+        def probed_alone(names, ahead):  # /healthz and /metrics as layer 1 is served alone
+            problems = get_json(server.url + "/healthz")[1].get("problems", [])
+            seen.append(([p.split(":")[0] for p in problems], table_open()))
+            return real_alone(names, ahead)
+
+        monkeypatch.setattr(served, "_open_checked", failing_open)
+        monkeypatch.setattr(served, "_reopen_closed", probed_alone)
+        assert served.reload_if_stale(force_check=True) == ["engram_layer1"]
+        assert seen == [(["table engram_layer3"], {"engram_layer1": 1, "engram_layer3": 0})], seen
+        assert served.closed_tables() == ["engram_layer3"]
+        assert table_open() == {"engram_layer1": 1, "engram_layer3": 0}
+    finally:
+        server.stop()
+
+
 def test_a_stale_table_whose_old_store_hangs_in_a_read_holds_no_request_back(tmp_path, monkeypatch):
     """A table whose map grew elsewhere has its old store closed under the request gate before
     its new store opens; that close waited without end for a call hung in the old store (a

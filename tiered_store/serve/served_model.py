@@ -511,8 +511,8 @@ class ServedModel:
                 self.model.set_tables(self._guarded(opened))
             except Exception as exc:  # noqa: BLE001 (ConfigError: another geometry; out of
                 # memory beside the old stores: refused as any failure, never a request's error)
-                self._end_reopening()  # not swapped in: closed, unless reopened alone below
                 # a table left closed whose new store opened is served alone, not opened again
+                # (one the swap reopened is not named closed meanwhile: requests wait for it)
                 ahead = {n: s for n, s in opened.items() if n != refused and self.stores[n].closed}
                 try:  # (a Ctrl-C as either begins, or as the reopen takes a store, included)
                     self._undo_swap({n: s for n, s in opened.items() if n not in ahead})
@@ -523,6 +523,7 @@ class ServedModel:
                 except BaseException:  # Ctrl-C: none of them left open (one served stays)
                     self._serve_or_close({**opened, **ahead})  # (those it opened alone too)
                     raise
+                self._end_reopening()  # one not reopened alone is closed (logged so below)
                 for name in stale:  # counted at every check that refuses it, as it is retried
                     if name not in reopened:  # (one reopened alone is counted as a reload)
                         self.health[name].reload_failures += 1
