@@ -2045,6 +2045,35 @@ def test_a_check_while_a_postponed_answer_still_runs_says_what_waits_now(tmp_pat
         assert served.reload_refused is None
 
 
+def test_a_table_left_closed_reopened_behind_a_postponed_answer_counts_the_answers_waited_for(
+    tmp_path,
+):
+    """A check while an answer a reload was postponed for still ran, a table left closed
+    meanwhile: that table was reopened alone, and /healthz said the others' reload was
+    "postponed: N answer(s) running" counting every answer in flight, those begun since the
+    reload gave up too, which it does not wait for. It counts those it waits for."""
+    with _an_answer_in_flight_over_a_commit(tmp_path, 0.2, _hung_answer) as (served, *_):
+        assert served.reload_if_stale(force_check=True) == []  # the answer outlasts the wait
+        assert served.reload_refused == "engram_layer3 (postponed: 1 answer(s) running)"
+        inside, done = threading.Event(), threading.Event()
+
+        def answer() -> None:  # an answer begun since, still running at the next check
+            with served._gate.shared():
+                inside.set()
+                done.wait(60)
+
+        later = threading.Thread(target=answer)
+        later.start()
+        try:
+            assert inside.wait(30)
+            served.stores["engram_layer1"].close()  # what a refused reload may leave
+            assert served.reload_if_stale(force_check=True) == ["engram_layer1"]  # alone
+            assert served.reload_refused == "engram_layer3 (postponed: 1 answer(s) running)"
+        finally:
+            done.set()
+            later.join(60)
+
+
 def test_a_ctrl_c_as_a_postponed_reload_closes_the_stores_it_opened_closes_them(tmp_path):
     """A Ctrl-C (a real SIGINT) as a reload postponed for an answer still running began to close
     the stores it had opened for the swap left them open for good (neither served nor closed:

@@ -448,10 +448,11 @@ class ServedModel:
             if not any(self.stores[name].closed for name in stale):
                 self._postponed(stale, unreadable, outlasted)
                 return []
-            with self._gate.exclusive(timeout=0) as running:  # a table left closed meanwhile
+            # a table left closed meanwhile: reopened alone (the answers begun since the reload
+            with self._gate.exclusive(timeout=0):  # gave up are not those the others wait for)
                 ahead: dict[str, TieredStore] = {}  # the stores it opens, in reach of the guard
                 try:
-                    return self._reopen_alone(stale, files, unreadable, running, ahead)
+                    return self._reopen_alone(stale, files, unreadable, outlasted, ahead)
                 except BaseException:  # Ctrl-C: none of them left open (one served stays)
                     self._serve_or_close(ahead)
                     raise
