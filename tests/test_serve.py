@@ -1648,6 +1648,67 @@ def test_a_table_reopened_under_the_gate_is_not_named_closed_as_a_refused_swap_s
         server.stop()
 
 
+@pytest.mark.parametrize("end", ["its open fails", "a Ctrl-C as it opens", "a Ctrl-C at the swap"])
+def test_a_table_grown_elsewhere_not_reopened_is_named_closed_however_the_reload_ends(
+    tmp_path, monkeypatch, end
+):
+    """A table grown elsewhere is marked as being reopened (TableHealth.reopening: /healthz and
+    tiered_store_table_open do not name it closed) while the reload reopens it under the gate:
+    however that reload ends with the table's store closed (its open failed, a Ctrl-C as it
+    opened or as the swap took it), no mark is left: /healthz and the metric name it closed
+    (a mark left would hide it for good), and the next check reopens it."""
+    import errno
+
+    from tests import forkserver
+    from tiered_store.delta import row_delta
+    from tiered_store.delta.row_delta import delta_path
+    from tiered_store.metrics import build_registry
+
+    monkeypatch.setattr(row_delta, "MIN_MAP_BYTES", 1 << 16)  # a map the other process outgrows
+    served = ServedModel(ServeConfig.from_yaml(make_checkpoint(tmp_path)))
+    registry = build_registry(served.stores, served.health, process=False)
+
+    def table_open() -> dict[str, float]:
+        return {
+            s.labels["table"]: s.value
+            for f in text_string_to_metric_families(generate_latest(registry).decode())
+            for s in f.samples
+            if s.name == "tiered_store_table_open"
+        }
+
+    try:
+        served.reload_check_seconds = 3600.0  # checks only when the test asks
+        _commit_a_new_version(served.config.table_path(1))  # layer 1 gets a delta
+        assert served.reload_if_stale(force_check=True) == ["engram_layer1"]
+        old = served.stores["engram_layer1"]
+        with forkserver.context().Pool(1) as pool:  # its map grown in another process
+            path = str(delta_path(old.cold.path))
+            assert pool.apply(_grow_delta_map, (path, old.rows, old.row_bytes)) > 0
+        if end == "its open fails":
+            real, failures = served._open_checked, [errno.EIO]
+
+            def failing_open(name, store):  # once, under the gate (its old store closed)
+                if store.closed and failures:
+                    raise TierIOError(failures.pop(), f"{name}: injected open failure")
+                return real(name, store)
+
+            monkeypatch.setattr(served, "_open_checked", failing_open)
+            assert served.reload_if_stale(force_check=True) == []
+        elif end == "a Ctrl-C as it opens":
+            _reload_interrupted_at(served, _called_by("_open_checked", "_open_new_version"))
+        else:
+            _reload_interrupted_at(served, _called_by("set_tables", "_reload_stale"))
+        assert served.stores["engram_layer1"].closed
+        assert not any(health.reopening for health in served.health.values())
+        assert served.closed_tables() == ["engram_layer1"]
+        assert table_open() == {"engram_layer1": 0, "engram_layer3": 1}
+        assert served.reload_if_stale(force_check=True) == ["engram_layer1"]
+        assert served.closed_tables() == []
+        assert table_open() == {"engram_layer1": 1, "engram_layer3": 1}
+    finally:
+        served.close()
+
+
 def test_a_stale_table_whose_old_store_hangs_in_a_read_holds_no_request_back(tmp_path, monkeypatch):
     """A table whose map grew elsewhere has its old store closed under the request gate before
     its new store opens; that close waited without end for a call hung in the old store (a
