@@ -2006,6 +2006,40 @@ def test_a_ctrl_c_as_a_table_reopened_alone_is_served_leaves_no_store_unnamed(
         assert served.closed_tables() == ([] if not new.closed else ["engram_layer3"])
 
 
+def test_a_second_ctrl_c_as_a_postponed_reload_cleans_up_leaves_no_store_open(
+    tmp_path, monkeypatch
+):
+    """A reload postponed for an answer still running reopens the tables left closed alone; a
+    Ctrl-C as it does has its guard serve or close the stores opened for them, and a second
+    Ctrl-C as that guard began to close them left the rest open for good (the guard after it,
+    told they were handled, closed none of them). That guard serves or closes them then."""
+    from tiered_store.serve import served_model
+
+    with _an_answer_in_flight_over_a_commit(tmp_path, 0.2, _hung_answer) as (served, *_):
+        for name in TABLES:  # what refused reloads may leave
+            served.stores[name].close()
+        opened = _recorded_opens(served, monkeypatch)
+        real, closes = served_model._close_all, []
+
+        def close_all(stores):  # after the first Ctrl-C: the table it was at closed as it
+            closes.append(sorted(stores))  # unwinds, then its guard's close: a second Ctrl-C
+            if len(closes) == 2:  # as it begins
+                raise KeyboardInterrupt
+            return real(stores)
+
+        def interrupted(frame, event, arg) -> bool:  # its first table, not taken yet
+            if _called_by("set_tables", "_reopen_closed")(frame, event, arg):
+                monkeypatch.setattr(served_model, "_close_all", close_all)
+                return True
+            return False
+
+        _reload_interrupted_at(served, interrupted)
+        assert closes[:2] == [["engram_layer1"], TABLES], closes  # both Ctrl-Cs came
+        assert len(opened) == 2, opened
+        left = [s for s in opened if not s.closed and s not in served.stores.values()]
+        assert left == [], "a store opened for the reload is left open, neither served nor closed"
+
+
 def test_a_reload_postponed_for_an_answer_still_running_closes_the_stores_it_opened(tmp_path):
     """The new stores open before the swap waits for the answers in flight: one that outlasts
     request_timeout_s postpones the swap, and what was opened for it is closed again."""

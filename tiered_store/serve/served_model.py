@@ -489,15 +489,12 @@ class ServedModel:
                     try:  # a table left closed: reopened alone
                         return self._reopen_alone(stale, files, unreadable, running, ahead)
                     except BaseException:  # Ctrl-C: none of them left open (one served stays)
-                        try:
-                            self._serve_or_close(ahead)
-                        finally:  # the guard below closes none of them again
-                            for name in ahead:
-                                opened.pop(name, None)
+                        opened.update(ahead)  # (those opened alone too) the guard below serves
+                        self._serve_or_close(ahead)  # or closes again, should a second come
                         raise
             except BaseException:  # Ctrl-C while it waits for the answers (or before, or as it
-                _close_all(opened)  # closes them, postponed): none left open
-                raise
+                self._serve_or_close(opened)  # closes them, postponed): none left open (a
+                raise  # store served as a table left closed reopened alone stays)
             self._outlasted = frozenset()
             refused: str | None = None  # the table whose new version failed to open
             try:  # all or nothing: every stale table's new store, checked, before any swap
