@@ -1814,6 +1814,30 @@ def test_the_log_of_a_table_left_closed_under_a_hung_read_says_when_it_is_tried_
         served.close()
 
 
+def test_the_log_of_a_table_left_closed_beside_one_tried_at_every_check_says_when_each_is_tried(
+    tmp_path, monkeypatch, caplog
+):
+    """A reload refused (a table's new version did not open) with another table left closed:
+    the log said "trying again 2 s later, then less often while it fails" of both, though only
+    the table left closed waits so; the other is tried at every check. It says the checks' wait
+    first, and names the table left closed with its own."""
+    served = ServedModel(ServeConfig.from_yaml(make_checkpoint(tmp_path)))
+    try:
+        served.reload_check_seconds = 3600.0  # checks only when the test asks
+        _commit_a_new_version(served.config.table_path(3))  # stale, its open refused below
+        served.stores["engram_layer1"].close()  # what a refused reload may leave
+        _recorded_opens(served, monkeypatch, refused={"engram_layer1", "engram_layer3"})
+        with caplog.at_level(logging.ERROR, logger="tiered_store.serve"):
+            assert served.reload_if_stale(force_check=True) == []
+        [logged] = [r.getMessage() for r in caplog.records if "could not reopen" in r.getMessage()]
+        assert logged.endswith(
+            "trying again every 3600 s; engram_layer1 again 2 s later, then less often while it "
+            "fails (at most every 60 s), or once its files change"
+        ), logged
+    finally:
+        served.close()
+
+
 def test_a_forced_check_leaves_a_table_closed_under_a_hung_read_and_reloads_the_others(
     tmp_path, monkeypatch
 ):

@@ -708,13 +708,17 @@ class ServedModel:
             # calls hang in) only once those calls end; either at once when their files change
             hung = [name for name, r in self._closed_retry.items() if r[1] == math.inf]
             timed = [name for name in self._closed_retry if name not in hung]
+            # tables tried at every check (said first): those named but left closed or held
+            named = {n for why in reasons for n in why.split(" (", 1)[0].split(", ")}
+            others = bool(named - set(self._closed_retry) - set(held))
             if timed:
                 it, its = ("it fails", "its") if len(timed) == 1 else ("they fail", "their")
-                who = f"{', '.join(timed)} " if hung else ""  # named: that wait is not theirs
-                again = (
-                    f"trying {who}again {CLOSED_RETRY_FIRST_S:g} s later, then less often while "
-                    f"{it} (at most every {CLOSED_RETRY_MOST_S:g} s), or once {its} files change"
+                who = f"{', '.join(timed)} " if hung or others else ""  # (not their wait)
+                timed_again = (
+                    f"{who}again {CLOSED_RETRY_FIRST_S:g} s later, then less often while {it} "
+                    f"(at most every {CLOSED_RETRY_MOST_S:g} s), or once {its} files change"
                 )
+                again = f"{again}; {timed_again}" if others else f"trying {timed_again}"
             if hung:
                 store, its = (
                     ("its old store", "its") if len(hung) == 1 else ("their old stores", "their")
@@ -722,7 +726,7 @@ class ServedModel:
                 when = f"once the calls hung in {store} end, or once {its} files change"
                 again = (
                     f"{again}; {', '.join(hung)} {when}"
-                    if timed
+                    if timed or others
                     else f"trying {', '.join(hung)} again {when}"
                 )
             if kept:  # (and the tables stale with them)
