@@ -2742,6 +2742,68 @@ def test_a_script_exiting_without_close_mid_fetch_exits_cleanly(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == before
 
 
+def test_a_prefetch_queued_at_exit_or_made_after_it_is_refused_naming_the_exit(tmp_path):
+    """At the interpreter's exit the prefetches still queued were cancelled, so a lookup of one
+    (an exit hook run after the store's) said its caller had cancelled it, and a prefetch made
+    then was refused as if no thread could start ('expected room for one more thread'). Both
+    name the exit."""
+    table = tmp_path / "t.npy"
+    create_table(table, torch.randn(1_000, 8), progress=False)
+    script = textwrap.dedent(
+        f"""
+        import atexit
+        state = {{}}
+
+        def late():  # registered first: runs after the store's exit hook
+            store, ids = state["store"], state["ids"]
+            for call in (lambda: store.lookup(ids + 1, state["queued"]),
+                         lambda: store.prefetch(ids)):
+                try:
+                    call()
+                except Exception as exc:
+                    print(type(exc).__name__, "|", exc)
+
+        atexit.register(late)
+        import time, threading, torch
+        from tiered_store.store import TieredStore
+
+        store = TieredStore.open({{"table": {{"path": {str(table)!r}}},
+                                  "tiers": {{"hot": {{"capacity": 0}}, "warm": {{"capacity": 0}}}}}})
+        entered, read_rows = threading.Event(), store.cold.read_rows
+        pool = store._prefetcher._pool
+
+        def held_read(ids):  # ends once the exit began (the queued one is still queued then)
+            entered.set()
+            while not pool.ended_at_exit:
+                time.sleep(0.01)
+            return read_rows(ids)
+
+        store.cold.read_rows = held_read
+        ids = torch.arange(0, 1_000, 7)
+        state.update(store=store, ids=ids, running=store.prefetch(ids))
+        assert entered.wait(30)
+        state["queued"] = store.prefetch(ids + 1)
+        """
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert (proc.returncode, proc.stderr) == (0, "")
+    queued, late = proc.stdout.splitlines()
+    assert queued.startswith(
+        "RuntimeError | tiered-store-prefetch pool: this call was still queued as the "
+        "interpreter exited"
+    ), queued
+    assert late.startswith(
+        "RuntimeError | prefetch: the interpreter is exiting and its exit hook ended the "
+        "prefetch worker"
+    ), late
+
+
 def test_a_forked_child_prefetches_and_collects_on_a_copied_store(tmp_path):
     """A ``RunnerPool`` forked with its threads counted them in the child, where they are not
     there: no thread was started for the calls queued there, so a lookup collecting a prefetch

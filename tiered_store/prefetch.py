@@ -57,6 +57,7 @@ class RunnerPool:
         self._running: set[Future] = set()  # the calls its threads run now
         self._lock = threading.Lock()
         self._shutdown = False
+        self.ended_at_exit = False  # shut down by the interpreter's exit (``end_at_exit``)
         _POOLS.add(self)  # a forked child starts its threads anew
 
     def submit(self, fn: Callable[..., T], *args: object) -> Future:
@@ -65,7 +66,8 @@ class RunnerPool:
         call stays queued for the running ones)."""
         with self._lock:
             if self._shutdown:
-                raise RuntimeError(f"{self._name} pool is shut down")
+                at_exit = " by the interpreter's exit" if self.ended_at_exit else ""
+                raise RuntimeError(f"{self._name} pool is shut down{at_exit}")
             future: Future = Future()
             self._queue.put((future, fn, args))
             if len(self._threads) < self._size:
@@ -122,12 +124,13 @@ class RunnerPool:
                 )
 
     def end_at_exit(self, deadline: float) -> None:
-        """At the interpreter's exit: cancel the calls not started and wait, until ``deadline``
+        """At the interpreter's exit: fail the calls not started, naming the exit (cancelled,
+        a prefetch's lookup said its caller had cancelled it), and wait, until ``deadline``
         (``time.monotonic()``), for those running (a daemon thread still inside a torch op as
         the interpreter ends aborts the process: 'terminate called without an active
         exception')."""
         with self._lock:
-            self._shutdown = True
+            self._shutdown = self.ended_at_exit = True
             threads, stops = list(self._threads), 0
             while True:
                 try:
@@ -136,8 +139,14 @@ class RunnerPool:
                     break
                 if call is None:
                     stops += 1
-                else:
-                    call[0].cancel()
+                elif call[0].set_running_or_notify_cancel():  # (not cancelled by its caller)
+                    call[0].set_exception(
+                        RuntimeError(
+                            f"{self._name} pool: this call was still queued as the interpreter "
+                            "exited, which runs none of those (it waits only for the one under "
+                            "way); expected it collected before the exit began"
+                        )
+                    )
             for _ in range(max(stops, len(threads))):
                 self._queue.put(None)
         for thread in threads:
@@ -336,6 +345,12 @@ class Prefetcher:
                 try:
                     future = self._pool.submit(self._run, number, flat, packed, slot, in_flight)
                 except RuntimeError as exc:
+                    if self._closed is None and self._pool.ended_at_exit:
+                        raise RuntimeError(
+                            "prefetch: the interpreter is exiting and its exit hook ended the "
+                            "prefetch worker, so no fetch runs any more; expected prefetch() "
+                            "before the exit began"
+                        ) from None
                     if self._closed is None:  # open: its worker could not start
                         raise RuntimeError(
                             f"prefetch: cannot start the prefetch worker ({exc}); expected room "
