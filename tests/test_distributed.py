@@ -3964,3 +3964,63 @@ def test_a_heartbeat_closes_at_once_when_its_store_host_accepts_but_never_answer
     assert follower.returncode == 0, err
     assert took < 20, f"close took {took:.1f} s"  # stop()'s bound on the stuck beat: 5.2 s
     assert err.count("cannot reach the process group's store") == 1, err
+
+
+def test_a_script_exiting_without_close_with_rounds_queued_fails_them_and_ends_the_running_one(
+    tmp_path, monkeypatch
+):
+    """The collective thread is a daemon: a script that exited without ``close()`` with rounds
+    under way left it inside a torch op as the interpreter ended (and its group destroyed under
+    it), and the process aborted now and then ('terminate called without an active exception',
+    exit status 134); the rounds queued stayed pending for good. At the exit the round under way
+    ends first and those queued fail naming the exit, as does a lookup made after it: a hook the
+    script registers first (so it runs last) finds every handle done."""
+    import subprocess
+    import sys
+    import textwrap
+
+    cfg = _one_rank_sharded_config(tmp_path, monkeypatch, timeout_s=20)
+    script = textwrap.dedent(
+        f"""
+        import atexit
+        state = {{}}
+
+        def late():  # registered first: runs after the store's exit hooks
+            store, ids, handles = state["store"], state["ids"], state["handles"]
+            print(*("done" if h.done() else "left" for h in handles))
+            for call in (lambda: store.lookup(ids, handles[1]), lambda: store.lookup(ids)):
+                try:
+                    call()
+                except Exception as exc:
+                    print(type(exc).__name__, "|", exc)
+
+        atexit.register(late)
+        import time, torch
+        from tiered_store.distributed import ShardedStore
+
+        store = ShardedStore.open({cfg!r})
+        thread = store._thread
+
+        def round_under_way():  # ends once the exit began (the others still queued then)
+            while not getattr(thread, "_exited", False):
+                time.sleep(0.01)
+
+        ids = torch.arange(0, store.rows, 3)
+        state.update(store=store, ids=ids, handles=[thread.submit(round_under_way)])
+        state["handles"] += [store.prefetch(ids), store.prefetch(ids)]
+        """
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        cwd=tmp_path,
+    )
+    assert (proc.returncode, proc.stderr) == (0, ""), proc
+    done, queued, late = proc.stdout.splitlines()
+    assert done == "done done done"
+    at_exit = "StoreClosedError | sharded store: this call was queued as the interpreter exited"
+    assert queued.startswith(at_exit), queued
+    assert late.startswith(at_exit), late

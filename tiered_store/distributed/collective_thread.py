@@ -2,7 +2,8 @@
 
 Collectives must be issued in the same order on every rank, so a store's lookups and prefetches
 all go through one queue. The thread is a daemon: a collective stuck on a dead peer never keeps
-the process from exiting (``concurrent.futures`` workers are joined at exit).
+the process from exiting (``concurrent.futures`` workers are joined at exit); at the exit the
+round under way ends first, up to ``prefetch.EXIT_WAIT_S`` (``end_at_exit``).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import queue
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
@@ -17,6 +19,12 @@ from typing import Any
 from ..errors import StoreClosedError
 
 __all__ = ["CollectiveThread"]
+
+_AT_EXIT = (
+    "sharded store: this call was queued as the interpreter exited, which runs none of those "
+    "(it waits only for the round under way, up to prefetch.EXIT_WAIT_S); expected it made and "
+    "collected before the exit began"
+)
 
 
 class CollectiveThread:
@@ -30,6 +38,7 @@ class CollectiveThread:
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.Lock()  # nothing is queued behind the stop marker
         self._closing = False
+        self._exited = False  # ended by the interpreter's exit (``end_at_exit``)
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -38,7 +47,9 @@ class CollectiveThread:
         once when ``close`` came first: the thread would never run it)."""
         future: Future = Future()
         with self._lock:
-            if self._closing:
+            if self._exited:
+                future.set_exception(StoreClosedError(_AT_EXIT))
+            elif self._closing:
                 future.set_exception(
                     StoreClosedError("sharded store is closed; open a new ShardedStore")
                 )
@@ -53,6 +64,23 @@ class CollectiveThread:
             self._queue.put(None)
         self._thread.join(timeout)
         return not self._thread.is_alive()
+
+    def end_at_exit(self, deadline: float) -> None:
+        """At the interpreter's exit: fail the calls not started, naming the exit, and wait
+        until ``deadline`` (``time.monotonic()``) for the one running (the daemon thread inside
+        a torch op as the interpreter ended aborted the process: 'terminate called without an
+        active exception', exit status 134)."""
+        with self._lock:
+            self._closing = self._exited = True
+            while True:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is not None and item[0].set_running_or_notify_cancel():
+                    item[0].set_exception(StoreClosedError(_AT_EXIT))
+            self._queue.put(None)
+        self._thread.join(max(deadline - time.monotonic(), 0.0))
 
     def _run(self) -> None:
         """The thread's loop."""

@@ -48,6 +48,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from .. import prefetch as prefetch_module
 from ..config import ShardingConfig, StoreConfig, naming_file
 from ..delta.row_optimizers import first_non_finite_row, stored_row_fault
 from ..delta.table_versions import pointer_path, release, take_writer_lock
@@ -1830,7 +1831,17 @@ def _destroy_env_group() -> None:
         dist.destroy_process_group()
 
 
+def _end_rounds_at_exit() -> None:
+    """At exit, before the group is destroyed: each open store's rounds queued fail and the one
+    under way ends first, up to ``prefetch.EXIT_WAIT_S`` (``CollectiveThread.end_at_exit``)."""
+    deadline = time.monotonic() + prefetch_module.EXIT_WAIT_S
+    for store in list(_OPEN):
+        if store._thread is not None:
+            store._thread.end_at_exit(deadline)
+
+
 atexit.register(_destroy_env_group)
+atexit.register(_end_rounds_at_exit)  # registered last, it runs first
 
 
 def _queued_on(ids: torch.Tensor) -> torch.cuda.Event | None:
