@@ -4024,3 +4024,65 @@ def test_a_script_exiting_without_close_with_rounds_queued_fails_them_and_ends_t
     at_exit = "StoreClosedError | sharded store: this call was queued as the interpreter exited"
     assert queued.startswith(at_exit), queued
     assert late.startswith(at_exit), late
+
+
+def test_a_forked_child_refuses_the_parents_sharded_store_at_once_naming_both_processes(
+    tmp_path, monkeypatch
+):
+    """A child forked from a rank has no collective thread (nor a place of its own in the
+    group): its lookup through the parent's store waited out ``sharding.timeout_s`` and failed
+    as 'no rank was found silent or behind', and its copy of a prefetch queued at the fork
+    stayed pending. In the child both fail at once naming the two processes; the parent's
+    store goes on."""
+    import subprocess
+    import sys
+    import textwrap
+
+    cfg = _one_rank_sharded_config(tmp_path, monkeypatch, timeout_s=60)
+    script = textwrap.dedent(
+        f"""
+        import os, threading, torch
+        from tiered_store.distributed import ShardedStore
+
+        store = ShardedStore.open({cfg!r})
+        ids = torch.arange(0, store.rows, 3)
+        want = store.lookup(ids)
+        release = threading.Event()
+        store._thread.submit(release.wait, 60)  # the thread held: the prefetch queued
+        handle = store.prefetch(ids)
+        pid = os.fork()
+        if pid == 0:
+            try:
+                error = handle.future.exception(timeout=10)
+                print(type(error).__name__, "|", error)
+            except TimeoutError:
+                print("pending")
+            try:
+                store.lookup(ids)
+            except Exception as exc:
+                print(type(exc).__name__, "|", exc)
+            os._exit(0)
+        os.waitpid(pid, 0)
+        release.set()
+        print(torch.equal(store.lookup(ids, handle), want), pid, os.getpid())
+        store.close()
+        """
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        cwd=tmp_path,
+    )
+    assert (proc.returncode, proc.stderr) == (0, ""), proc
+    queued, lookup, parent = proc.stdout.splitlines()
+    same, child, pid = parent.split()
+    assert same == "True"
+    forked = (
+        f"StoreClosedError | sharded store: opened in process {pid}, which forked this one "
+        f"({child}): its rounds run only there"
+    )
+    assert queued.startswith(forked), queued
+    assert lookup.startswith(forked), lookup

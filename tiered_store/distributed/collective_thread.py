@@ -9,9 +9,11 @@ round under way ends first, up to ``prefetch.EXIT_WAIT_S`` (``end_at_exit``).
 from __future__ import annotations
 
 import contextlib
+import os
 import queue
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
@@ -39,6 +41,8 @@ class CollectiveThread:
         self._lock = threading.Lock()  # nothing is queued behind the stop marker
         self._closing = False
         self._exited = False  # ended by the interpreter's exit (``end_at_exit``)
+        self._pid = os.getpid()  # where its rounds run (a forked child has no thread for them)
+        _THREADS.add(self)
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -47,7 +51,9 @@ class CollectiveThread:
         once when ``close`` came first: the thread would never run it)."""
         future: Future = Future()
         with self._lock:
-            if self._exited:
+            if os.getpid() != self._pid:
+                future.set_exception(StoreClosedError(self.forked_text()))
+            elif self._exited:
                 future.set_exception(StoreClosedError(_AT_EXIT))
             elif self._closing:
                 future.set_exception(
@@ -64,6 +70,29 @@ class CollectiveThread:
             self._queue.put(None)
         self._thread.join(timeout)
         return not self._thread.is_alive()
+
+    def forked_text(self) -> str | None:
+        """Why a forked child cannot run this thread's calls (None in the process it started in)."""
+        if os.getpid() == self._pid:
+            return None
+        return (
+            f"sharded store: opened in process {self._pid}, which forked this one "
+            f"({os.getpid()}): its rounds run only there (no thread runs them here, and this "
+            "process holds no place of its own in the group); expected a ShardedStore opened in "
+            "this process"
+        )
+
+    def forked(self) -> None:
+        """In a forked child: no thread gone holds the lock, and the calls queued at the fork
+        fail (pending, a lookup of the child's copy of a prefetch waited out the timeout)."""
+        self._lock = threading.Lock()
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is not None and item[0].set_running_or_notify_cancel():
+                item[0].set_exception(StoreClosedError(self.forked_text()))
 
     def end_at_exit(self, deadline: float) -> None:
         """At the interpreter's exit: fail the calls not started, naming the exit, and wait
@@ -104,3 +133,15 @@ class CollectiveThread:
                 if kept:
                     future.set_result(result)
             result = None  # (a cancelled call's rows are not kept while the thread waits)
+
+
+_THREADS: weakref.WeakSet[CollectiveThread] = weakref.WeakSet()  # every one, for a fork's child
+
+
+def _forked_threads() -> None:
+    """In a forked child, each thread's calls queued fail (``CollectiveThread.forked``)."""
+    for thread in list(_THREADS):
+        thread.forked()
+
+
+os.register_at_fork(after_in_child=_forked_threads)

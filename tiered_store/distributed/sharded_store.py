@@ -1432,7 +1432,11 @@ class ShardedStore:
         return self._interval
 
     def _check_usable(self) -> None:
-        """Raise once closed or after a failure (the group's collectives are then out of step)."""
+        """Raise once closed, after a failure (the group's collectives are then out of step), or
+        in a forked child (its rounds run in the process that opened it: waited out, the
+        timeout was diagnosed as a silent rank)."""
+        if (forked := self._thread.forked_text()) is not None:
+            raise StoreClosedError(forked)
         if self._closed:
             raise StoreClosedError("sharded store is closed; open a new ShardedStore")
         self._refuse_torn()
