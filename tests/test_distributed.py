@@ -4086,3 +4086,45 @@ def test_a_forked_child_refuses_the_parents_sharded_store_at_once_naming_both_pr
     )
     assert queued.startswith(forked), queued
     assert lookup.startswith(forked), lookup
+
+
+def test_a_forked_childs_close_of_the_parents_sharded_store_leaves_the_parents_rank_open(
+    tmp_path, monkeypatch
+):
+    """A child forked from a rank that closed its copy of the store (a worker's cleanup) marked
+    the parent's rank closed in the group's heartbeats, over the parent's own connection to the
+    group's store (the other ranks' diagnosis would read the parent as gone). The child's close
+    closes its copy of the shard only; the parent's entry says it is open, and it looks up."""
+    import subprocess
+    import sys
+    import textwrap
+
+    cfg = _one_rank_sharded_config(tmp_path, monkeypatch, timeout_s=60)
+    script = textwrap.dedent(
+        f"""
+        import os, torch
+        from tiered_store.distributed import ShardedStore
+
+        store = ShardedStore.open({cfg!r})
+        ids = torch.arange(0, store.rows, 3)
+        want = store.lookup(ids)
+        pid = os.fork()
+        if pid == 0:
+            print(store.close(), flush=True)
+            os._exit(0)
+        os.waitpid(pid, 0)
+        print(store._heartbeat._store.get("hb/0").decode().split()[2])
+        print(torch.equal(store.lookup(ids), want))
+        store.close()
+        """
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        cwd=tmp_path,
+    )
+    assert (proc.returncode, proc.stderr) == (0, ""), proc
+    assert proc.stdout.split() == ["True", "open", "True"], proc

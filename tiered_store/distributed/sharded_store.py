@@ -571,6 +571,13 @@ class ShardedStore:
             return self._closed_in_time
         self._closed = True
         deadline = None if wait_s is None else time.monotonic() + min(wait_s, self.timeout_s)
+        if self._thread is not None and self._thread.forked_text() is not None:
+            # a forked child: the group, the heartbeat and their connections are the parent's (a
+            # close here marked the parent's rank closed, on the parent's own connection)
+            _OPEN.discard(self)
+            if self.local is not None:
+                self._closed_in_time = self.local.close(wait_s=seconds_left(deadline))
+            return self._closed_in_time
         if self._unfinished is not None and self._failure is None:  # a decided step, still
             # staged here: committed now (after the queued exchanges), else by the next open
             done = self._thread.submit(self._local_error, self._finish_shard, self._unfinished)
