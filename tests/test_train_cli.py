@@ -22,6 +22,7 @@ import torch
 
 from tiered_store import TieredStore
 from tiered_store.cli import main
+from tiered_store.corpus import CorpusError
 from tiered_store.engram.training import TrainSettings, train
 from tiered_store.errors import ConfigError, RowDataError
 from tiered_store.serve.client import subprocess_env
@@ -1486,3 +1487,24 @@ def test_a_corpus_path_in_the_home_folder_with_home_empty_names_the_option(
     err = capsys.readouterr().err
     assert "error: --corpus: '~/texts': HOME is set but empty" in err, err
     assert not out.exists()
+
+
+def test_a_corpus_found_only_in_the_run_folder_names_trains_out_not_analyzes(tmp_path, capsys):
+    """A corpus whose every file lies in the run's folder (a pattern from above it) was refused
+    as in "the excluded folder RUN (analyze's --out, ...)", an option train has not; the error
+    names train's own: --out, or a Python caller's out."""
+    common, small, out = _cli_args(tmp_path)
+    out.mkdir()
+    for name in ("a.txt", "b.txt"):
+        (out / name).write_text("words of a document the user keeps beside the run\n")
+    common[common.index("--corpus") + 1] = str(tmp_path / "*" / "*.txt")
+    assert main([*common, *small, "--steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert re.search(rf"error: --corpus: corpus .*: every file found \(2\) is in the excluded folder {re.escape(str(out))} \(train's --out, never read as text\)", err), err  # fmt: skip
+    assert "analyze" not in err
+    settings = replace(_settings(tmp_path), corpus=[str(tmp_path / "*" / "*.txt")], steps=1)
+    with pytest.raises(
+        CorpusError, match=r"excluded folder .* \(train's out, never read as text\)"
+    ):
+        train(out, settings, resume=False, progress=False)
+    assert sorted(p.name for p in out.iterdir()) == ["a.txt", "b.txt"]

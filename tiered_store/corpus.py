@@ -299,6 +299,7 @@ def resolve_corpus(
     paths: str | os.PathLike[str] | Iterable[str | os.PathLike[str]] | None = None,
     *,
     exclude: str | os.PathLike[str] | None = None,
+    exclude_name: str | None = None,
 ) -> Corpus:
     """The corpus that ``paths`` name, or :func:`default_corpus` when there are none.
 
@@ -312,6 +313,9 @@ def resolve_corpus(
     exclude : str or Path, optional
         A folder whose files are never part of the corpus (``analyze``'s ``--out``: a previous
         run's reports are not text to analyse).
+    exclude_name : str, optional
+        What ``exclude`` is to the caller, for the error when it holds every file found (the
+        command's option: ``"analyze's --out"``, ``"train's --out"``).
 
     Returns
     -------
@@ -350,8 +354,8 @@ def resolve_corpus(
             f"corpus {', '.join(map(os.fspath, paths))}: "
             + (
                 f"every file found ({len(left_out):,}) is in the excluded folder "
-                f"{os.fspath(exclude)} (analyze's --out, never read as text); expected an "
-                "output folder that does not hold the corpus"
+                f"{os.fspath(exclude)} ({f'{exclude_name}, ' if exclude_name else ''}never read "
+                "as text); expected an output folder that does not hold the corpus"
                 if left_out
                 else "no files found; expected text files, directories holding them, or glob "
                 "patterns"

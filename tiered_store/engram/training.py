@@ -191,7 +191,9 @@ def train(
     per_batch = settings.batch_size * settings.seq_len
     try:
         exclude = _outside_corpus(out, settings.corpus)  # the run's files are none of its text
-        corpus = resolve_corpus(settings.corpus, exclude=exclude).shuffled(settings.seed)
+        role = f"train's {out_name}"  # the folder's option, should it hold every file found
+        corpus = resolve_corpus(settings.corpus, exclude=exclude, exclude_name=role)
+        corpus = corpus.shuffled(settings.seed)
         tokens = read_tokens(corpus, model.hasher.tokenizer, max_tokens=per_batch * settings.steps)
     except CorpusError as exc:
         raise _corpus_refused(exc, saved_in, out_name) from None

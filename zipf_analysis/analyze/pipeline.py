@@ -136,7 +136,7 @@ def analyze(
     else:
         engram, _ = load_engram_config(config)
     if not isinstance(corpus, Corpus):  # not this run's own output folder (a corpus dir's out/)
-        corpus = resolve_corpus(corpus, exclude=out_dir)
+        corpus = resolve_corpus(corpus, exclude=out_dir, exclude_name="analyze's --out")
     if options.shuffle:
         corpus = corpus.shuffled(options.seed)
     if options.holdout:
