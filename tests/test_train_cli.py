@@ -1508,3 +1508,34 @@ def test_a_corpus_found_only_in_the_run_folder_names_trains_out_not_analyzes(tmp
     ):
         train(out, settings, resume=False, progress=False)
     assert sorted(p.name for p in out.iterdir()) == ["a.txt", "b.txt"]
+
+
+def test_a_run_inside_its_corpus_that_names_a_file_in_the_run_resumes_on_the_same_text(tmp_path):
+    """A corpus of a folder holding the run and of a file in the run (the run's folder is then
+    not left out: a corpus path lies in it) read the run's own train.json, loss.csv,
+    committed.json and table manifest as text on resume, training on other batches than an
+    uninterrupted run; the run's own files are left out by name, the user's file in it kept."""
+    texts, copy = tmp_path / "texts", tmp_path / "copy"
+    shutil.copytree(ROOT / "tiered_store" / "engram", texts, ignore=shutil.ignore_patterns("_*"))
+    (texts / "run").mkdir()
+    (texts / "run" / "notes.txt").write_text("notes the user keeps beside the run\n" * 40)
+    shutil.copytree(texts, copy)
+    base = replace(_settings(texts), steps=4, checkpoint_every=2, seed=3)
+    alone = [str(copy), str(copy / "run" / "notes.txt")]
+    straight = train(tmp_path / "straight", replace(base, corpus=alone), resume=False, progress=False)  # fmt: skip
+    inside = replace(base, corpus=[str(texts), str(texts / "run" / "notes.txt")])
+    train(texts / "run", replace(inside, steps=2), resume=False, progress=False)
+    resumed = train(texts / "run", inside, resume=True, progress=False)
+    assert resumed["final_loss"] == straight["final_loss"]
+    rows, _ = _final_state(tmp_path / "straight", 4)
+    rows2, _ = _final_state(texts / "run", 4)
+    assert torch.equal(rows, rows2)
+    solo = tmp_path / "solo"  # the corpus is the run's folder: its own files are no text either
+    solo.mkdir()
+    (solo / "notes.txt").write_text("notes the user keeps beside the run\n" * 40)
+    alone = replace(base, corpus=[str(solo)], steps=1, checkpoint_every=1)
+    train(solo, alone, resume=False, progress=False)
+    (solo / "notes.txt").unlink()
+    with pytest.raises(ConfigError, match=r"corpus: corpus .*: every file found \([0-9]+\) is the run's own in .*solo \(its settings, loss log, checkpoints or table\)"):  # fmt: skip
+        train(solo, replace(alone, steps=2), resume=True, progress=False)
+    assert _committed(solo) == 1

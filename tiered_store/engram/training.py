@@ -63,7 +63,7 @@ from ..cli_args import (
 )
 from ..cold_table import IO_MODES
 from ..config import check_device, expand_home, load_yaml, naming_file
-from ..corpus import CorpusError, corpus_paths, resolve_corpus
+from ..corpus import Corpus, CorpusError, corpus_paths, resolve_corpus
 from ..delta.row_delta import delta_path
 from ..delta.row_optimizers import OPTIMIZERS, make_row_optimizer
 from ..delta.table_versions import (
@@ -90,6 +90,9 @@ DENSE_NAME = r"dense-([1-9][0-9]*)\.pt"  # train's dense-S.pt (S >= 1, no leadin
 APPLIED_KEY = "applied_steps"  # in dense-S.pt: steps applied by S (the rows' Adam count)
 COMMITTED_FILE = "committed.json"  # the step of the table's last commit, as the run recorded it
 RUN_ID_KEY = "run_id"  # in committed.json and the table's "trainable" metadata: whose record
+RUN_FILES = rf"{DENSE_NAME}|loss\.csv|loss\.png|committed\.json|train\.json"  # beside its table
+# the table's files: TABLE.npy, a compaction's TABLE.gN.npy, and theirs (manifest, delta, lock)
+TABLE_FILES = rf"{re.escape(Path(TABLE_FILE).stem)}(?:\.g[0-9]+)?\.npy(?:\..+)?"
 DEFAULT_STEPS = 200  # a new run's step count where none is given
 AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # --precision's dtypes
 
@@ -193,6 +196,8 @@ def train(
         exclude = _outside_corpus(out, settings.corpus)  # the run's files are none of its text
         role = f"train's {out_name}"  # the folder's option, should it hold every file found
         corpus = resolve_corpus(settings.corpus, exclude=exclude, exclude_name=role)
+        if exclude is None:  # a corpus path lies in the run: its own files are left out by name
+            corpus = _without_run_files(corpus, out)
         corpus = corpus.shuffled(settings.seed)
         tokens = read_tokens(corpus, model.hasher.tokenizer, max_tokens=per_batch * settings.steps)
     except CorpusError as exc:
@@ -251,9 +256,8 @@ def train(
         store.adopt_writer_lock(lock)
         if not made:  # a resume's step count may have grown
             _save_settings(out, settings)
-        for leftover in hidden_temporaries(
-            out, rf"{DENSE_NAME}|loss\.csv|loss\.png|committed\.json|train\.json"
-        ):  # a killed checkpoint's, or settings' save (this run holds the table)
+        # a killed checkpoint's, or settings' save (this run holds the table)
+        for leftover in hidden_temporaries(out, RUN_FILES):
             leftover.unlink(missing_ok=True)
         table = TrainableTable(store, optimizer)
         return _run(out, settings, model, table, layers, sizes, batches, progress, out_name)
@@ -383,11 +387,38 @@ def _corpus_refused(
 def _outside_corpus(out: Path, corpus: list[str] | None) -> Path | None:
     """``out`` where no path of ``corpus`` lies in it (then its files, the run's train.json and
     loss.csv, are never read as text: a resume of a run inside its corpus reads what the run
-    began on), else None (the corpus is in the run's folder: excluding it would leave none).
+    began on), else None (the corpus is in the run's folder: excluding it would leave none;
+    ``_without_run_files`` leaves the run's own out by name).
     Links are followed: a run or corpus named through one is where its link leads."""
     here = Path(os.path.realpath(out))
     paths = [Path(os.path.realpath(p)) for p in corpus or []]
     return None if any(p == here or here in p.parents for p in paths) else out
+
+
+def _without_run_files(corpus: Corpus, out: Path) -> Corpus:
+    """``corpus`` without the run's own files in ``out`` (settings, log, checkpoints, table
+    files: ``RUN_FILES``, ``TABLE_FILES``), for a corpus that holds the run's folder but names a
+    path in it, so not left out of it: a resume reads the text the run began on. A
+    ``CorpusError`` when none is left."""
+    here = Path(os.path.realpath(out))
+    own = re.compile(f"{RUN_FILES}|{TABLE_FILES}")
+
+    def runs(file: Path) -> bool:
+        """Whether ``file`` (through links) is one of the run's, or in one of its folders."""
+        path = Path(os.path.realpath(file))
+        return here in path.parents and bool(own.fullmatch(path.relative_to(here).parts[0]))
+
+    kept = tuple(f for f in corpus.files if not runs(f))
+    if len(kept) == len(corpus.files):
+        return corpus
+    dropped = len(corpus.files) - len(kept)
+    if not kept:
+        raise CorpusError(
+            f"corpus {', '.join(corpus.roots)}: every file found ({dropped:,}) is the run's own "
+            f"in {out} (its settings, loss log, checkpoints or table), never read as text; "
+            "expected text files"
+        )
+    return Corpus(kept, f"{corpus.description} less the run's own {dropped:,}", corpus.roots)
 
 
 def _overflowed(dense: torch.optim.Optimizer) -> bool:
