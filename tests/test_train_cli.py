@@ -1539,3 +1539,23 @@ def test_a_run_inside_its_corpus_that_names_a_file_in_the_run_resumes_on_the_sam
     with pytest.raises(ConfigError, match=r"corpus: corpus .*: every file found \([0-9]+\) is the run's own in .*solo \(its settings, loss log, checkpoints or table\)"):  # fmt: skip
         train(solo, replace(alone, steps=2), resume=True, progress=False)
     assert _committed(solo) == 1
+
+
+def test_a_settings_file_without_a_step_count_names_it_missing_on_a_resume(tmp_path, capsys):
+    """A train.json without "steps" (an edit) read as TrainSettings' None, not given, and a
+    --resume given no --steps refused it as "got None", a value the file does not hold; it is
+    named missing, and a --resume given --steps goes on to that count."""
+    common, small, out = _cli_args(tmp_path)
+    assert main([*common, *small, "--steps", "1"]) == 0
+    doc = json.loads((out / "train.json").read_text())
+    del doc["steps"]
+    (out / "train.json").write_text(json.dumps(doc))
+    capsys.readouterr()
+    assert main([*common, "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert re.search(r"error: --resume: .*train\.json: steps: missing; expected an integer >= 1; expected the settings `train` saved there", err), err  # fmt: skip
+    assert "None" not in err
+    assert _committed(out) == 1
+    assert main([*common, "--resume", "--steps", "2"]) == 0
+    assert _committed(out) == 2
+    assert json.loads((out / "train.json").read_text())["steps"] == 2

@@ -740,6 +740,8 @@ def _settings(
         value = getattr(settings, name)
         count = as_integer(value)  # saved as a JSON integer (True is no count)
         least, why = (2, " (a next-token loss)") if name == "seq_len" else (1, "")
+        if value is None and saved is not None:  # a saved file without it (steps, an edit)
+            raise ConfigError(named(name, f"missing; expected an integer >= {least}{why}", saved))
         if count is None or count < least:
             raise ConfigError(
                 named(name, f"expected an integer >= {least}{why}, got {shown(value)}", saved)
@@ -896,8 +898,8 @@ def _save_settings(out: Path, settings: TrainSettings) -> None:
 
 def _saved_settings(path: Path, out_name: str) -> TrainSettings:
     """A run's saved settings; ``ConfigError`` naming the file when it is damaged or not one
-    that ``train`` saved (a field missing is its default; ``out_name``: the run folder's
-    name)."""
+    that ``train`` saved (a field missing is its default: ``steps`` None, named missing unless
+    the resume is given a count; ``out_name``: the run folder's name)."""
     try:
         doc = json.loads(path.read_text())
         if not isinstance(doc, dict):
