@@ -1559,3 +1559,22 @@ def test_a_settings_file_without_a_step_count_names_it_missing_on_a_resume(tmp_p
     assert main([*common, "--resume", "--steps", "2"]) == 0
     assert _committed(out) == 2
     assert json.loads((out / "train.json").read_text())["steps"] == 2
+
+
+def test_a_corpus_path_no_file_can_have_is_named_not_a_bare_error(tmp_path):
+    """A corpus path with a NUL character or a lone surrogate (a Python caller's, or an edit of
+    train.json) failed in os.path.realpath, which a48efc2 put before the corpus is read, with a
+    bare ValueError or UnicodeEncodeError; it is refused naming the path (on a resume, the run's
+    train.json and its corpus key), no run made and the run kept."""
+    base = replace(_settings(ROOT / "tiered_store" / "engram"), steps=1, checkpoint_every=1)
+    for path, why in (("a\x00b", "a NUL character"), ("\ud800x", "a lone surrogate")):
+        with pytest.raises(CorpusError, match=rf"^corpus path '\S*{re.escape(repr(path)[1:-1])}': expected a path without {why}"):  # fmt: skip
+            train(tmp_path / "new", replace(base, corpus=[path]), resume=False, progress=False)
+    assert not (tmp_path / "new").exists()
+    out = tmp_path / "run"
+    train(out, base, resume=False, progress=False)
+    doc = json.loads((out / "train.json").read_text())
+    (out / "train.json").write_text(json.dumps({**doc, "corpus": ["a\x00b"]}))
+    with pytest.raises(ConfigError, match=r"^resume: .*train\.json: corpus: corpus path '\S*a\\x00b': expected a path without a NUL character; expected the corpus the run was started on"):  # fmt: skip
+        train(out, replace(base, steps=2, corpus=None), resume=True, progress=False)
+    assert _committed(out) == 1

@@ -62,7 +62,7 @@ from ..cli_args import (
     saying_made,
 )
 from ..cold_table import IO_MODES
-from ..config import check_device, expand_home, load_yaml, naming_file
+from ..config import check_device, expand_home, load_yaml, naming_file, path_text_problem
 from ..corpus import Corpus, CorpusError, corpus_paths, resolve_corpus
 from ..delta.row_delta import delta_path
 from ..delta.row_optimizers import OPTIMIZERS, make_row_optimizer
@@ -389,7 +389,11 @@ def _outside_corpus(out: Path, corpus: list[str] | None) -> Path | None:
     loss.csv, are never read as text: a resume of a run inside its corpus reads what the run
     began on), else None (the corpus is in the run's folder: excluding it would leave none;
     ``_without_run_files`` leaves the run's own out by name).
-    Links are followed: a run or corpus named through one is where its link leads."""
+    Links are followed: a run or corpus named through one is where its link leads. A path no
+    file can have (a NUL character: realpath's bare ValueError) is a ``CorpusError`` naming it."""
+    for path in corpus or []:
+        if (problem := path_text_problem(path)) is not None:
+            raise CorpusError(f"corpus path {path!r}: {problem}")
     here = Path(os.path.realpath(out))
     paths = [Path(os.path.realpath(p)) for p in corpus or []]
     return None if any(p == here or here in p.parents for p in paths) else out
