@@ -1578,3 +1578,20 @@ def test_a_corpus_path_no_file_can_have_is_named_not_a_bare_error(tmp_path):
     with pytest.raises(ConfigError, match=r"^resume: .*train\.json: corpus: corpus path '\S*a\\x00b': expected a path without a NUL character; expected the corpus the run was started on"):  # fmt: skip
         train(out, replace(base, steps=2, corpus=None), resume=True, progress=False)
     assert _committed(out) == 1
+
+
+def test_train_called_from_python_takes_out_as_a_str_and_names_one_no_folder_can_have(
+    tmp_path, monkeypatch
+):
+    """train("run", ...) failed with a bare TypeError (a str has no '/'), and an out with a NUL
+    character or a lone surrogate with a bare ValueError or UnicodeEncodeError; a str or Path
+    is the folder (a leading ~ the home folder, as the command's --out and a corpus path), and
+    one no folder can have is refused naming out."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    base = replace(_settings(ROOT / "tiered_store" / "engram"), steps=1, checkpoint_every=1)
+    assert train("~/run", base, resume=False, progress=False)["out"] == str(tmp_path / "run")
+    assert _committed(tmp_path / "run") == 1
+    assert train(str(tmp_path / "run"), replace(base, steps=2), resume=True, progress=False)["steps"] == 2  # fmt: skip
+    for name, why in (("r\x00", "a NUL character"), ("\ud800r", "a lone surrogate")):
+        with pytest.raises(ConfigError, match=rf"^out: '\S*{re.escape(repr(name)[1:-1])}': expected a path without {why}"):  # fmt: skip
+            train(tmp_path / name, base, resume=False, progress=False)

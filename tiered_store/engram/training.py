@@ -130,7 +130,7 @@ class TrainSettings:
 
 
 def train(
-    out: Path,
+    out: str | os.PathLike[str],
     settings: TrainSettings,
     *,
     resume: bool,
@@ -152,7 +152,15 @@ def train(
     ``settings.steps``: the count to reach (a resume's only grows); None: a new run's
     ``DEFAULT_STEPS``, a resume's own count.
     ``model_file``: the file ``settings.model`` was read from (the command's ``--model``),
-    named with the key in an error of the model (a resume's names its saved settings file)."""
+    named with the key in an error of the model (a resume's names its saved settings file).
+    ``out``: a str or Path, a leading ``~`` the home folder (as the command's ``--out``)."""
+    text = os.fspath(out)
+    if (problem := path_text_problem(text)) is not None:  # pathlib's bare errors otherwise
+        raise ConfigError(f"{out_name}: {text!r}: {problem}")
+    try:
+        out = Path(expand_home(text))  # "run" too (a str has no "/")
+    except ConfigError as exc:  # HOME set but empty
+        raise ConfigError(f"{out_name}: {exc}") from None
     try:
         check_device(device)
     except ValueError as exc:
