@@ -272,6 +272,30 @@ def test_a_batch_after_many_ids_skipped_takes_the_later_ones_at_their_places(mon
     assert again.served_ids == taken and again.left.tolist() == request.left.tolist()
 
 
+@pytest.mark.parametrize("one_at_a_time", [False, True])
+def test_a_batch_ending_at_an_id_far_on_leaves_the_cursor_for_the_ids_it_skipped(
+    monkeypatch, one_at_a_time
+):
+    """A batch's last id searched for took the cursor past its first place announced with
+    nothing after it to confirm the jump: a batch in order ending at an id far on (ids 0-9,
+    then 50) left the cursor past it, and each of the 40 ids skipped, served next in order,
+    was searched for (41 searches, 1 before). Only a batch of that one id jumps: the ids
+    skipped are taken at their places, and batches of one id after a prefix never served
+    still take the later ones at theirs (its Python body, its searches counted)."""
+    ids = torch.arange(100, 200)
+    if one_at_a_time:  # past a prefix of 30
+        searches, taken, request, queue = _searches_serving(
+            monkeypatch, ids, [ids[30:31], ids[31:32], ids[32:40]]
+        )
+        assert searches == [[130], [], []], searches
+        assert taken == 40 and request.left.tolist() == [1] * 30 + [0] * 10 + [1] * 60
+        return
+    batches = [torch.cat([ids[:10], ids[50:51]]), ids[10:50], ids[51:]]
+    searches, taken, request, queue = _searches_serving(monkeypatch, ids, batches)
+    assert searches == [[150], [], []], searches
+    assert taken == ids.numel() and not request.left.any()
+
+
 class _Reads(np.ndarray):
     """An array counting its reads of one element (a compiled pass's Python body's)."""
 

@@ -160,8 +160,10 @@ def serve_batch(
     skipped searched for when they come) and else searched for (and not taken: an id not
     announced, or one more often than announced, leaves the next id its place). An id searched
     for whose first place announced is at ``start`` or past it (``first_at``: of each of
-    ``rows``, -1 where none; from ``first_places``, empty until made here) moves ``start`` past that place when the batch's next id is announced next there (ids
-    skipped, a cached prompt prefix: the later ones taken at their places again). Returns the
+    ``rows``, -1 where none; from ``first_places``, empty until made here) moves ``start`` past
+    that place when the batch's next id is announced next there, or the batch is that one id
+    (ids skipped, a cached prompt prefix: the later ones taken at their places again; a
+    batch's last id, unconfirmed, moves nothing: those it skipped may come next, in order). Returns the
     rows the request was the earliest unfinished pair of (ascending), each one's next
     unfinished pair's token (``none`` where none), ``start`` past the ids taken at their places,
     and ``first_at`` (made here when empty and an id it announced, with a lookup left, is
@@ -191,8 +193,10 @@ def serve_batch(
                     first_at = first_places(where, m)  # the first id it lost, announced
                 if at < m and rows[at] == ids[k] and first_at.size and first_at[at] >= start:
                     place = first_at[at]  # past any skipped: taken there if the next id is next
-                    if k + 1 == ids.size or (
-                        place + 1 < where.size and rows[where[place + 1]] == ids[k + 1]
+                    if ids.size == 1 or (  # (a batch's last id: nothing confirms the jump)
+                        k + 1 < ids.size
+                        and place + 1 < where.size
+                        and rows[where[place + 1]] == ids[k + 1]
                     ):
                         start = place + 1
         places[k] = at
