@@ -2205,6 +2205,29 @@ def test_a_batch_served_that_fails_before_changing_anything_leaves_the_release_a
         _no_row_held_for_a_request(store)
 
 
+def test_a_batch_served_that_fails_after_taking_its_lookups_off_is_marked_missed(tmp_path):
+    """``served`` took a pass that raised back out of ``passes`` whatever the failure: its
+    internal-inconsistency ``ValueError`` (a finished row with no pair of the request), raised
+    once the batch's lookups were taken off ``left``, left the batch unmarked though it
+    changed the request. Only a failure before the pass writes (out of memory in its
+    allocations) is uncounted: this one marks the batch missed (its release tells every row)."""
+    path, data = make_table(tmp_path, rows=400)
+    with TieredStore(store_config(path, hot={"capacity": 20}, warm={"capacity": 60})) as store:
+        store.lookup(torch.arange(60))
+        request = store.announce(torch.arange(40))
+        queue = store.caches.queue
+        lost = int(np.flatnonzero(queue._pair_rows == 5)[0])  # its pair of row 5, lost
+        queue._pair_tokens[lost] = request.token + 1000
+        with pytest.raises(ValueError, match=f"request {request.token} has no pair of row 5"):
+            store.served(request, torch.arange(10))
+        assert request.left[:10].tolist() == [0] * 10  # its lookups taken off
+        assert request.missed_batch and request.passes == 1
+        queue._pair_tokens[lost] = request.token
+        store.release(request)
+        assert torch.equal(store.lookup(torch.arange(40, 45)), data[40:45])
+        _no_row_held_for_a_request(store)
+
+
 class _InterruptedAfter(dict):
     """Requests whose adding or dropping (as named) takes effect, then a Ctrl-C is raised (as
     CPython raises it at the end of a call, once a signal came during it)."""

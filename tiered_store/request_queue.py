@@ -55,9 +55,9 @@ class QueuedRequest:
     # in ``TieredStore.served``): its finished rows there still wait for it, so its release tells
     # every row of it, not only those it had left
     missed_batch: bool = field(default=False, repr=False)
-    # batches whose pass over the pairs began (counted before it; a pass that fails, which
-    # changes nothing, uncounted): ``TieredStore.served`` tells from it whether a failure came
-    # after pairs finished (their news then missed) or changed nothing
+    # batches whose pass over the pairs began (counted before it; a pass that fails before it
+    # writes, out of memory, which changes nothing, uncounted): ``TieredStore.served`` tells
+    # from it whether a failure came after the request changed (its news then missed) or not
     passes: int = field(default=0, repr=False)
 
     @property
@@ -248,7 +248,7 @@ class QueuedRequests:
                     request.token,
                     NOT_QUEUED,
                 )
-            except Exception:  # (out of memory) the pass changed nothing
+            except MemoryError:  # (its allocations, before it writes) the pass changed nothing
                 request.passes -= 1
                 raise
             request.served_ids = request.where.size if ids is None else taken

@@ -168,8 +168,8 @@ def serve_batch(
     unfinished pair's token (``none`` where none), ``start`` past the ids taken at their places,
     and ``first_at`` (made here when empty and an id it announced, with a lookup left, is
     searched for). Allocates (up to the batch's size; ``first_at``) before anything changes: a
-    failure (out of memory) changes nothing. ``ValueError`` (before any pair changes) where a
-    finished row has no pair of ``token``."""
+    failure (out of memory) changes nothing. ``ValueError`` (before any pair changes, the
+    batch's lookups taken off ``left``) where a finished row has no pair of ``token``."""
     m = rows.size
     size = min(ids.size, m)
     places = np.empty(ids.size, dtype=np.int64)  # each id's position in ``rows`` (m: none)
