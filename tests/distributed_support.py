@@ -1664,6 +1664,43 @@ def resumed_commit_worker(rank: int, world: int, port: int, plain: str, out: Pat
     _report(out, rank, result)
 
 
+def step_unreadable_once_resolved_worker(
+    rank: int, world: int, port: int, plain: str, out: Path
+) -> None:
+    """Every rank (its store's timeout 5 s) opens shards holding step 2 staged, rank 1's shard
+    failing to read its committed step once nothing is staged (read again after the open
+    committed it): the open's error; then reopened with reads working (step, rows 3 and 460)."""
+    from tiered_store import TieredStore
+    from tiered_store.distributed import ShardedStore
+    from tiered_store.errors import TierIOError
+
+    _join_group(rank, world, port)
+    result: dict[str, Any] = {}
+    cfg = _store_config(Path(plain), world, "rows")
+    cfg["sharding"]["timeout_s"] = 5
+    try:
+        readable = TieredStore.committed_step
+
+        def unreadable(self: TieredStore) -> int:
+            if self.staged_step is None:
+                raise TierIOError(f"delta: reading the step of {self.cold.path} failed")
+            return readable.fget(self)
+
+        if rank == 1:
+            TieredStore.committed_step = property(unreadable)
+        try:
+            ShardedStore.open(cfg).close()
+            result["open"] = "opened"
+        except Exception as exc:  # noqa: BLE001 (recorded for the test)
+            result["open"] = f"{type(exc).__name__}: {exc}"
+        TieredStore.committed_step = readable
+        _opened_and_recorded(cfg, result, "reopened", torch.tensor([3, 460])).close()
+        dist_destroy()
+    except BaseException:
+        result["crash"] = traceback.format_exc()
+    _report(out, rank, result)
+
+
 def locked_staged_worker(rank: int, world: int, port: int, plain: str, out: Path) -> None:
     """Every rank, over shards with step 2 staged on each and rank 0's writer lock held by
     another process: opened (warnings, step, this shard's staged step, rows 3 and 460), then a

@@ -2839,6 +2839,35 @@ def test_a_staged_step_whose_shard_another_process_writes_is_left_to_it_until_re
         assert [result["reopened rows"][i][0] for i in (3, 460)] == [2.0, 2.0]
 
 
+def test_a_step_read_failing_after_an_open_resolved_a_staged_step_fails_it_on_every_rank(
+    tmp_path,
+):
+    """Both shards hold step 2 staged; the open commits it on each and reads the shard's
+    committed step again after reopening it, outside the error every rank is told: rank 1's
+    read failing there raised on its rank alone, and rank 0 waited out the timeout in the
+    exchange and named rank 1 as stopped. Every rank's open raises ShardMismatchError naming
+    rank 1's error; reopened, the shards are at step 2 with the staged rows."""
+    from tests.distributed_support import step_unreadable_once_resolved_worker
+
+    plain, holder = _shards_with_step_2_staged(tmp_path)
+    with pytest.warns(UncommittedWritesWarning):
+        holder.close()
+    shard_1 = shards_template(plain, "rows").format(rank=1, ranks=2)
+    out = tmp_path / "out"
+    out.mkdir()
+    codes = run_ranks(step_unreadable_once_resolved_worker, 2, (str(plain), out), 60)
+    results = _results(out, 2)
+    assert codes == [0, 0] and not any("crash" in r for r in results), results
+    for rank, result in enumerate(results):
+        assert result["open"] == (
+            f"ShardMismatchError: rank {rank}: resolving a sharded commit interrupted between "
+            "its phases: rank 1: the commit was made, but reading its shard's committed step "
+            f"failed: TierIOError: delta: reading the step of {shard_1} failed"
+        ), result
+        assert result["reopened warnings"] == [] and result["reopened step"] == 2
+        assert result["reopened staged"] is None and result["reopened rows"] == [2.0, 2.0]
+
+
 def _opened_while_held(tmp_path, plain, holder, resolve, before: bool) -> list[dict]:
     """Two ranks open ``plain``'s shards (``briefly_locked_staged_worker``) while ``holder``
     holds rank 0's shard's writer lock: 0.3 s after rank 0 found it taken, ``resolve(holder)``

@@ -742,10 +742,18 @@ class ShardedStore:
                     "every store of this table, then reopen the ShardedStore on every rank"
                 )
         # the step this shard is at: another store holding its lock may have resolved it otherwise
-        step = steps[self.rank] if mine is None or error else self.local.committed_step
+        step = steps[self.rank] if mine is None or error else None
+        if step is None:  # read: a read failing here is told to every rank (raised on every one)
+            try:
+                step = self.local.committed_step
+            except Exception as exc:  # noqa: BLE001 (any: raised on every rank, in step)
+                error = (
+                    f"the {action} was made, but reading its shard's committed step failed: "
+                    f"{type(exc).__name__}: {error_text(exc)}"
+                )
         doc = {"error": error, "reopened": self.local is not None, "step": step}
         errors = self._wait(self._thread.submit(self._all_gather, doc), "open")
-        if not all(e["reopened"] for e in errors):  # raised on every rank: they stay in step
+        if not all(e["reopened"] and e["step"] is not None for e in errors):  # on every rank
             raise ShardMismatchError(
                 f"rank {self.rank}: resolving a sharded commit interrupted between its phases: "
                 + "; ".join(f"rank {r}: {e['error']}" for r, e in enumerate(errors) if e["error"])
