@@ -864,6 +864,29 @@ def test_a_reader_is_stale_after_a_shard_redoes_its_step_at_that_step(tmp_path, 
         assert not again.is_stale() and again.lookup([5])[0, 0] == 4.0
 
 
+def test_a_reader_is_stale_after_a_single_process_redo_of_its_step(tmp_path):
+    """``commit(its step, redo=True)`` rewrites rows at the last step (a shard's single-process
+    redo after a torn commit) without a new step or round: a reader compared (step, round) and
+    was never stale, serving the rows from before the redo. Each such commit leaves a mark of
+    its own: the reader is stale; a commit of nothing at the same step changes no row, and no
+    reader is stale for it."""
+    path, _ = make_table(tmp_path, rows=100, dim=4)
+    cfg = store_config(path)
+    with TieredStore(cfg) as store:
+        store.write([5], torch.full((1, 4), 3.0))
+        store.commit(3)
+    for value in (None, 4.0, 5.0):
+        with TieredStore(cfg) as reader, TieredStore(cfg) as writer:
+            if value is None:  # nothing written: no row changed
+                assert writer.commit(3) == 3 and not reader.is_stale()
+                continue
+            writer.write([5], torch.full((1, 4), value))
+            assert writer.commit(3, redo=True) == 3
+            assert reader.is_stale() and reader.lookup([5])[0, 0] != value
+        with TieredStore(cfg) as again:
+            assert not again.is_stale() and again.lookup([5])[0, 0] == value
+
+
 def test_a_delta_a_writer_died_creating_reads_as_none(tmp_path):
     """A writer killed inside its first write() can leave TABLE.npy.delta/ as an LMDB environment
     with no databases (made here as LMDB makes it). It holds no commit: a store is not stale over

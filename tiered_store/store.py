@@ -1427,10 +1427,10 @@ class TieredStore:
 
     def _committed_elsewhere(self) -> bool:
         """Whether another process committed to this version's delta since this store's view
-        (by step and round: a shard's redone step is committed again at its step)."""
+        (by step, round and redo: a shard's redone step is committed again at its step)."""
         if self._writes is None:  # opened without a delta: has one been committed to since?
             mark = committed_mark(self.cold.path, self.row_bytes)
-            return mark not in (None, (self._base_step, None))
+            return mark not in (None, (self._base_step, None, None))
         return self._writes.delta.latest_mark() != self._writes.delta.mark
 
     def _become_writer(self, lock: int | None = None) -> None:

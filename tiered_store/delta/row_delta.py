@@ -64,6 +64,9 @@ STAGED_STEP_KEY = b"staged_step"  # in ``meta``: the step of the staged records 
 STAGED_ROUND_KEY = b"staged_round"
 _STAGED_ROUND_KEYS = (STAGED_ROUND_KEY, STAGED_STEP_KEY)  # what ``_round_of`` reads
 COMMITTED_ROUND_KEY = b"committed_round"  # in ``meta``: the round of the last staged commit
+# in ``meta``: an id of its own from each ``commit`` that rewrote rows at the committed step (a
+# redo): readers elsewhere tell it apart from the commit before (``RowDelta.mark``)
+REDONE_KEY = b"redone"
 
 
 def delta_path(table_path: str | os.PathLike[str]) -> Path:
@@ -99,7 +102,7 @@ def committed_step(table_path: str | os.PathLike[str], row_bytes: int) -> int | 
 
 def committed_mark(
     table_path: str | os.PathLike[str], row_bytes: int
-) -> tuple[int, bytes | None] | None:
+) -> tuple[int, bytes | None, bytes | None] | None:
     """``RowDelta.latest_mark()`` of the delta of the version at ``table_path``; None when it
     has no delta (see ``open_delta``)."""
     delta = open_delta(table_path, row_bytes)
@@ -389,11 +392,11 @@ class RowDelta:
         return self.latest_mark()[0]
 
     @property
-    def mark(self) -> tuple[int, bytes | None]:
-        """(step, round of the last ``commit_staged`` as stored) of this view's commit, from one
-        transaction: a shard redoing a step after a torn commit commits it again under a new
-        round, so two commits whose step is the same differ here; of the pinned snapshot while
-        pinned."""
+    def mark(self) -> tuple[int, bytes | None, bytes | None]:
+        """(step, round of the last ``commit_staged`` as stored, id of the last ``commit`` that
+        redid its step) of this view's commit, from one transaction: a shard redoing a step
+        after a torn commit commits it again under a new round (sharded) or id (``commit``), so
+        two commits whose step is the same differ here; of the pinned snapshot while pinned."""
         self._check_process()
         try:
             with self._read_txn() as txn:
@@ -401,21 +404,21 @@ class RowDelta:
         except lmdb.Error as exc:
             raise self._read_failed("the step of ", exc) from None
 
-    def latest_mark(self) -> tuple[int, bytes | None]:
-        """``mark`` of the last commit on disk now, pinned or not; ``(GREW_STEP, None)`` when
-        another process grew the map (as ``latest_step``)."""
+    def latest_mark(self) -> tuple[int, bytes | None, bytes | None]:
+        """``mark`` of the last commit on disk now, pinned or not; ``(GREW_STEP, None, None)``
+        when another process grew the map (as ``latest_step``)."""
         self._check_process()
         try:
             with self._txn() as txn:
                 return self._mark(txn)
         except lmdb.MapResizedError:
-            return GREW_STEP, None
+            return GREW_STEP, None, None
 
-    def _mark(self, txn: lmdb.Transaction) -> tuple[int, bytes | None]:
+    def _mark(self, txn: lmdb.Transaction) -> tuple[int, bytes | None, bytes | None]:
         """``mark`` as ``txn`` reads it."""
-        committed = txn.get(COMMITTED_ROUND_KEY, db=self.meta_db)
+        committed, redone = (txn.get(k, db=self.meta_db) for k in (COMMITTED_ROUND_KEY, REDONE_KEY))
         step = _int_value(txn.get(b"step", db=self.meta_db))
-        return step, None if committed is None else bytes(committed)
+        return step, *(None if v is None else bytes(v) for v in (committed, redone))
 
     def pin(self) -> None:
         """Read one committed version from now on (a long read transaction), whatever commits
@@ -534,6 +537,8 @@ class RowDelta:
                     "drop it, then commit again (the writes are kept)"
                 )
             if keys:
+                if _int_value(txn.get(b"step", db=self.meta_db)) == step:  # a redo of the step
+                    txn.put(REDONE_KEY, uuid.uuid4().bytes, db=self.meta_db)
                 txn.cursor(db=self.rows_db).putmulti(zip(keys, values, strict=True))
             txn.put(b"step", step_bytes, db=self.meta_db)
 
