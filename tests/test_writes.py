@@ -887,6 +887,35 @@ def test_a_reader_is_stale_after_a_single_process_redo_of_its_step(tmp_path):
             assert not again.is_stale() and again.lookup([5])[0, 0] == value
 
 
+def test_a_reader_whose_delta_has_no_reader_slot_left_says_so_when_asked_if_stale(tmp_path):
+    """``is_stale()`` reads the delta's last commit in a transaction of its own: with every
+    reader slot of the delta taken (a busy server's threads and other processes) LMDB's bare
+    ReadersFullError came out, which serve's version check does not take for an unreadable
+    table (the check of every other table ended there). It raises TierIOError naming the
+    delta and LMDB's error; the store serves on, and once a slot is free it answers."""
+    from tiered_store.errors import TierIOError
+
+    path, _ = make_table(tmp_path, rows=100, dim=4)
+    cfg = store_config(path)
+    with TieredStore(cfg) as store:
+        store.write([5], torch.full((1, 4), 3.0))
+        store.commit()
+    with TieredStore(cfg) as reader:
+        env, held = reader._writes.delta.env, []
+        with contextlib.suppress(lmdb.ReadersFullError):
+            while True:  # every slot left, taken in this process (LMDB's MDB_NOTLS)
+                held.append(env.begin())
+        try:
+            with pytest.raises(TierIOError, match=re.escape(f"{delta_path(path)} failed (")):
+                reader.is_stale()
+            assert reader.lookup([5])[0, 0] == 3.0
+        finally:
+            for txn in held:
+                txn.abort()
+            held.clear()
+        assert not reader.is_stale()
+
+
 def test_a_delta_a_writer_died_creating_reads_as_none(tmp_path):
     """A writer killed inside its first write() can leave TABLE.npy.delta/ as an LMDB environment
     with no databases (made here as LMDB makes it). It holds no commit: a store is not stale over

@@ -413,6 +413,8 @@ class RowDelta:
                 return self._mark(txn)
         except lmdb.MapResizedError:
             return GREW_STEP, None, None
+        except lmdb.Error as exc:  # no reader slot left, say: named, as ``mark`` names it
+            raise self._read_failed("the step of ", exc) from None
 
     def _mark(self, txn: lmdb.Transaction) -> tuple[int, bytes | None, bytes | None]:
         """``mark`` as ``txn`` reads it."""
