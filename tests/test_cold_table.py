@@ -748,6 +748,60 @@ def test_missing_files_and_bad_arguments(tmp_path):
     del table  # the finalizer closes the descriptor and pool
 
 
+@pytest.mark.parametrize("io", ["pread", "mmap"])
+def test_a_table_never_closed_is_closed_at_exit_after_its_read_under_way_and_says_so(tables, io):
+    """A table never closed: at the exit its finalizer closed the descriptor under a read still
+    under way in another thread (the number, freed, could name the next file opened), and a read
+    in an atexit hook run after it failed as EBADF 'cannot check the file'. The read under way
+    keeps the descriptor to its end, and a later read is refused naming the exit."""
+    path, _ = tables[("float32", 37)]
+    script = textwrap.dedent(
+        f"""
+        import atexit, os, threading
+        import numpy as np
+        def late():  # registered before the finalizers' exit hook: it runs after it
+            try:
+                os.fstat(fd)
+                print("open under the read")
+            except OSError as exc:
+                print("closed under the read", exc.errno)
+            leave.set()
+            reader.join()
+            try:
+                os.fstat(fd)
+                print("open after the read")
+            except OSError:
+                print("closed after the read")
+            try:
+                table.read_rows(np.arange(3))
+            except Exception as exc:
+                print(type(exc).__name__, exc)
+        atexit.register(late)
+        from tiered_store.cold_table import ColdTable
+        table = ColdTable({str(path)!r}, io={io!r}, threads=2)
+        table.read_rows(np.arange(3))
+        fd, inside, leave = table._fd, threading.Event(), threading.Event()
+        def read_under_way():
+            with table._calls.entered():  # as a read between its entry and its end
+                inside.set()
+                leave.wait()
+        reader = threading.Thread(target=read_under_way, daemon=True)
+        reader.start()
+        inside.wait()
+        """
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert re.fullmatch(
+        r"open under the read\nclosed after the read\nTierIOError \[Errno 9\] ColdTable "
+        r".*float32_37.npy was closed by the interpreter's exit .*; expected its reads made "
+        r"before the exit began: .*\n",
+        proc.stdout,
+    ), proc.stdout
+
+
 @pytest.mark.parametrize("io", ["direct", "uring"])
 def test_an_os_without_o_direct_is_refused_naming_the_io_asked_and_the_table(
     tmp_path, monkeypatch, io

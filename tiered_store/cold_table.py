@@ -208,8 +208,8 @@ class ColdTable:
         # close returns after it. Left: the finalizer detached, the release not yet finished
         # (interrupted by a Ctrl-C: the next close finishes it)
         self._releasing, self._release_left = threading.RLock(), False
-        closed = f"ColdTable {self.path} is closed; open it again to read"
-        self._calls = InFlight(partial(TierIOError, errno.EBADF, closed, str(self.path)))
+        at_exit: list[bool] = []  # set by the finalizer at the interpreter's exit
+        self._calls = InFlight(partial(_closed_error, str(self.path), at_exit))
         self._fd = -1
         self._identity: tuple[int, int] = (-1, -1)  # (st_dev, st_ino) of the open file
         self._mtime_ns = -1  # and its mtime when opened (same_file)
@@ -228,7 +228,9 @@ class ColdTable:
         except BaseException:
             self._release()
             raise
-        self._finalizer = weakref.finalize(self, _release_fd_pool, self._fd, self._pool)
+        self._finalizer = weakref.finalize(
+            self, _finalize, self._fd, self._pool, self._calls, at_exit
+        )
 
     # ---- public ----------------------------------------------------------------------------
 
@@ -1007,10 +1009,31 @@ def _row_pages(ids: np.ndarray, row_bytes: int) -> np.ndarray:
     return pages[keep]
 
 
-def _release_fd_pool(fd: int, pool: RunnerPool | None, wait: bool = False) -> None:
-    """Shut the pool down and close the descriptor (a dropped table's finalizer)."""
+def _closed_error(path: str, at_exit: list[bool]) -> TierIOError:
+    """The error a read of a closed table raises (closed by ``close()`` or at the exit)."""
+    if at_exit:
+        text = (
+            f"ColdTable {path} was closed by the interpreter's exit (a table never closed is "
+            "closed then); expected its reads made before the exit began"
+        )
+    else:
+        text = f"ColdTable {path} is closed; open it again to read"
+    return TierIOError(errno.EBADF, text, path)
+
+
+def _finalize(fd: int, pool: RunnerPool | None, calls: InFlight, at_exit: list[bool]) -> None:
+    """A dropped table's finalizer, also run at the exit for a table never closed: new reads are
+    refused naming the exit, and a read under way (another thread's) keeps the descriptor and
+    pool until it ends (closed under it, the number freed could name the next file opened)."""
+    at_exit.append(True)
+    calls.close(timeout=0)
+    calls.then(partial(_release_fd_pool, fd, pool), own=True)
+
+
+def _release_fd_pool(fd: int, pool: RunnerPool | None) -> None:
+    """Shut the pool down and close the descriptor."""
     if pool is not None:
-        pool.shutdown(wait=wait)
+        pool.shutdown(wait=False)
     if fd >= 0:
         with contextlib.suppress(OSError):
             os.close(fd)
