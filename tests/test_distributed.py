@@ -4157,3 +4157,56 @@ def test_a_forked_childs_close_of_the_parents_sharded_store_leaves_the_parents_r
     )
     assert (proc.returncode, proc.stderr) == (0, ""), proc
     assert proc.stdout.split() == ["True", "open", "True"], proc
+
+
+def test_a_grandchild_of_a_rank_refusing_its_sharded_store_names_how_it_was_forked(
+    tmp_path, monkeypatch
+):
+    """A child of a child forked from a rank was told the rank's store was 'opened in process
+    P, which forked this one', and P did not: its parent did. The refusal names the process
+    that forked this one and the one the store was opened in."""
+    import subprocess
+    import sys
+    import textwrap
+
+    cfg = _one_rank_sharded_config(tmp_path, monkeypatch, timeout_s=60)
+    script = textwrap.dedent(
+        f"""
+        import os, torch
+        from tiered_store.distributed import ShardedStore
+
+        store = ShardedStore.open({cfg!r})
+        ids = torch.arange(0, store.rows, 3)
+        store.lookup(ids)
+        pid = os.fork()
+        if pid == 0:
+            grandchild = os.fork()
+            if grandchild == 0:
+                try:
+                    store.lookup(ids)
+                except Exception as exc:
+                    print(type(exc).__name__, "|", exc, flush=True)
+                os._exit(0)
+            os.waitpid(grandchild, 0)
+            print(os.getpid(), grandchild, flush=True)
+            os._exit(0)
+        os.waitpid(pid, 0)
+        print(os.getpid())
+        store.close()
+        """
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        cwd=tmp_path,
+    )
+    assert (proc.returncode, proc.stderr) == (0, ""), proc
+    lookup, pids, rank = proc.stdout.splitlines()
+    child, grandchild = pids.split()
+    assert lookup.startswith(
+        f"StoreClosedError | sharded store: opened in process {rank}, from which this one "
+        f"({grandchild}) was forked (by process {child}): its rounds run only there"
+    ), lookup

@@ -75,9 +75,13 @@ class CollectiveThread:
         """Why a forked child cannot run this thread's calls (None in the process it started in)."""
         if os.getpid() == self._pid:
             return None
+        if os.getppid() == self._pid:
+            how = f"which forked this one ({os.getpid()})"
+        else:  # a child of a forked child
+            how = f"from which this one ({os.getpid()}) was forked (by process {os.getppid()})"
         return (
-            f"sharded store: opened in process {self._pid}, which forked this one "
-            f"({os.getpid()}): its rounds run only there (no thread runs them here, and this "
+            f"sharded store: opened in process {self._pid}, {how}: its rounds run only there "
+            "(no thread runs them here, and this "
             "process holds no place of its own in the group); expected a ShardedStore opened in "
             "this process"
         )
