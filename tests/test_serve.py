@@ -1820,7 +1820,12 @@ def test_the_log_of_a_table_left_closed_beside_one_tried_at_every_check_says_whe
     """A reload refused (a table's new version did not open) with another table left closed:
     the log said "trying again 2 s later, then less often while it fails" of both, though only
     the table left closed waits so; the other is tried at every check. It says the checks' wait
-    first, and names the table left closed with its own."""
+    first, and names the table left closed with its own; and the next check (not forced) tries
+    the other one, not the one left closed."""
+    from tiered_store.serve import served_model
+
+    monkeypatch.setattr(served_model, "CLOSED_RETRY_FIRST_S", 1800.0)  # a wait no check outlasts
+    monkeypatch.setattr(served_model, "CLOSED_RETRY_MOST_S", 3600.0)
     served = ServedModel(ServeConfig.from_yaml(make_checkpoint(tmp_path)))
     try:
         served.reload_check_seconds = 3600.0  # checks only when the test asks
@@ -1831,9 +1836,20 @@ def test_the_log_of_a_table_left_closed_beside_one_tried_at_every_check_says_whe
             assert served.reload_if_stale(force_check=True) == []
         [logged] = [r.getMessage() for r in caplog.records if "could not reopen" in r.getMessage()]
         assert logged.endswith(
-            "trying again every 3600 s; engram_layer1 again 2 s later, then less often while it "
-            "fails (at most every 60 s), or once its files change"
+            "trying again every 3600 s; engram_layer1 again 1800 s later, then less often while it "
+            "fails (at most every 3600 s), or once its files change"
         ), logged
+        refusing, tried = served._open_checked, []
+
+        def tried_open(name, old):
+            tried.append(name)
+            return refusing(name, old)
+
+        monkeypatch.setattr(served, "_open_checked", tried_open)
+        served._last_version_check -= served.reload_check_seconds  # the next check is due
+        assert served.reload_if_stale() == []
+        assert tried == ["engram_layer3"], tried
+        assert served.stores["engram_layer1"].closed
     finally:
         served.close()
 

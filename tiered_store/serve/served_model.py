@@ -26,7 +26,7 @@ import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -84,6 +84,16 @@ CLOSE_GRACE_S = 1.0
 # in its old store end: until then its new store cannot open beside it)
 CLOSED_RETRY_FIRST_S = 2.0
 CLOSED_RETRY_MOST_S = 60.0
+
+
+class _Reason(NamedTuple):
+    """Why ``tables`` keep the version open now (``why``); ``str``: as /healthz and the log say."""
+
+    tables: tuple[str, ...]
+    why: str
+
+    def __str__(self) -> str:
+        return f"{', '.join(self.tables)} ({self.why})"
 
 
 class NonFiniteOutputError(TieredStoreError, ArithmeticError):
@@ -247,7 +257,7 @@ class ServedModel:
             # of opens a store (it would be refused again, and the tables stale with it)
             self._refusals: dict[str, tuple[Any, str]] = {}
             # table left closed -> (its files, when tried again, the wait, why): its reopen failed
-            self._closed_retry: dict[str, tuple[Any, float, float, str]] = {}
+            self._closed_retry: dict[str, tuple[Any, float, float, _Reason]] = {}
             self._outlasted: frozenset[int] = frozenset()  # answers a reload gave up waiting for
             self.converted_anew: str | None = None  # set once the dense file changed (restart)
             # (table, store) that close(wait_s=) left to close under a call hung in it (at the
@@ -389,7 +399,8 @@ class ServedModel:
         left closed is tried again now, whatever its wait, but for calls hung in its old store)."""
         if self.converted_anew is not None:  # its tables never run under the dense weights loaded
             return []
-        stale, unreadable = [], []
+        stale: list[str] = []
+        unreadable: list[_Reason] = []
         for name, store in self.stores.items():
             if not isinstance(store, TieredStore):  # sharded: every rank would have to reopen
                 continue
@@ -399,7 +410,7 @@ class ServedModel:
                 else:  # on its version again (a rollback): a refusal of another one is past
                     self._refusals.pop(name, None)
             except (TieredStoreError, OSError) as exc:  # a damaged version pointer: serve on
-                unreadable.append(f"{name} (cannot tell its version: {error_text(exc)})")
+                unreadable.append(_Reason((name,), f"cannot tell its version: {error_text(exc)}"))
                 self.health[name].reload_failures += 1
         if not stale:
             self._refused(unreadable)
@@ -416,7 +427,7 @@ class ServedModel:
             for name in kept:
                 self.health[name].reload_failures += 1
             if kept:
-                unreadable = [*unreadable, f"{', '.join(kept)} ({'; '.join(held)})"]
+                unreadable = [*unreadable, _Reason(tuple(kept), "; ".join(held))]
             stale = [name for name in stale if name not in kept]
         # a table left closed whose files changed (a repair), or whose old store's hung calls
         for name in stale:  # ended (``left_closing``): tried at once, though another still waits
@@ -550,8 +561,8 @@ class ServedModel:
                     self._refusals[refused] = (files[refused][0], error_text(exc))
                 # not on the new version: for the refusal, or (left closed) for their own failure
                 kept = [name for name in stale if name not in reopened and name not in failed]
-                why = [f"{', '.join(kept)} ({error_text(exc)})"] if kept else []
-                why += [f"{name} ({error})" for name, error in failed.items()]
+                why = [_Reason(tuple(kept), error_text(exc))] if kept else []
+                why += [_Reason((name,), error) for name, error in failed.items()]
                 self._retry_closed_later(stale, files, error_text(exc), failed)
                 self._refused([*unreadable, *why])
                 return reopened
@@ -569,7 +580,7 @@ class ServedModel:
         self,
         stale: list[str],
         files: dict[str, Any],
-        reasons: list[str],
+        reasons: list[_Reason],
         running: int,
         ahead: dict[str, TieredStore],
     ) -> list[str]:
@@ -585,7 +596,7 @@ class ServedModel:
             log.error("could not reopen %s, left closed (its lookups answer 503): %s", name, error)
         self._log_reopened(reopened)
         self._retry_closed_later(closed, files, "", failed)
-        reasons = [*reasons, *(f"{name} ({error})" for name, error in failed.items())]
+        reasons = [*reasons, *(_Reason((name,), error) for name, error in failed.items())]
         rest = [name for name in stale if name not in closed]
         if rest:
             self._postponed(rest, reasons, running)
@@ -683,21 +694,21 @@ class ServedModel:
             wait = CLOSED_RETRY_FIRST_S if last is None else min(2 * last[2], CLOSED_RETRY_MOST_S)
             at = math.inf if self.stores[name].calls_left else time.monotonic() + wait
             why = failed.get(name, error)
-            self._closed_retry[name] = (files[name][0], at, wait, f"{name} ({why})")
+            self._closed_retry[name] = (files[name][0], at, wait, _Reason((name,), why))
 
-    def _postponed(self, stale: list[str], reasons: list[str], running: int) -> None:
+    def _postponed(self, stale: list[str], reasons: list[_Reason], running: int) -> None:
         """Note in /healthz that ``stale``'s reload waits for ``running`` answers still running
         (``reasons``: why the other tables keep the version open now)."""
         self.reload_refused = "; ".join(
-            [*reasons, f"{', '.join(stale)} (postponed: {running} answer(s) running)"]
+            map(str, [*reasons, _Reason(tuple(stale), f"postponed: {running} answer(s) running")])
         )
 
-    def _refused(self, reasons: list[str]) -> None:
+    def _refused(self, reasons: list[_Reason]) -> None:
         """Note why tables keep the version open now (``reasons``; none: every table is on its
         current one): logged once per reason, what is served meanwhile and the refusals kept
         (``_refusals``: tried once their files change; new files refused again are logged
         again), not at every check, and in /healthz."""
-        refused = "; ".join(reasons) or None
+        refused = "; ".join(map(str, reasons)) or None
         serving = self.serving_meanwhile()
         # refused for what their files hold: not tried meanwhile
         held = {name: files for name, (files, _) in self._refusals.items()}
@@ -709,7 +720,7 @@ class ServedModel:
             hung = [name for name, r in self._closed_retry.items() if r[1] == math.inf]
             timed = [name for name in self._closed_retry if name not in hung]
             # tables tried at every check (said first): those named but left closed or held
-            named = {n for why in reasons for n in why.split(" (", 1)[0].split(", ")}
+            named = {name for reason in reasons for name in reason.tables}
             others = bool(named - set(self._closed_retry) - set(held))
             if timed:
                 it, its = ("it fails", "its") if len(timed) == 1 else ("they fail", "their")
