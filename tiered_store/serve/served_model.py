@@ -523,6 +523,12 @@ class ServedModel:
                 # a table left closed whose new store opened is served alone, not opened again
                 # (one the swap reopened is not named closed meanwhile: requests wait for it)
                 ahead = {n: s for n, s in opened.items() if n != refused and self.stores[n].closed}
+                # a conversion rerun (``anew``) did not wait for the answers running: both swaps
+                # below may run beside them, unseen. The undo gives the model the stores it reads
+                # already (the swap above never ran: ``anew`` comes with ``failure``, and no
+                # store closes here), wrapped anew over the same store and health; a table
+                # reopened alone had its store closed before they began (closed only under a
+                # drained gate), so each of them failed at its prefetch and none looks it up
                 try:  # (a Ctrl-C as either begins, or as the reopen takes a store, included)
                     self._undo_swap({n: s for n, s in opened.items() if n not in ahead})
                     # the refused one's open was just tried (its old store closed): not again now
