@@ -5227,3 +5227,34 @@ def test_a_ctrl_c_between_the_swap_and_the_old_stores_close_closes_them(
         assert served.answer(request)["shape"] == [1, 3]
     finally:
         served.close()
+
+
+def test_a_close_as_a_postponed_reload_waits_opens_no_table_left_closed_after_it(tmp_path):
+    """A close (a server's stop) that began while a reload waited for an answer in flight, a
+    table left closed whose open ahead failed: once the wait gave up, the reload opened that
+    table alone all the same (a big table's tiers, its warm restore), which the close waited
+    for. No open begins once the close began; the close goes on."""
+    import errno
+
+    def closing_answer(served, done) -> None:  # a close begins as the reload waits for it
+        while not served._gate._exclusive and not done.is_set():
+            time.sleep(0.01)
+        threading.Thread(target=served.close).start()
+        while not served._closing.is_set() and not done.is_set():
+            time.sleep(0.01)
+        done.wait(60)
+
+    with _an_answer_in_flight_over_a_commit(tmp_path, 2.0, closing_answer) as (served, *_, end):
+        served.stores["engram_layer1"].close()  # what a refused reload may leave
+        real, opens = served._open_checked, []
+
+        def recorded_open(name, old):
+            opens.append((name, served._closing.is_set()))
+            if len(opens) == 1:  # its open ahead fails: not opened before the wait
+                raise TierIOError(errno.EIO, f"{name}: injected open failure")
+            return real(name, old)
+
+        served._open_checked = recorded_open
+        assert served.reload_if_stale(force_check=True) == []
+        assert opens == [("engram_layer1", False)], opens  # none once the close began
+        end()

@@ -793,16 +793,19 @@ class ServedModel:
         a reload before) on its new version alone, so that another table's failure does not take
         it down: the store the swap opened for it (``ahead``, by table), else one opened now (put
         in ``ahead``, the caller's: none out of its reach once opened); one that does not open
-        answers 503 until a check opens it. Interrupted (Ctrl-C), the store of the table it was
-        at is served once the model took it, else closed (the caller's guard serves or closes
-        those of ``ahead``: ``_serve_or_close``). Returns the tables reopened, and why each of
-        those that did not failed."""
+        answers 503 until a check opens it; none opens once ``close`` began (left closed).
+        Interrupted (Ctrl-C), the store of the table it was at is served once the model took it,
+        else closed (the caller's guard serves or closes those of ``ahead``:
+        ``_serve_or_close``). Returns the tables reopened, and why each of those that did not
+        failed."""
         reopened, failed = [], {}
         for name in names:
             old = self.stores[name]
             if not old.closed:
                 continue
             new = ahead.get(name)
+            if new is None and self._closing.is_set():  # a close began: the stop waits for
+                continue  # no open (it closes every store next)
             try:
                 if new is None:
                     new = ahead[name] = self._open_checked(name, old)
