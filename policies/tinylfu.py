@@ -115,8 +115,9 @@ class TinyLFU(AdmissionPolicy):
     sort theirs instead). With the defaults that
     is ``(4 + 4) * 8 = 64`` bytes per slot when ``8 * capacity`` is a power of two, up to twice
     that otherwise. Halving runs at most once per batch: a batch longer than the sample is
-    treated as one sample. Not implemented: the doorkeeper Bloom filter and the small admission
-    window of W-TinyLFU (compose with an eviction policy instead: ``lru+tinylfu``).
+    treated as one sample (the lookups past it are not carried into the next). Not implemented:
+    the doorkeeper Bloom filter and the small admission window of W-TinyLFU (compose with an
+    eviction policy instead: ``lru+tinylfu``).
 
     Examples
     --------
@@ -218,7 +219,8 @@ class TinyLFU(AdmissionPolicy):
         self.additions += ids.numel()
         if self.additions >= self.sample_size:
             self.sketch >>= 1
-            self.additions //= 2
+            # a batch past the sample counts as one sample: its excess would halve the next ones
+            self.additions = min(self.additions, self.sample_size) // 2
             self.resets += 1
 
     def frequency(self, ids: torch.Tensor) -> torch.Tensor:

@@ -604,6 +604,18 @@ class TestTinyLFU:
         assert f.frequency(torch.tensor([3, 4])).tolist() == [7, 0]
         assert f.resets == 1 and f.additions == 10
 
+    def test_a_batch_longer_than_the_sample_counts_as_one_sample(self):
+        """A batch of 10 samples halves once, and the next sample's worth of lookups, not each of
+        the next few batches, halves again (it halved on the 3 single lookups after it)."""
+        f = TinyLFU(num_rows=10, capacity=2)  # sample 20
+        f.on_access(torch.full((200,), 3))
+        assert f.frequency(torch.tensor([3])).tolist() == [7] and f.resets == 1
+        for _ in range(3):
+            f.on_access(torch.tensor([4]))
+        assert f.frequency(torch.tensor([3, 4])).tolist() == [7, 3] and f.resets == 1
+        f.on_access(torch.full((7,), 4))  # the sample's 20th lookup: every counter halves
+        assert f.frequency(torch.tensor([3, 4])).tolist() == [3, 5] and f.resets == 2
+
     @pytest.mark.parametrize(
         "eviction",
         ["fifo", "sieve", "lfu", "lru"],
