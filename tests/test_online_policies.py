@@ -279,6 +279,26 @@ def test_online_profile_finds_the_heavy_rows_in_bounded_memory():
         OnlineProfile(candidates=0)
 
 
+@pytest.mark.parametrize("heavy_hitters", [True, False])
+@pytest.mark.parametrize("weight", [0.5, 2**31, -1, float("nan"), float("inf")])
+def test_an_online_profile_refuses_a_window_weight_its_counters_cannot_hold(weight, heavy_hitters):
+    # int32 counters took a weight of 0.5 as 0 (the window counted nothing, without a word) and
+    # one past their largest was a bare RuntimeError naming no weight
+    import torch
+
+    from tiered_store.online_profile import OnlineProfile
+
+    counter = OnlineProfile(candidates=4, heavy_hitters=heavy_hitters)
+    with pytest.raises(ValueError, match=r"^online profile weight: got .*; expected .*int32"):
+        counter.update(torch.tensor([1, 2, 2]), weight=weight)
+    assert counter.windows == 0 and int(counter.sketch.abs().sum()) == 0  # nothing counted
+    counter.update(torch.tensor([1, 2, 2]), weight=3)  # a whole weight is counted
+    assert counter.estimates(torch.tensor([1, 2])).tolist() == [3, 3]
+    weighted = OnlineProfile(4, heavy_hitters=heavy_hitters, dtype=torch.float32)
+    weighted.update(torch.tensor([1, 2, 2]), weight=0.5)
+    assert weighted.estimates(torch.tensor([1, 2])).tolist() == [0.5, 0.5]
+
+
 @pytest.mark.parametrize("weight", [float("nan"), float("inf"), 1e12])
 def test_an_online_profile_refuses_a_prior_weight_its_counters_cannot_hold(weight):
     # a NaN or infinite prior_weight, or episodes scaled past the int32 counters, were cast to

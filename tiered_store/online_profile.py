@@ -151,7 +151,9 @@ class OnlineProfile:
         heavy-hitter list (the store's re-pinning), conservatively: a row's counters are raised to
         their minimum plus ``weight`` rather than each increased by it, so collisions inflate
         estimates less. ``distinct_elsewhere``: distinct rows of the window counted by someone
-        else (a tier's hits, counted per slot), added to the window's distinct rows."""
+        else (a tier's hits, counted per slot), added to the window's distinct rows. A ``weight`` the counters cannot add as given (a
+        fraction for integer counters, past their largest, negative, not finite) is a ValueError."""
+        self._check_weight(weight)
         self._distinct_sum += distinct_elsewhere
         if self._kernel:  # CPU, no heavy hitters: one numba pass, no unique
             from .sketch_kernel import sketch_add_window  # noqa: PLC0415 (imports numba)
@@ -174,6 +176,22 @@ class OnlineProfile:
         self.windows += 1
         self.lookups += window.numel()
         self._distinct_sum += ids.numel()
+
+    def _check_weight(self, weight: float) -> None:
+        """A ValueError naming ``weight`` where the counters cannot add it as given: not a finite
+        number >= 0, or, for integer counters, a fraction (cast to 0) or past their largest."""
+        dtype = self.sketch.dtype
+        if self.sketch.is_floating_point():
+            if not 0 <= weight <= torch.finfo(dtype).max:  # NaN too
+                raise ValueError(
+                    f"online profile weight: got {weight!r}; expected a finite number >= 0 "
+                    f"(the {dtype} counters)"
+                )
+        elif not (0 <= weight <= torch.iinfo(dtype).max and weight == int(weight)):
+            raise ValueError(
+                f"online profile weight: got {weight!r}; expected a whole number from 0 to "
+                f"{torch.iinfo(dtype).max:,} (the {dtype} counters; float32 ones take fractions)"
+            )
 
     def raise_to(
         self, ids: torch.Tensor, values: torch.Tensor, sketch: torch.Tensor | None = None
