@@ -44,6 +44,13 @@ def assert_sealed_manifest(npy: str | os.PathLike[str]) -> int:
     return doc["manifest_crc32c"]
 
 
+def resealed_restart(body: bytes) -> bytes:
+    """A warm-restart file's ``body`` followed by its CRC32C, as every restart format ends."""
+    import crc32c
+
+    return body + crc32c.crc32c(body).to_bytes(4, "little")
+
+
 _PAUSED_ADDING_PAGE_CHECKSUMS = r"""
 import sys, time
 from pathlib import Path

@@ -15,6 +15,7 @@ from tests.conftest import (
     assert_concurrent_lookups_exact,
     assert_lookups_go_on_during,
     make_table,
+    resealed_restart,
 )
 from tiered_store import StoreConfig, TieredStore, create_table
 from tiered_store import store as store_module
@@ -129,13 +130,6 @@ def test_a_file_with_a_field_the_table_lacks_names_it(tmp_path):
         assert load_restart(path, {"generation": 0, "rows": 10}) is None
 
 
-def _resealed(body: bytes) -> bytes:
-    """``body`` and its CRC32C, as every format's writer ends its file."""
-    import crc32c
-
-    return body + crc32c.crc32c(body).to_bytes(4, "little")
-
-
 @pytest.mark.parametrize(
     "damage, why",
     [
@@ -144,8 +138,14 @@ def _resealed(body: bytes) -> bytes:
         (lambda b: b"", "not a warm-restart file"),
         (lambda b: b"garbage" * 9, "not a warm-restart file"),
         # a later release's file (its own checksum holds) was called no warm-restart file at all
-        (lambda b: _resealed(b"TSRESTART3\n" + b[11:-4]), r"newer format \(TSRESTART3; expected"),
-        (lambda b: _resealed(b"TSRESTART1\n" + b[11:-4]), r"older format \(TSRESTART1; expected"),
+        (
+            lambda b: resealed_restart(b"TSRESTART3\n" + b[11:-4]),
+            r"newer format \(TSRESTART3; expected",
+        ),
+        (
+            lambda b: resealed_restart(b"TSRESTART1\n" + b[11:-4]),
+            r"older format \(TSRESTART1; expected",
+        ),
         # a bit flipped in this format's digit was said to be a newer format: it is corrupt
         (
             lambda b: b"TSRESTART3\n" + b[11:],
