@@ -1408,3 +1408,98 @@ def test_a_chunk_that_could_not_be_written_leaves_a_trace_that_closes_whole(tmp_
         "TierIOError True",
     ], done.stdout + done.stderr
     assert [p.name for p in tmp_path.iterdir()] == ["t.trace"]
+
+
+_A_BLOCK_THAT_FAILS_THEN_ROOM = r"""
+import os, resource, sys
+from pathlib import Path
+import numpy as np
+from tiered_store.trace import TraceWriter
+
+def record(path, fail):
+    with TraceWriter(path, chunk_ids=8) as w:
+        (tmp,) = Path(path).parent.glob("*.tmp")
+        w.write(np.arange(4), "a")
+        for attempt in range(2 if fail else 1):
+            before = tmp.stat().st_size
+            try:
+                with w.all_or_nothing():
+                    w.write(np.arange(4), "b")  # its chunk is written
+                    w.end_batch()
+                    if attempt == 0 and fail:  # a full disk from here
+                        size = tmp.stat().st_size
+                        resource.setrlimit(resource.RLIMIT_FSIZE, (size, resource.RLIM_INFINITY))
+                    w.write(np.arange(8), "c")  # its own chunk fails
+                    w.end_batch()
+            except OSError as exc:
+                resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY,) * 2)
+                print(type(exc).__name__, w.batch, tmp.stat().st_size == before > 0)
+        w.write(np.arange(2), "a")
+
+record(sys.argv[1] + "/failed/t.trace", True)
+record(sys.argv[1] + "/whole/t.trace", False)
+failed, whole = (Path(sys.argv[1], folder, "t.trace").read_bytes() for folder in ("failed", "whole"))
+print(failed == whole)
+"""
+
+
+def test_a_block_of_writes_that_fails_takes_back_its_chunk_written_and_its_batches(tmp_path):
+    """all_or_nothing: a block of writes whose later chunk fails (the file-size limit here, a
+    full disk) takes back its writes before it, the chunk they wrote cut off the file, its batch
+    ends and its tables; the block written again once there is room gives the trace, byte for
+    byte, that a writer meeting no failure writes."""
+    import subprocess
+    import sys
+
+    (tmp_path / "failed").mkdir()
+    (tmp_path / "whole").mkdir()
+    done = subprocess.run(
+        [sys.executable, "-c", _A_BLOCK_THAT_FAILS_THEN_ROOM, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.stdout.splitlines() == ["TierIOError 0 True", "True"], done.stdout + done.stderr
+
+
+def _interrupt_at(function, text):
+    """A tracer raising KeyboardInterrupt (a Ctrl-C) once, as ``function`` reaches its line
+    holding ``text``."""
+    import inspect
+    import sys
+
+    lines, first = inspect.getsourcelines(function)
+    (at,) = [first + i for i, line in enumerate(lines) if text in line]
+
+    def local(frame, event, arg):
+        if event == "line" and frame.f_lineno == at:
+            sys.settrace(None)
+            raise KeyboardInterrupt
+        return local
+
+    return lambda frame, event, arg: local if frame.f_code is function.__code__ else None
+
+
+@pytest.mark.parametrize("how", ["write", "end_chunk"])
+def test_a_ctrl_c_after_a_chunk_is_written_before_it_is_listed_leaves_a_whole_trace(tmp_path, how):
+    """A Ctrl-C after a chunk's bytes were written but before the chunk list took it left them in
+    the file, past where the writer thought the data ended: the chunk written next went after
+    them, and the trace closed was unreadable ("its chunks cover bytes [...]"). The interrupted
+    write or end_chunk is cut off the file and takes nothing (end_chunk's records stay)."""
+    import sys
+
+    path = tmp_path / "t.trace"
+    w = TraceWriter(path, chunk_ids=4)
+    w.write(np.arange(2), "a")
+    sys.settrace(_interrupt_at(TraceWriter._flush, "self._chunks.append("))
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            w.write(np.arange(2), "a") if how == "write" else w.end_chunk()
+    finally:
+        sys.settrace(None)
+    w.write(np.arange(2, 4), "a")
+    w.close()
+    with TraceReader(path) as r:
+        r.verify()
+        got = [b.ids.tolist() for b in r.batches()]
+    assert got == [[0, 1], [2, 3]]

@@ -404,9 +404,8 @@ class TraceWriter:
                 )
         flat = ids.reshape(-1)
         lo, hi = (int(flat.min()), int(flat.max())) if flat.size else (0, 0)
-        known, was = len(self._tables), (self._batch, self._last_batch)
-        t = self._table_index(table)  # registers a new name (no layout: its rows are not given)
-        try:
+        with self.all_or_nothing():
+            t = self._table_index(table)  # registers a new name (no layout: its rows not given)
             rows = self._table_rows[t]
             if lo < 0 or hi >= 2**63 or (rows is not None and hi >= rows):
                 bound = f"[0, {rows})" if rows is not None else "in [0, 2**63) (int64)"
@@ -426,18 +425,45 @@ class TraceWriter:
             self._records += 1
             self._last_batch = self._batch
             if self._buf_n >= self._chunk_ids:
-                try:
-                    self._flush()
-                except BaseException:  # not taken: the records before it stay buffered
-                    self._buf_ids.pop(), self._buf_meta.pop()
-                    self._buf_n -= flat.size
-                    self._per_table[t] -= flat.size
-                    self._records -= 1
-                    raise
+                self._flush()
+
+    @contextlib.contextmanager
+    def all_or_nothing(self) -> Iterator[TraceWriter]:
+        """Keep the writes and batch ends made in the block together: one that fails (a full
+        disk's ``TierIOError``, a refused write, a Ctrl-C) takes the trace back to where it was
+        before the block (its file, chunks, records, batch and tables), then raises."""
+        state = (  # the buffer's lists themselves: a chunk written leaves them, takes new ones
+            self._end,
+            len(self._chunks),
+            self._buf_ids,
+            self._buf_meta,
+            len(self._buf_meta),
+            self._buf_n,
+            list(self._per_table),
+            self._records,
+            self._batch,
+            self._last_batch,
+            len(self._tables),
+            self.chunk_written_at,
+        )
+        try:
+            yield self
         except BaseException:
-            self._batch, self._last_batch = was
-            del self._tables[known:], self._per_table[known:], self._table_rows[known:]
+            self._restore(state)
             raise
+
+    def _restore(self, state: tuple[Any, ...]) -> None:
+        """Take the writer back to ``state`` (``all_or_nothing``'s), its chunks written since
+        cut off the file."""
+        end, chunks, ids, meta, n, buf_n, per_table, records, batch, last, tables, at = state
+        if self._end != end and not self._closed:
+            with contextlib.suppress(OSError):  # shrinking needs no room
+                os.ftruncate(self._file.fileno(), end)
+        del self._chunks[chunks:], ids[n:], meta[n:]
+        del self._tables[tables:], self._table_rows[tables:]
+        self._end, self._buf_ids, self._buf_meta, self._buf_n = end, ids, meta, buf_n
+        self._per_table, self._records = per_table, records
+        self._batch, self._last_batch, self.chunk_written_at = batch, last, at
 
     def end_batch(self) -> int:
         """Close the current batch; returns the index of the next one."""
@@ -449,7 +475,8 @@ class TraceWriter:
         writer killed later loses none of them (:func:`recover_trace`); records stay whole."""
         if self._closed:
             raise TraceFormatError(f"{self.path}: end_chunk after close")
-        self._flush()
+        with self.all_or_nothing():  # a Ctrl-C after its bytes: cut off, its records kept
+            self._flush()
 
     def _flush(self) -> None:
         """Compress and write the buffered records as one chunk, handed to the OS (no fsync):
