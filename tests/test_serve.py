@@ -5258,3 +5258,60 @@ def test_a_close_as_a_postponed_reload_waits_opens_no_table_left_closed_after_it
         assert served.reload_if_stale(force_check=True) == []
         assert opens == [("engram_layer1", False)], opens  # none once the close began
         end()
+
+
+_A_LATER_LAYER_UNWRITABLE = """
+import json, resource, sys
+from pathlib import Path
+from tiered_store.serve import ServeConfig, ServedModel, parse_request
+from tiered_store.trace import TraceReader
+
+config = ServeConfig.from_yaml(sys.argv[1])
+served = ServedModel(config, trace=sys.argv[2])
+request = parse_request(b'{"input_ids": [[7, 8, 9]]}', config.server, served)
+per_layer = served.answer(request)["rows_looked_up"]["engram_layer1"]
+served._trace.end_chunk()
+served._trace._chunk_ids = 2 * per_layer  # the last layer's write ends the chunk
+(temporary,) = Path(sys.argv[2]).parent.glob(".t.trace.*.tmp")
+resource.setrlimit(resource.RLIMIT_FSIZE, (temporary.stat().st_size, resource.RLIM_INFINITY))
+try:
+    served.answer(request)
+except OSError as exc:
+    print(type(exc).__name__)
+resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+served.answer(request)
+served.close()
+with TraceReader(sys.argv[2]) as reader:
+    print(json.dumps([[b.batch, b.table] for b in reader.batches()]))
+"""
+
+
+def test_a_batch_whose_later_layer_cannot_be_recorded_leaves_none_of_its_layers(tmp_path):
+    """_record wrote one layer after another: a full disk (a file size limit here) failing the
+    last layer's chunk left the batch in the trace for the layers before it only, though its
+    docstring says whole. The batch's records are all or nothing: the request that failed
+    leaves none, the next one both layers."""
+    import subprocess
+    import sys
+
+    from tiered_store.serve.client import subprocess_env
+
+    config_path = make_checkpoint(tmp_path)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            _A_LATER_LAYER_UNWRITABLE,
+            str(config_path),
+            str(tmp_path / "t.trace"),
+        ],
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        "TierIOError",
+        json.dumps([[0, TABLES[0]], [1, TABLES[1]], [2, TABLES[0]], [3, TABLES[1]]]),
+    ], done.stdout + done.stderr

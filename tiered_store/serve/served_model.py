@@ -1017,16 +1017,19 @@ class ServedModel:
                 log.exception("telling table %s a request is served failed", name)
 
     def _record(self, batch: EngramBatch) -> None:
-        """Write one batch's row ids of every layer to the trace, whole, unless ``_close`` (which
-        does not wait for a worker the drain gave up on) took the trace away; and end the chunk
-        when the last one is ``server.record_flush_s`` old (``watch_trace`` does too, between
+        """Write one batch's row ids of every layer to the trace, whole (a layer's write that
+        fails, a full disk, takes the layers before it back out), unless ``_close`` (which does
+        not wait for a worker the drain gave up on) took the trace away; and end the chunk when
+        the last one is ``server.record_flush_s`` old (``watch_trace`` does too, between
         requests), so a killed server loses no more."""
         with self._trace_lock:
             if self._trace is None:
                 return
-            for layer in self.layer_ids:
-                self._trace.write(batch.row_ids[layer].cpu().numpy(), self.config.table_name(layer))
-                self._trace.end_batch()
+            with self._trace.all_or_nothing():
+                for layer in self.layer_ids:
+                    ids = batch.row_ids[layer].cpu().numpy()
+                    self._trace.write(ids, self.config.table_name(layer))
+                    self._trace.end_batch()
             self._end_old_chunk()
 
     def _end_old_chunk(self) -> None:
