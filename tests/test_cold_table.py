@@ -1889,3 +1889,49 @@ def test_a_ctrl_c_as_a_runner_pool_starts_its_thread_neither_leaks_nor_hangs_it(
     )
     said = _interrupted_at_each_point(script, ("prefetch.py", "threading.py"))
     assert int(said[1]) >= 4, said
+
+
+def test_a_close_after_the_exits_finalizer_closes_the_file_its_read_under_way_left_open(tables):
+    """The finalizer at the exit leaves the release to a read under way; a close() (a later exit
+    hook's) waited for that read and replaced the release with its own, which, the finalizer
+    run, releases nothing: a read ending between its count and its look at the release took the
+    close's, and the file stayed open. Exactly one of them closes it, whichever comes last."""
+    from tiered_store.store_lock import InFlight
+
+    path, _ = tables[("float32", 37)]
+    table = ColdTable(path, io="pread", threads=2)
+    table.read_rows(np.arange(3))
+    fd, inside, leave, closed = table._fd, threading.Event(), threading.Event(), threading.Event()
+    exit_code = InFlight.__exit__.__code__
+    source, first = inspect.getsourcelines(InFlight.__exit__)
+    look = first + next(i for i, s in enumerate(source) if "then = self._then" in s)
+
+    def trace(frame, event, arg):
+        """Hold the read's end between its count and its look at the release until close()."""
+        if event == "call":
+            return trace if frame.f_code is exit_code else None
+        if event == "line" and frame.f_lineno == look:
+            closed.wait(30)
+        return trace
+
+    def read_under_way() -> None:
+        sys.settrace(trace)
+        try:
+            with table._calls.entered():  # as a read between its entry and its end
+                inside.set()
+                leave.wait()
+        finally:
+            sys.settrace(None)
+
+    reader = threading.Thread(target=read_under_way, daemon=True)
+    reader.start()
+    inside.wait()
+    table._finalizer()  # as the exit runs it: the release is left to the read
+    os.fstat(fd)  # still open under the read
+    leave.set()
+    table.close()
+    closed.set()
+    reader.join()
+    with pytest.raises(OSError) as info:
+        os.fstat(fd)
+    assert info.value.errno == errno.EBADF

@@ -59,6 +59,7 @@ import os
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -77,7 +78,7 @@ from tiered_store.page_checksums import (
     crc32c_backend,
     load_page_checksums,
 )
-from tiered_store.prefetch import RunnerPool
+from tiered_store.prefetch import RunnerPool, take_once
 from tiered_store.store_lock import InFlight
 from tiered_store.table_format import (
     PAGE_BYTES,
@@ -208,8 +209,10 @@ class ColdTable:
         # close returns after it. Left: the finalizer detached, the release not yet finished
         # (interrupted by a Ctrl-C: the next close finishes it)
         self._releasing, self._release_left = threading.RLock(), False
-        at_exit: list[bool] = []  # set by the finalizer at the interpreter's exit
-        self._calls = InFlight(partial(_closed_error, str(self.path), at_exit))
+        # the finalizer's release, left to the last read under way (at the exit): a close()
+        # after it runs it (once, whichever of them comes last: see _release_once)
+        self._at_exit: list[Callable[[], None]] = []
+        self._calls = InFlight(partial(_closed_error, str(self.path), self._at_exit))
         self._fd = -1
         self._identity: tuple[int, int] = (-1, -1)  # (st_dev, st_ino) of the open file
         self._mtime_ns = -1  # and its mtime when opened (same_file)
@@ -229,7 +232,7 @@ class ColdTable:
             self._release()
             raise
         self._finalizer = weakref.finalize(
-            self, _finalize, self._fd, self._pool, self._calls, at_exit
+            self, _finalize, self._fd, self._pool, self._calls, self._at_exit
         )
 
     # ---- public ----------------------------------------------------------------------------
@@ -325,6 +328,8 @@ class ColdTable:
             if self._finalizer.alive:  # noted first: a Ctrl-C in the detach leaves it to the next
                 self._release_left = True  # (not alive, and not left: the finalizer ran at exit)
                 self._finalizer.detach()
+            elif self._at_exit:  # the finalizer ran: its release, unless a read's end ran it
+                self._at_exit[0]()  # (this close's then() replaced its own, which then never ran)
             if self._release_left:
                 self._release()
                 self._release_left = False
@@ -1009,7 +1014,7 @@ def _row_pages(ids: np.ndarray, row_bytes: int) -> np.ndarray:
     return pages[keep]
 
 
-def _closed_error(path: str, at_exit: list[bool]) -> TierIOError:
+def _closed_error(path: str, at_exit: list) -> TierIOError:
     """The error a read of a closed table raises (closed by ``close()`` or at the exit)."""
     if at_exit:
         text = (
@@ -1021,17 +1026,21 @@ def _closed_error(path: str, at_exit: list[bool]) -> TierIOError:
     return TierIOError(errno.EBADF, text, path)
 
 
-def _finalize(fd: int, pool: RunnerPool | None, calls: InFlight, at_exit: list[bool]) -> None:
+def _finalize(fd: int, pool: RunnerPool | None, calls: InFlight, at_exit: list) -> None:
     """A dropped table's finalizer, also run at the exit for a table never closed: new reads are
     refused naming the exit, and a read under way (another thread's) keeps the descriptor and
-    pool until it ends (closed under it, the number freed could name the next file opened)."""
-    at_exit.append(True)
+    pool until it ends (closed under it, the number freed could name the next file opened).
+    The release goes in ``at_exit`` for a later ``close()``, whose then() replaces this one's."""
+    release = partial(_release_fd_pool, fd, pool, [True])
+    at_exit.append(release)
     calls.close(timeout=0)
-    calls.then(partial(_release_fd_pool, fd, pool), own=True)
+    calls.then(release, own=True)
 
 
-def _release_fd_pool(fd: int, pool: RunnerPool | None) -> None:
-    """Shut the pool down and close the descriptor."""
+def _release_fd_pool(fd: int, pool: RunnerPool | None, token: list | None = None) -> None:
+    """Shut the pool down and close the descriptor (only by the one that takes ``token``)."""
+    if token is not None and not take_once(token):
+        return
     if pool is not None:
         pool.shutdown(wait=False)
     if fd >= 0:
