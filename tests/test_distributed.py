@@ -4210,3 +4210,48 @@ def test_a_grandchild_of_a_rank_refusing_its_sharded_store_names_how_it_was_fork
         f"StoreClosedError | sharded store: opened in process {rank}, from which this one "
         f"({grandchild}) was forked (by process {child}): its rounds run only there"
     ), lookup
+
+
+def test_the_exits_waits_for_rounds_and_fetches_under_way_end_by_one_deadline(
+    tmp_path, monkeypatch
+):
+    """The exit waited ``prefetch.EXIT_WAIT_S`` for a sharded store's round under way and as
+    long again for the fetches under way: each exit hook took its own deadline from its start.
+    Both end by one deadline, ``EXIT_WAIT_S`` from the first hook's start ("in all")."""
+    import subprocess
+    import sys
+    import textwrap
+
+    cfg = _one_rank_sharded_config(tmp_path, monkeypatch, timeout_s=60)
+    script = textwrap.dedent(
+        f"""
+        import torch
+        from tiered_store import prefetch
+        from tiered_store.distributed import ShardedStore, collective_thread
+        from tiered_store.store import TieredStore
+
+        prefetch.EXIT_WAIT_S = 3600.0
+        for cls in (collective_thread.CollectiveThread, prefetch.RunnerPool):
+            def noted(self, deadline, original=cls.end_at_exit, name=cls.__name__):
+                print(name, repr(deadline), flush=True)
+                return original(self, deadline)
+            cls.end_at_exit = noted
+        store = ShardedStore.open({cfg!r})
+        store.lookup(torch.arange(0, store.rows, 3))
+        plain = TieredStore.open({{"table": {cfg["table"]!r}}})
+        plain.lookup(torch.arange(4), plain.prefetch(torch.arange(4)))
+        """
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        cwd=tmp_path,
+    )
+    assert (proc.returncode, proc.stderr) == (0, ""), proc
+    seen = [line.split() for line in proc.stdout.splitlines()]
+    assert [name for name, _ in seen][:1] == ["CollectiveThread"], proc.stdout
+    assert "RunnerPool" in [name for name, _ in seen], proc.stdout
+    assert len({deadline for _, deadline in seen}) == 1, proc.stdout

@@ -464,15 +464,24 @@ class Prefetcher:
             return ended
 
 
-EXIT_WAIT_S = 10.0  # how long the interpreter's exit waits for fetches under way (a hung read)
+EXIT_WAIT_S = 10.0  # how long the interpreter's exit waits in all for calls under way (hung)
+_EXIT_BEGAN: list[float] = []  # when the first exit hook took its deadline (exit_deadline)
 _LIVE_POOLS: weakref.WeakSet[RunnerPool] = weakref.WeakSet()  # prefetchers' pools, not shut down
+
+
+def exit_deadline() -> float:
+    """The ``time.monotonic()`` by which every exit hook's wait ends: ``EXIT_WAIT_S`` from the
+    first hook's call, for all of them (each taking its own, the exit waited that much per hook)."""
+    if not _EXIT_BEGAN:
+        _EXIT_BEGAN.append(time.monotonic())
+    return _EXIT_BEGAN[0] + EXIT_WAIT_S
 
 
 @atexit.register
 def _end_fetches_at_exit() -> None:
     """Let the fetches under way end before the interpreter does (see ``RunnerPool.end_at_exit``):
     a script that exits without ``close()`` mid-fetch aborted, exit status 134."""
-    deadline = time.monotonic() + EXIT_WAIT_S
+    deadline = exit_deadline()
     for pool in list(_LIVE_POOLS):
         pool.end_at_exit(deadline)
 

@@ -1852,8 +1852,9 @@ def _destroy_env_group() -> None:
 
 def _end_rounds_at_exit() -> None:
     """At exit, before the group is destroyed: each open store's rounds queued fail and the one
-    under way ends first, up to ``prefetch.EXIT_WAIT_S`` (``CollectiveThread.end_at_exit``)."""
-    deadline = time.monotonic() + prefetch_module.EXIT_WAIT_S
+    under way ends first, up to ``prefetch.EXIT_WAIT_S`` (``CollectiveThread.end_at_exit``), the
+    deadline the prefetch hook's wait ends by too (``prefetch.exit_deadline``)."""
+    deadline = prefetch_module.exit_deadline()
     for store in list(_OPEN):
         if store._thread is not None:
             store._thread.end_at_exit(deadline)
