@@ -916,6 +916,33 @@ def test_a_reader_whose_delta_has_no_reader_slot_left_says_so_when_asked_if_stal
         assert not reader.is_stale()
 
 
+@pytest.mark.parametrize("round_id", [None, "reused"])
+def test_a_reader_is_stale_after_a_staged_redo_of_its_step_under_no_new_round(tmp_path, round_id):
+    """``prepare_commit(its step, redo=True)`` then ``finish_commit`` with no round id (a
+    building block's caller; a release before round ids) or the round of the commit before
+    rewrote rows with the mark unchanged: a reader was never stale and served the rows from
+    before. Such a commit leaves a redo id of its own: the reader is stale; a staged commit
+    of nothing at the step changes no row, and no reader is stale for it."""
+    path, _ = make_table(tmp_path, rows=100, dim=4)
+    cfg = store_config(path)
+    with TieredStore(cfg) as store:
+        store.write([5], torch.full((1, 4), 3.0))
+        store.prepare_commit(3, round_id=round_id)
+        store.finish_commit(3)
+    for value in (None, 4.0, 5.0):
+        with TieredStore(cfg) as reader, TieredStore(cfg) as writer:
+            if value is not None:
+                writer.write([5], torch.full((1, 4), value))
+            assert writer.prepare_commit(3, redo=True, round_id=round_id) == 3
+            writer.finish_commit(3)
+            if value is None:  # nothing written: no row changed
+                assert not reader.is_stale()
+                continue
+            assert reader.is_stale() and reader.lookup([5])[0, 0] != value
+        with TieredStore(cfg) as again:
+            assert not again.is_stale() and again.lookup([5])[0, 0] == value
+
+
 def test_a_delta_a_writer_died_creating_reads_as_none(tmp_path):
     """A writer killed inside its first write() can leave TABLE.npy.delta/ as an LMDB environment
     with no databases (made here as LMDB makes it). It holds no commit: a store is not stale over

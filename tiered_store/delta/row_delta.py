@@ -64,8 +64,9 @@ STAGED_STEP_KEY = b"staged_step"  # in ``meta``: the step of the staged records 
 STAGED_ROUND_KEY = b"staged_round"
 _STAGED_ROUND_KEYS = (STAGED_ROUND_KEY, STAGED_STEP_KEY)  # what ``_round_of`` reads
 COMMITTED_ROUND_KEY = b"committed_round"  # in ``meta``: the round of the last staged commit
-# in ``meta``: an id of its own from each ``commit`` that rewrote rows at the committed step (a
-# redo): readers elsewhere tell it apart from the commit before (``RowDelta.mark``)
+# in ``meta``: an id of its own from each ``commit`` or ``commit_staged`` that rewrote rows at
+# the committed step (a redo): readers elsewhere tell it apart from the commit before
+# (``RowDelta.mark``), whatever round it had
 REDONE_KEY = b"redone"
 
 
@@ -393,10 +394,10 @@ class RowDelta:
 
     @property
     def mark(self) -> tuple[int, bytes | None, bytes | None]:
-        """(step, round of the last ``commit_staged`` as stored, id of the last ``commit`` that
+        """(step, round of the last ``commit_staged`` as stored, id of the last commit that
         redid its step) of this view's commit, from one transaction: a shard redoing a step
-        after a torn commit commits it again under a new round (sharded) or id (``commit``), so
-        two commits whose step is the same differ here; of the pinned snapshot while pinned."""
+        after a torn commit commits it again under a new round (sharded) and id, so two commits
+        whose step is the same differ here; of the pinned snapshot while pinned."""
         self._check_process()
         try:
             with self._read_txn() as txn:
@@ -620,6 +621,12 @@ class RowDelta:
 
         def write(txn: lmdb.Transaction) -> None:
             staged = self._staged_db(txn)
+            if (
+                txn.stat(staged)["entries"]
+                and _int_value(txn.get(b"step", db=self.meta_db)) == step
+            ):
+                # a redo of the step (as ``commit``'s): its round may be none, or the one before
+                txn.put(REDONE_KEY, uuid.uuid4().bytes, db=self.meta_db)
             txn.cursor(db=self.rows_db).putmulti(txn.cursor(db=staged).iternext())
             txn.drop(staged, delete=False)
             round_id = _round_of(
