@@ -970,3 +970,42 @@ def test_a_capacity_of_thousands_of_leading_zeros_is_its_row_count():
     from tiered_store.cli_args import capacity
 
     assert capacity("0" * 5000 + "5") == 5 and capacity("05") == 5 and capacity("0" * 5000) == 0
+
+
+def test_a_config_file_read_through_a_descriptor_is_under_that_files_folder(tmp_path):
+    """A regular config read through a process's descriptors (`replay /dev/fd/3 3<c.yaml`,
+    /proc/self/fd/N) had its relative paths refused as 'a config read from a pipe', which it was
+    not, and one given as /dev/stdin (`< c.yaml`) resolved them under /dev: each is under the
+    folder of the file open there, as the same file given by its name; a pipe's still refused."""
+    import os
+
+    from tiered_store.config import StoreConfig
+    from tiered_store.serve.config import ServeConfig
+
+    (tmp_path / "c.yaml").write_text("table: {path: t.npy}\n")
+    (tmp_path / "s.yaml").write_text("checkpoint: {path: ck}\n")
+    wanted = os.path.realpath(tmp_path / "t.npy")
+    fd = os.open(tmp_path / "c.yaml", os.O_RDONLY)
+    served = os.open(tmp_path / "s.yaml", os.O_RDONLY)
+    try:
+        for name in (f"/dev/fd/{fd}", f"/proc/self/fd/{fd}", f"/proc/thread-self/fd/{fd}"):
+            assert StoreConfig.from_yaml(name).table.path == wanted, name
+        assert (
+            ServeConfig.from_yaml(f"/dev/fd/{served}").checkpoint_dir == tmp_path.resolve() / "ck"
+        )
+    finally:
+        os.close(fd)
+        os.close(served)
+    code = "from tiered_store.config import StoreConfig; print(StoreConfig.from_yaml('/dev/stdin'))"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    with open(tmp_path / "c.yaml") as stdin:
+        done = subprocess.run(
+            [sys.executable, "-c", code],
+            stdin=stdin,
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd="/",
+            timeout=120,
+        )
+    assert done.returncode == 0 and wanted in done.stdout, done.stderr[-2000:]

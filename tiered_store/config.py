@@ -510,12 +510,18 @@ _DESCRIPTORS = re.compile(r"/proc/[^/]+(?:/task/[^/]+)?/fd")
 
 
 def config_folder(path: Path) -> Path:
-    """The folder a config file's relative paths are under: its own, or a process's descriptors
-    (which :func:`refuse_relative_in_pipe` knows) for a pipe read through a link to one
-    (``/dev/stdin``: its own folder, /dev, holds no file of the config's)."""
-    real = os.path.dirname(os.path.realpath(path))
-    if _DESCRIPTORS.fullmatch(real) and not _DESCRIPTORS.fullmatch(os.path.realpath(path.parent)):
-        return Path(real)
+    """The folder a config file's relative paths are under: its own; for one read through a
+    process's descriptors (``/dev/fd/N``, ``/proc/self/fd/N``, ``/dev/stdin``: that folder, or
+    /dev, holds no file of the config's), the folder of the file open there, or for a pipe the
+    descriptors' own (which :func:`refuse_relative_in_pipe` knows)."""
+    link = os.path.abspath(path)
+    for _ in range(40):  # the links to follow (a loop of them: the open names it)
+        if _DESCRIPTORS.fullmatch(os.path.realpath(os.path.dirname(link))):
+            return Path(os.path.dirname(os.path.realpath(path)))
+        try:
+            link = os.path.join(os.path.dirname(link), os.readlink(link))
+        except OSError:  # not a link: a file's own folder
+            break
     return path.parent
 
 

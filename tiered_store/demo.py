@@ -435,7 +435,7 @@ def _relative_to(path: Path, data: dict[str, Any]) -> dict[str, Any]:
     relative to the folder of ``path``, the YAML, as every config file's paths are; a ``~`` that
     cannot be read (HOME set but empty) is refused naming the file and the key."""
 
-    folder = config_folder(path)  # (a pipe's /dev/stdin: a process's descriptors)
+    folder = config_folder(path)  # (/dev/fd/N, /dev/stdin: the folder of the file open there)
 
     def under(text: Any, key: str) -> Any:
         if not isinstance(text, str):
