@@ -1195,6 +1195,22 @@ def test_an_address_with_unpaired_brackets_is_refused_naming_it():
     assert check_address("127.0.0.1:0", "k") == ("127.0.0.1", 0)
 
 
+def test_an_address_with_an_ipv6_host_without_brackets_is_refused_naming_it():
+    """A bare IPv6 address ('::1') was taken as host ':' port 1, and '1:2:3' as host '1:2': its
+    last ':' cut the port off wherever it was. A host holding a ':' is refused unless in
+    brackets, naming the key and the value; a bracketed one with a zone id is taken as given."""
+    from tiered_store.config import check_address
+
+    for address in ("::1", "::1:80", "fe80::1:80", "1:2:3", "fe80::1%eth0:80"):
+        with pytest.raises(ConfigError) as caught:
+            check_address(address, "server.address")
+        said = str(caught.value)
+        assert said.startswith(f"server.address: got {address!r}; expected"), said
+        assert "an IPv6 host in one pair of brackets ('[::1]:8080')" in said, said
+    assert check_address("[fe80::1%eth0]:80", "k") == ("fe80::1%eth0", 80)
+    assert check_address("[::1]:0", "k") == ("::1", 0)
+
+
 def test_a_config_path_with_a_nul_character_is_named():
     """A config file's own path with a NUL character raised pathlib's bare ValueError (embedded
     null byte) out of load_yaml and every from_yaml."""

@@ -1022,9 +1022,9 @@ def check_address(
     if value == "" and allow_empty:
         return None
     host, sep, port = value.rpartition(":") if isinstance(value, str) else ("", "", "")
-    if "[" in host or "]" in host:  # an IPv6 host: '[::1]', its brackets one pair around it all
+    if "[" in host or "]" in host or ":" in host:  # an IPv6 host: '[::1]', one pair around it
         inner = host[1:-1] if host[:1] == "[" and host[-1:] == "]" else ""
-        if not inner or "[" in inner or "]" in inner:  # '[::1:80' was taken as '::1' port 80
+        if not inner or "[" in inner or "]" in inner:  # '[::1:80' was '::1' port 80, '::1' ':' 1
             raise ConfigError(
                 f"{where}got {shown(value)}; expected 'host:port' like {like!r}, an IPv6 host "
                 "in one pair of brackets ('[::1]:8080')"
