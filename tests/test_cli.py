@@ -1009,3 +1009,28 @@ def test_a_config_file_read_through_a_descriptor_is_under_that_files_folder(tmp_
             timeout=120,
         )
     assert done.returncode == 0 and wanted in done.stdout, done.stderr[-2000:]
+
+
+def test_an_integer_option_past_int64_is_refused_as_too_large(tmp_path, capsys):
+    """at_least took any integer int() reads: a --seed or --rows of 2**64 reached NumPy as a
+    bare error (bench_tree_cpu's 'Maximum allowed size exceeded'), and one of 5,000 digits (past
+    what int() reads) was told 'expected an integer >= 1', which it is. Past 2**63-1 each is
+    refused as too large, naming the bound and the value; 2**63-1 itself is taken."""
+    from tiered_store.cli_args import at_least
+
+    bound = "at most 9,223,372,036,854,775,807 (2**63-1)"
+    for text in (str(2**63), str(2**64), "9" * 5000, "+" + "0" * 4999 + "1" * 20):
+        with pytest.raises(argparse.ArgumentTypeError) as err:
+            at_least(1, "at least 1 step")(text)
+        said = str(err.value)
+        assert said.startswith(f"too large: expected at least 1 step, {bound}, got "), said
+        assert len(said) < 200, said[:300]
+    assert at_least(0)(str(2**63 - 1)) == 2**63 - 1
+    assert at_least(1)("0" * 5000 + "7") == 7 and at_least(0)("0" * 5000) == 0
+    with pytest.raises(argparse.ArgumentTypeError, match="^expected an integer >= 1, got 'x'$"):
+        at_least(1)("x")
+    table = str(tmp_path / "t.npy")
+    with pytest.raises(SystemExit) as exited:
+        main(["init", table, "--random", "10x4", "--seed", str(2**64), "--quiet"])
+    assert exited.value.code == 2
+    assert f"--seed: too large: expected an integer >= 0, {bound}" in capsys.readouterr().err

@@ -26,7 +26,8 @@ from .errors import ConfigError, TieredStoreError, error_text, shown
 
 def at_least(minimum: int, what: str | None = None) -> Callable[[str], int]:
     """An argparse ``type``: an integer >= ``minimum``; anything else is refused with the value,
-    as ``expected WHAT, got 'TEXT'`` (``what``: by default ``an integer >= MINIMUM``).
+    as ``expected WHAT, got 'TEXT'`` (``what``: by default ``an integer >= MINIMUM``); one past
+    2**63-1 (what NumPy and torch take as a count or a seed) as too large.
 
     >>> parser = argparse.ArgumentParser(prog="bench")
     >>> _ = parser.add_argument("--rounds", type=at_least(1))
@@ -42,10 +43,19 @@ def at_least(minimum: int, what: str | None = None) -> Callable[[str], int]:
     expected = f"an integer >= {minimum}" if what is None else what
 
     def parse(text: str) -> int:
+        digits = text.strip().removeprefix("+")  # (int() reads 4,300 digits, zeros counted)
         try:
             value = int(text)
         except ValueError:
             value = None
+        if digits.isascii() and digits.isdigit() and len(digits.lstrip("0")) > 19:
+            value = MAX_ROWS + 1  # past int64 ('9' * 5000 too), whatever int() made of it
+        elif digits.isascii() and digits.isdigit():
+            value = int(digits.lstrip("0") or "0")
+        if value is not None and value > MAX_ROWS:
+            raise argparse.ArgumentTypeError(
+                f"too large: expected {expected}, at most {MAX_ROWS:,} (2**63-1), got {shown(text)}"
+            )
         if value is None or value < minimum:
             raise argparse.ArgumentTypeError(f"expected {expected}, got {shown(text)}")
         return value
