@@ -1034,3 +1034,24 @@ def test_an_integer_option_past_int64_is_refused_as_too_large(tmp_path, capsys):
         main(["init", table, "--random", "10x4", "--seed", str(2**64), "--quiet"])
     assert exited.value.code == 2
     assert f"--seed: too large: expected an integer >= 0, {bound}" in capsys.readouterr().err
+
+
+def test_a_number_option_too_large_for_a_float_is_named_too_large(capsys):
+    """positive_number and float_list read '1e400' as inf and told it 'expected a number > 0'
+    (or '>= 0'), which it is; a value past the largest float is refused as too large, naming
+    the value, and an ordinary bad one as before."""
+    from tiered_store.cli_args import float_list, positive_number
+
+    most = "at most 1.7976931348623157e+308 (the largest float)"
+    for parse, text, said in (
+        (positive_number, "1e400", f"too large: expected a number > 0, {most}, got '1e400'"),
+        (positive_number, "inf", f"too large: expected a number > 0, {most}, got 'inf'"),
+        (positive_number, "0", "expected a number > 0, got '0'"),
+        (float_list(0), "1,-1", "expected a comma-separated list of numbers >= 0, got '1,-1'"),
+        (float_list(0), "1,1e400", "too large: expected a comma-separated list of numbers >= 0, "),
+    ):
+        with pytest.raises(argparse.ArgumentTypeError) as err:
+            parse(text)
+        assert str(err.value).startswith(said), str(err.value)
+    assert "got '1,1e400'" in str(err.value) and most in str(err.value), str(err.value)
+    assert positive_number("1e300") == 1e300

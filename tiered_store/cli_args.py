@@ -453,6 +453,10 @@ def make_folder(path: Path, option: str) -> None:
         make_named_dir(path, option, "a folder it can make and write")
 
 
+#: how a number past the largest float (read as inf) is refused
+_MOST_FLOAT = f"at most {sys.float_info.max!r} (the largest float)"
+
+
 def positive_number(text: str) -> float:
     """An argparse ``type``: a finite number > 0 (seconds, a rate).
 
@@ -466,7 +470,11 @@ def positive_number(text: str) -> float:
         value = float(text)
     except ValueError:
         value = math.nan
-    if not 0.0 < value < math.inf:  # NaN too
+    if value == math.inf:  # '1e400' too: not 'expected a number > 0'
+        raise argparse.ArgumentTypeError(
+            f"too large: expected a number > 0, {_MOST_FLOAT}, got {shown(text)}"
+        )
+    if not value > 0.0:  # NaN too
         raise argparse.ArgumentTypeError(f"expected a number > 0, got {shown(text)}")
     return value
 
@@ -615,6 +623,10 @@ def _number_list(convert: Callable[[str], float], minimum: float, expected: str)
             values = [convert(part) for part in text.split(",")]
         except ValueError:
             values = []
+        if math.inf in values:  # '1e400' too
+            raise argparse.ArgumentTypeError(
+                f"too large: expected {expected}, {_MOST_FLOAT}, got {shown(text)}"
+            )
         if not values or not all(math.isfinite(v) and v >= minimum for v in values):
             raise argparse.ArgumentTypeError(f"expected {expected}, got {shown(text)}")
         return values
