@@ -672,6 +672,24 @@ def test_prefetch_of_pinned_int32_ids_on_a_gpu_store_converts_them_in_one_pinned
             assert torch.equal(got.cpu(), data[ids])
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_cuda_device_past_the_last_one_names_the_devices_there_are():
+    """compute_device('cuda:N') past the last device said "but only N CUDA device(s) exist",
+    not what was expected; it names the devices there are, cuda:0..cuda:N-1."""
+    from tiered_store.store import compute_device
+
+    count = torch.cuda.device_count()
+    indices = "'cuda:0'" if count == 1 else f"'cuda:0'..'cuda:{count - 1}'"
+    with pytest.raises(ConfigError) as err:
+        compute_device(f"cuda:{count}", "tiers.hot.device")
+    assert str(err.value) == (
+        f"tiers.hot.device: 'cuda:{count}' but only {count} CUDA device(s) exist; expected "
+        f"'cpu', 'cuda' or {indices}"
+    )
+    assert compute_device(f"cuda:{count - 1}").index == count - 1
+
+
 def test_a_handle_looked_up_with_other_ids_names_where_they_differ(table):
     """Other ids of the same shape were refused as "ids (shape (3,)) differ from the ids this
     handle prefetched (shape (3,))": neither where they differ nor the two ids."""

@@ -1773,9 +1773,12 @@ def compute_device(name: str, key: str = "tiers.hot.device") -> torch.device:
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ConfigError(f"{key}: {name!r} but CUDA is not available here; expected 'cpu'")
-        if device.index is not None and device.index >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            indices = "'cuda:0'" if count == 1 else f"'cuda:0'..'cuda:{count - 1}'"
             raise ConfigError(
-                f"{key}: {name!r} but only {torch.cuda.device_count()} CUDA device(s) exist"
+                f"{key}: {name!r} but only {count} CUDA device(s) exist; expected 'cpu', 'cuda' "
+                f"or {indices}"
             )
         if device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
