@@ -217,7 +217,10 @@ def test_init_refuses_a_std_that_would_overflow_the_dtype(tmp_path, capsys):
         (["shard", ".", "--ranks", "2"], ". is a directory; expected a table file (NAME.npy)"),
         (["shard", "", "--ranks", "2"], "argument table: got ''; expected a path"),
         (["convert-hf", "nope", "out"], "checkpoint nope: does not exist; expected a checkpoint"),
-        (["init", "x.npy", "--random", "10x4", "--std", "-1"], "--std: got -1; expected a finite"),
+        (
+            ["init", "x.npy", "--random", "10x4", "--std", "-1"],
+            "--std: expected a finite standard deviation >= 0, got '-1'",
+        ),
         (["init", "x.npy", "--random", "10x4", "--seed", "-1"], "--seed: expected an integer >= 0"),
         # they shape random rows only: a copy of an array took them and ignored them
         (["init", "x.npy", "--from-npy", "t.npy", "--std", "0.5"], "--std 0.5: only with --random"),
@@ -1055,3 +1058,19 @@ def test_a_number_option_too_large_for_a_float_is_named_too_large(capsys):
         assert str(err.value).startswith(said), str(err.value)
     assert "got '1,1e400'" in str(err.value) and most in str(err.value), str(err.value)
     assert positive_number("1e300") == 1e300
+
+
+def test_init_std_names_the_value_as_given(tmp_path, capsys):
+    """init --std 1e400 was told "--std: got inf" (the float it became, not what was typed),
+    and --std abc argparse's "invalid float value" without what is expected; each is refused
+    naming the value as given and a finite standard deviation >= 0 expected; 0 is taken."""
+    table = str(tmp_path / "t.npy")
+    for std in ("1e400", "abc", "-1", "nan"):
+        try:
+            code = main(["init", table, "--random", "10x4", "--std", std, "--quiet"])
+        except SystemExit as exited:
+            code = exited.code
+        err = capsys.readouterr().err
+        assert code == 2 and f"expected a finite standard deviation >= 0, got {std!r}" in err, err
+    assert not (tmp_path / "t.npy").exists()
+    assert main(["init", table, "--random", "10x4", "--std", "0", "--quiet"]) == 0

@@ -108,12 +108,25 @@ def _add_init(sub) -> None:
     )
     p.add_argument(
         "--std",
-        type=float,
+        type=_std,
         help="standard deviation for --random (default 1.0; only with --random)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing table at TABLE")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=_run_init)
+
+
+def _std(text: str) -> float:
+    """An argparse ``type``: init's --std, a finite number >= 0, refused naming it as given."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):  # '1e400' is inf: named as typed
+        raise argparse.ArgumentTypeError(
+            f"expected a finite standard deviation >= 0, got {shown(text)}"
+        )
+    return value
 
 
 def _run_init(args) -> int:
@@ -140,8 +153,6 @@ def _run_init(args) -> int:
         rows, dim = _parse_shape(args.random)
         seed = 0 if args.seed is None else args.seed
         std = 1.0 if args.std is None else args.std
-        if not (math.isfinite(std) and std >= 0):
-            raise _usage(f"--std: got {std:g}; expected a finite standard deviation >= 0")
         source = tf.RandomSource(rows, dim, dtype=args.dtype or "float32", seed=seed, std=std)
     try:
         manifest = tf.create_table(
