@@ -296,6 +296,19 @@ def test_a_batch_ending_at_an_id_far_on_leaves_the_cursor_for_the_ids_it_skipped
     assert taken == ids.numel() and not request.left.any()
 
 
+def test_a_batch_of_an_id_looked_up_more_often_than_announced_leaves_the_cursor(monkeypatch):
+    """An id searched for with no lookup left (looked up more often than the request announced
+    it) moved the cursor past its first place announced as one it took there: a batch of that
+    id alone after it was served out of order (ids 30 and 50, then 30 again) left the cursor
+    past the 30 ids before it, and each of them, served next in order, was searched for (30
+    searches). Such an id leaves the next id its place, as one not announced does."""
+    ids = torch.arange(100, 200)
+    batches = [ids[[30, 50]], ids[30:31], ids[:30]]
+    searches, taken, request, queue = _searches_serving(monkeypatch, ids, batches)
+    assert searches == [[130, 150], [130], []], searches
+    assert taken == 30 and request.left.tolist() == [0] * 31 + [1] * 19 + [0] + [1] * 49
+
+
 class _Reads(np.ndarray):
     """An array counting its reads of one element (a compiled pass's Python body's)."""
 

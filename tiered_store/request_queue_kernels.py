@@ -159,13 +159,13 @@ def serve_batch(
     the next one announced looked for among the few after it (``_AHEAD``: taken there, those
     skipped searched for when they come) and else searched for (and not taken: an id not
     announced, or one more often than announced, leaves the next id its place). An id searched
-    for whose first place announced is at ``start`` or past it (``first_at``: of each of
-    ``rows``, -1 where none; from ``first_places``, empty until made here) moves ``start`` past
-    that place when the batch's next id is announced next there, or the batch is that one id
-    (ids skipped, a cached prompt prefix: the later ones taken at their places again; a
-    batch's last id, unconfirmed, moves nothing: those it skipped may come next, in order). Returns the
-    rows the request was the earliest unfinished pair of (ascending), each one's next
-    unfinished pair's token (``none`` where none), ``start`` past the ids taken at their places,
+    for, with a lookup left, whose first place announced is at ``start`` or past it
+    (``first_at``: of each of ``rows``, -1 where none; from ``first_places``, empty until made
+    here) moves ``start`` past that place when the batch's next id is announced next there, or
+    the batch is that one id (ids skipped, a cached prompt prefix: the later ones taken at their
+    places again; a batch's last id, unconfirmed, moves nothing: those it skipped may come next,
+    in order). Returns the rows the request was the earliest unfinished pair of (ascending),
+    each one's next unfinished pair's token (``none`` where none), ``start`` past the ids taken at their places,
     and ``first_at`` (made here when empty and an id it announced, with a lookup left, is
     searched for). Allocates (up to the batch's size; ``first_at``) before anything changes: a
     failure (out of memory) changes nothing. ``ValueError`` (before any pair changes, the
@@ -189,9 +189,10 @@ def serve_batch(
                 at, start = where[ahead], ahead + 1
             else:
                 at = _lower_bound(rows, ids[k], 0, m)
-                if at < m and rows[at] == ids[k] and not first_at.size and left[at] > 0:
+                found = at < m and rows[at] == ids[k] and left[at] > 0  # (none left: no jump)
+                if found and not first_at.size:
                     first_at = first_places(where, m)  # the first id it lost, announced
-                if at < m and rows[at] == ids[k] and first_at.size and first_at[at] >= start:
+                if found and first_at.size and first_at[at] >= start:
                     place = first_at[at]  # past any skipped: taken there if the next id is next
                     if ids.size == 1 or (  # (a batch's last id: nothing confirms the jump)
                         k + 1 < ids.size
