@@ -336,7 +336,7 @@ def test_a_batch_finishing_many_rows_searches_no_more_of_the_pairs_than_about_a_
     rows, where = request.rows.numpy(), request.where
     pair_rows = queue._pair_rows.view(_Reads)
     found = kernels.pairs_of(queue._pair_rows, queue._pair_tokens, rows, request.token)
-    for name in ("_lower_bound", "_gallop", "_gallop_pair", "_before", "_run_start"):
+    for name in ("_lower_bound", "_gallop_pair", "_before", "_run_start"):
         monkeypatch.setattr(kernels, name, getattr(kernels, name).py_func)
     reads, outs = [], []
     for places in (found, np.empty(0, np.int64)):
@@ -377,7 +377,7 @@ def test_finding_a_short_requests_pairs_reads_a_few_pairs_a_row_not_the_queue(mo
     request = queue.add(torch.tensor([3, 17_000, 25_000, 49_999]))
     rows, pairs = request.rows.numpy(), (queue._pair_rows, queue._pair_tokens)
     want = kernels.pairs_of(*pairs, rows, request.token)
-    for name in ("_lower_bound", "_gallop", "_gallop_pair", "_before", "_run_start"):
+    for name in ("_lower_bound", "_gallop_pair", "_before", "_run_start"):
         monkeypatch.setattr(kernels, name, getattr(kernels, name).py_func)
     _Reads.count = 0
     got = kernels.pairs_of.py_func(pairs[0].view(_Reads), pairs[1], rows, request.token)
@@ -407,7 +407,7 @@ def test_rows_many_requests_look_up_are_not_read_pair_by_pair_to_the_requests(mo
         rows, request.left.copy(), request.where, request.first_at, 0, rows, want[:0], pairs[0],
         tokens, request.token, NOT_QUEUED,
     )  # fmt: skip
-    for name in ("_lower_bound", "_gallop", "_gallop_pair", "_before", "_run_start"):
+    for name in ("_lower_bound", "_gallop_pair", "_before", "_run_start"):
         monkeypatch.setattr(kernels, name, getattr(kernels, name).py_func)
     _Reads.count = 0
     got = kernels.pairs_of.py_func(pairs[0].view(_Reads), pairs[1], rows, request.token)
@@ -431,14 +431,13 @@ def test_rows_many_requests_look_up_are_not_read_pair_by_pair_to_the_requests(mo
 
 
 def test_the_searches_find_the_lower_bound_at_every_range_and_value():
-    """``_gallop`` and ``_lower_bound`` (compiled, and their Python bodies) give the first place
+    """``_lower_bound`` (compiled, and its Python body) gives the first place
     in ``values[low:high]`` not below the value at every range of short sorted arrays with
     repeats: an empty range, one ending before the array's end, a value below, among, at the
     last or past every value (the galloping step running past ``high``)."""
     from tiered_store import request_queue_kernels as kernels
 
-    searches = [kernels._gallop, kernels._gallop.py_func]
-    searches += [kernels._lower_bound, kernels._lower_bound.py_func]
+    searches = [kernels._lower_bound, kernels._lower_bound.py_func]
     for values in ([], [5], [1, 1, 1], [0, 2, 2, 3, 7, 7, 7, 9, 12, 12, 15, 20, 21]):
         values = np.array(values, dtype=np.int64)
         for low in range(values.size + 1):
@@ -446,7 +445,7 @@ def test_the_searches_find_the_lower_bound_at_every_range_and_value():
                 for value in range(-1, 23):
                     want = low + int(np.searchsorted(values[low:high], value))
                     got = [int(f(values, np.int64(value), low, high)) for f in searches]
-                    assert got == [want] * 4, (values.tolist(), low, high, value, got)
+                    assert got == [want] * 2, (values.tolist(), low, high, value, got)
 
 
 def test_the_pair_searches_find_their_pair_at_every_range_row_and_request():

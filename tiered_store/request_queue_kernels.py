@@ -283,18 +283,6 @@ def _lower_bound(values: np.ndarray, value: np.int64, low: int, high: int) -> in
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
-def _gallop(values: np.ndarray, value: np.int64, low: int, high: int) -> int:
-    """``_lower_bound``, searched for from ``low`` in doubling steps: about twice the log of the
-    distance to it in reads (values searched for in ascending order: of the order of a pass)."""
-    if low >= high or values[low] >= value:
-        return low
-    step = 1  # values[low + step // 2] < value
-    while low + step < high and values[low + step] < value:
-        step *= 2
-    return _lower_bound(values, value, low + step // 2 + 1, min(low + step, high))
-
-
-@numba.njit(cache=True, nogil=True, inline="always")
 def _gallop_pair(
     pair_rows: np.ndarray,
     pair_tokens: np.ndarray,
@@ -304,7 +292,7 @@ def _gallop_pair(
     high: int,
 ) -> int:
     """The first pair in ``[low, high)`` at (``row``, ``token``) or past it (pairs sorted by row,
-    then by token's magnitude), searched for from ``low`` in doubling steps (``_gallop``): a
+    then by token's magnitude), searched for from ``low`` in doubling steps: a
     row many requests look up is not read pair by pair to the request's."""
     step = 1
     while low + step - 1 < high and _before(pair_rows, pair_tokens, low + step - 1, row, token):
