@@ -58,6 +58,7 @@ tiered_store_http_requests_total               counter    handler, code         
 tiered_store_http_request_duration_seconds     histogram  handler                 HTTP request handling time
 tiered_store_http_requests_in_flight           gauge      (none)                  requests being handled
 tiered_store_served_tokens_total               counter    (none)                  tokens of answered inference
+tiered_store_trace_write_failures_total        counter    (none)                  --record-trace writes failed
 =============================================  =========  ======================  ==================
 
 A ``ShardedStore`` (one process per rank) exports its shard's metrics above with a ``rank`` label
@@ -391,6 +392,13 @@ METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
         (),
         "Tokens of inference requests answered with 200.",
     ),
+    "tiered_store_trace_write_failures_total": (
+        "counter",
+        (),
+        "Requests whose records --record-trace could not write (a full disk): each answered all "
+        "the same, its batch left out of the trace unless only its chunk's write failed (then "
+        "kept for the next chunk).",
+    ),
 }
 # A ShardedStore's exchange between ranks (the shard's own store exports METRICS, rank-labelled).
 SHARDED_METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
@@ -433,6 +441,7 @@ SERVER_METRICS = (
     "tiered_store_http_request_duration_seconds",
     "tiered_store_http_requests_in_flight",
     "tiered_store_served_tokens_total",
+    "tiered_store_trace_write_failures_total",
 )
 STORE_METRICS = tuple(name for name in METRICS if name not in SERVER_METRICS)
 
@@ -682,6 +691,7 @@ class RequestCounters:
     buckets: tuple[float, ...] = DEFAULT_BUCKETS  # the durations' (the server's cover its longest)
     in_flight: int = 0
     served_tokens: int = 0
+    trace_write_failures: int = 0  # requests whose --record-trace records could not be written
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def begin(self) -> None:
@@ -701,6 +711,11 @@ class RequestCounters:
                 hist = self.durations[handler] = LatencyHistogram(self.buckets)
         hist.observe(seconds)
 
+    def trace_write_failed(self) -> None:
+        """A request's records could not be written to the recorded trace."""
+        with self._lock:
+            self.trace_write_failures += 1
+
     def totals(self) -> RequestTotals:
         """A consistent copy of every counter, read under the lock."""
         with self._lock:
@@ -709,6 +724,7 @@ class RequestCounters:
                 durations=dict(self.durations),
                 in_flight=self.in_flight,
                 served_tokens=self.served_tokens,
+                trace_write_failures=self.trace_write_failures,
             )
 
     def snapshot(self) -> dict[str, Any]:
@@ -741,6 +757,7 @@ class RequestTotals:
     durations: dict[str, LatencyHistogram]  # handler -> request durations (live histograms)
     in_flight: int  # requests being handled
     served_tokens: int  # tokens of inference requests answered with 200
+    trace_write_failures: int  # requests whose recorded trace's write failed
 
 
 class ServerCollector(Collector):
@@ -763,6 +780,7 @@ class ServerCollector(Collector):
             _add_histogram(fam["tiered_store_http_request_duration_seconds"], [handler], hist)
         fam["tiered_store_http_requests_in_flight"].add_metric([], totals.in_flight)
         fam["tiered_store_served_tokens_total"].add_metric([], totals.served_tokens)
+        fam["tiered_store_trace_write_failures_total"].add_metric([], totals.trace_write_failures)
         yield from fam.values()
 
 

@@ -54,7 +54,7 @@ from ..errors import (
     TierIOError,
     error_text,
 )
-from ..metrics import TableHealth, store_counts, verify_counted
+from ..metrics import RequestCounters, TableHealth, store_counts, verify_counted
 from ..page_checksums import sidecar_path
 from ..request_queue import QueuedRequest, QueuedRequestError
 from ..store import TieredStore, seconds_left
@@ -156,7 +156,12 @@ class ServedModel:
     trace
         Record every lookup served into this trace file (``tiered-store replay`` reads it);
         written when ``close`` is called; its chunks reach the file every
-        ``server.record_flush_s`` (``tiered-store recover-trace`` after a kill).
+        ``server.record_flush_s`` (``tiered-store recover-trace`` after a kill). A write that
+        fails (a full disk) leaves the answer as it is: logged once until writes succeed again,
+        counted in ``counters``, the request's batch left out of the trace.
+    counters
+        The server's ``RequestCounters``: a request whose records could not be written to the
+        trace is counted in them (``tiered_store_trace_write_failures_total``).
 
     Examples
     --------
@@ -174,8 +179,10 @@ class ServedModel:
         create: bool = False,
         trace: str | Path | None = None,
         before_start: Callable[[ServedModel], None] | None = None,
+        counters: RequestCounters | None = None,
     ) -> None:
         self.config = config
+        self.counters = counters if counters is not None else RequestCounters()
         if trace is not None and config.sharded:
             raise ConfigError(
                 f"--record-trace {trace}: the tables are sharded; a trace holds the whole "
@@ -207,6 +214,8 @@ class ServedModel:
         self._trace: TraceWriter | None = None
         self._replay_configs: list[Path] = []  # each layer's store config beside the trace
         self._trace_lock = threading.Lock()  # the trace's writes and its close
+        self._trace_failing: str | None = None  # the error of a spell of failed trace writes
+        self._left_out = 0  # requests left out of the trace in that spell
         try:
             self.layer_ids = list(self.model.engram_layers)
             # sharded tables: every rank runs this same code; rank 0 announces each request.
@@ -1021,16 +1030,57 @@ class ServedModel:
         fails, a full disk, takes the layers before it back out), unless ``_close`` (which does
         not wait for a worker the drain gave up on) took the trace away; and end the chunk when
         the last one is ``server.record_flush_s`` old (``watch_trace`` does too, between
-        requests), so a killed server loses no more."""
+        requests), so a killed server loses no more. Observation: a write that fails leaves the
+        batch out (its chunk alone: kept for the next), logged once a spell and counted, and the
+        answer goes on."""
         with self._trace_lock:
             if self._trace is None:
                 return
-            with self._trace.all_or_nothing():
-                for layer in self.layer_ids:
-                    ids = batch.row_ids[layer].cpu().numpy()
-                    self._trace.write(ids, self.config.table_name(layer))
-                    self._trace.end_batch()
-            self._end_old_chunk()
+            written_at = self._trace.chunk_written_at
+            try:
+                with self._trace.all_or_nothing():
+                    for layer in self.layer_ids:
+                        ids = batch.row_ids[layer].cpu().numpy()
+                        self._trace.write(ids, self.config.table_name(layer))
+                        self._trace.end_batch()
+            except Exception as exc:  # noqa: BLE001 (a full disk: the answer goes on)
+                self._trace_write_failed(exc, left_out=True)
+                return
+            try:
+                self._end_old_chunk()
+            except Exception as exc:  # noqa: BLE001 (its records stay buffered for the next)
+                self._trace_write_failed(exc, left_out=False)
+                return
+            if self._trace.chunk_written_at != written_at:  # bytes reached the file again
+                self._trace_writes_again()
+
+    def _trace_write_failed(self, exc: Exception, *, left_out: bool | None) -> None:
+        """Count a request whose records could not be written (``left_out``: its batch is not
+        in the trace; None: no request, the idle flush's chunk) and log the first failure of a
+        spell (under ``_trace_lock``, the trace open)."""
+        if left_out is not None:
+            self.counters.trace_write_failed()
+            self._left_out += left_out
+        if self._trace_failing is None:
+            log.error(
+                "recording into trace %s failed: %s; requests are answered all the same; until "
+                "writes succeed again (logged once till then) a request whose records cannot be "
+                "written is left out of the trace (one whose chunk alone fails is kept for the "
+                "next)",
+                self._trace.path, error_text(exc), exc_info=not isinstance(exc, OSError),
+            )  # fmt: skip
+        self._trace_failing = error_text(exc)
+
+    def _trace_writes_again(self) -> None:
+        """End a spell of failed trace writes, saying how many requests it left out (under
+        ``_trace_lock``, the trace open)."""
+        if self._trace_failing is not None:
+            log.warning(
+                "recording into trace %s works again; %d request(s) answered while it failed "
+                "(%s) are left out of it",
+                self._trace.path, self._left_out, self._trace_failing,
+            )  # fmt: skip
+        self._trace_failing, self._left_out = None, 0
 
     def _end_old_chunk(self) -> None:
         """End the trace's chunk when the last one is ``server.record_flush_s`` old (under
@@ -1056,18 +1106,19 @@ class ServedModel:
             first = self._chunk_due_in()
 
         def watch() -> None:
-            wait, failing = first, None
+            wait = first
             while not stop.wait(wait):
                 with self._trace_lock:
                     if self._trace is None:  # closed
                         return
+                    written_at = self._trace.chunk_written_at
                     try:
                         self._end_old_chunk()
-                        failing = None
-                    except Exception as exc:  # noqa: BLE001 (a full disk: the next request says so)
-                        if error_text(exc) != failing:  # once, not at every wake-up until it works
-                            log.exception("writing the recorded trace's chunk failed")
-                        failing = error_text(exc)
+                    except Exception as exc:  # noqa: BLE001 (a full disk: logged once a spell)
+                        self._trace_write_failed(exc, left_out=None)
+                    else:
+                        if self._trace.chunk_written_at != written_at:
+                            self._trace_writes_again()
                     wait = self._chunk_due_in()
 
         thread = threading.Thread(target=watch, name="tiered-store-trace-flush", daemon=True)

@@ -143,7 +143,12 @@ class InferenceServer:
             self._bind()
             if self.config.server.torch_threads:
                 torch.set_num_threads(self.config.server.torch_threads)
-            self.model = ServedModel(self.config, create=self.create_tables, trace=self.trace_path)
+            self.model = ServedModel(
+                self.config,
+                create=self.create_tables,
+                trace=self.trace_path,
+                counters=self.requests,
+            )
             build = build_sharded_registry if self.config.sharded else build_registry
             self.registry = build(self.model.stores, self.model.health, self.requests)
             self._serve_in_thread()
