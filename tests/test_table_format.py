@@ -281,6 +281,16 @@ def test_missing_source_files(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["junk.npy"]
 
 
+@pytest.mark.parametrize("name", ["a\0b.npy", "a\ud800b.npy"])
+def test_a_source_path_with_a_nul_or_lone_surrogate_is_said_not_to_exist(name):
+    """``os.stat`` raises a bare ValueError for such a path (not OSError): it escaped the FIFO check
+    in place of the "does not exist" said of any other path no file can have."""
+    from tiered_store.table_sources import open_source
+
+    with pytest.raises(TableNotFoundError, match="source .npy file .* does not exist"):
+        open_source(name, "float32")
+
+
 def test_a_garbled_npy_header_and_an_npz_source_are_named(tmp_path):
     """A header whose brackets do not balance (numpy raises tokenize.TokenError) is "not a
     readable .npy file", as a table and as a source; an .npz given as a source names its members

@@ -69,7 +69,7 @@ def special_file(path: str | os.PathLike[str]) -> str | None:
     path included."""
     try:
         mode = os.stat(path).st_mode
-    except OSError:  # the open that follows says why
+    except (OSError, ValueError):  # the open says why (ValueError: a NUL, a lone surrogate)
         return None
     return special_kind(mode)
 
