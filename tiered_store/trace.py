@@ -404,7 +404,8 @@ class TraceWriter:
                 )
         flat = ids.reshape(-1)
         lo, hi = (int(flat.min()), int(flat.max())) if flat.size else (0, 0)
-        with self.all_or_nothing():
+        state = self._state()  # all_or_nothing, without a generator per record
+        try:
             t = self._table_index(table)  # registers a new name (no layout: its rows not given)
             rows = self._table_rows[t]
             if lo < 0 or hi >= 2**63 or (rows is not None and hi >= rows):
@@ -426,13 +427,25 @@ class TraceWriter:
             self._last_batch = self._batch
             if self._buf_n >= self._chunk_ids:
                 self._flush()
+        except BaseException:
+            self._restore(state)
+            raise
 
     @contextlib.contextmanager
     def all_or_nothing(self) -> Iterator[TraceWriter]:
         """Keep the writes and batch ends made in the block together: one that fails (a full
         disk's ``TierIOError``, a refused write, a Ctrl-C) takes the trace back to where it was
         before the block (its file, chunks, records, batch and tables), then raises."""
-        state = (  # the buffer's lists themselves: a chunk written leaves them, takes new ones
+        state = self._state()
+        try:
+            yield self
+        except BaseException:
+            self._restore(state)
+            raise
+
+    def _state(self) -> tuple[Any, ...]:
+        """Where the writer is, for ``_restore`` to take it back there."""
+        return (  # the buffer's lists themselves: a chunk written leaves them, takes new ones
             self._end,
             len(self._chunks),
             self._buf_ids,
@@ -446,14 +459,9 @@ class TraceWriter:
             len(self._tables),
             self.chunk_written_at,
         )
-        try:
-            yield self
-        except BaseException:
-            self._restore(state)
-            raise
 
     def _restore(self, state: tuple[Any, ...]) -> None:
-        """Take the writer back to ``state`` (``all_or_nothing``'s), its chunks written since
+        """Take the writer back to ``state`` (``_state``'s), its chunks written since
         cut off the file."""
         end, chunks, ids, meta, n, buf_n, per_table, records, batch, last, tables, at = state
         if self._end != end and not self._closed:
