@@ -490,18 +490,25 @@ def path_text_problem(text: str) -> str | None:
     return None
 
 
+def checked_path_text(base_dir: Path, text: str, where: str | None = None) -> str:
+    """A config file's path ``text`` with its ``~`` expanded (:func:`expand_home`), refused when
+    relative to a pipe's folder (:func:`refuse_relative_in_pipe`); ``where``: the file and key
+    that gave it (``s.yaml: table.path``), put before either refusal."""
+    try:
+        text = expand_home(text)
+    except ConfigError as exc:  # HOME set but empty
+        raise ConfigError(str(exc) if where is None else f"{where}: {exc}") from None
+    refuse_relative_in_pipe(base_dir, text, where)
+    return text
+
+
 def resolved_under(base_dir: Path, text: str, where: str | None = None) -> str:
     """A config file's path ``text``, absolute: ``~`` is the user's home, as in a shell (a
     ``~user`` of no user this machine has stays as written); a relative path is under
     ``base_dir`` (the file's folder). os.path.realpath, as Path.resolve raises a bare
     RuntimeError on a symlink loop (the open names the path). ``where``: the file and key that
     gave ``text`` (``s.yaml: table.path``), put before :func:`expand_home`'s refusal."""
-    try:
-        text = expand_home(text)
-    except ConfigError as exc:  # HOME set but empty
-        raise ConfigError(str(exc) if where is None else f"{where}: {exc}") from None
-    refuse_relative_in_pipe(base_dir, text, where)
-    return os.path.realpath(base_dir / text)
+    return os.path.realpath(base_dir / checked_path_text(base_dir, text, where))
 
 
 #: a process's (or a task's) descriptors, the real folder of /dev/fd, /proc/self/fd and

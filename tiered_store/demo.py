@@ -33,12 +33,11 @@ from .config import (
     PrefetchConfig,
     TiersConfig,
     checked_by,
+    checked_path_text,
     config_folder,
-    expand_home,
     int_at_least,
     load_yaml,
     no_nul,
-    refuse_relative_in_pipe,
 )
 from .engram.config import ModelConfig, v41_refusal
 from .errors import ConfigError, shown
@@ -440,11 +439,7 @@ def _relative_to(path: Path, data: dict[str, Any]) -> dict[str, Any]:
     def under(text: Any, key: str) -> Any:
         if not isinstance(text, str):
             return text  # DemoConfig names what is wrong with it
-        try:
-            text = expand_home(text)
-        except ConfigError as exc:
-            raise ConfigError(f"{path}: {key}: {exc}") from None
-        refuse_relative_in_pipe(folder, text, f"{path}: {key}")
+        text = checked_path_text(folder, text, f"{path}: {key}")
         return text if os.path.isabs(text) else os.path.join(folder, text)  # ('./~' kept)
 
     run = data.get("run") or {}
