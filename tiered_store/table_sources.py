@@ -12,6 +12,7 @@ import errno
 import math
 import numbers
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .atomic_file import special_file
+from .atomic_file import special_kind
 from .errors import TableFormatError, TierIOError, shown
 from .integers import as_integer
 from .npy_files import load_npy
@@ -498,13 +499,17 @@ def open_source(source: object, dtype: object) -> SourceReader:
         return _ArrayReader(source, "source array", dtype, f"ndarray {source.dtype} {source.shape}")
     if isinstance(source, str | os.PathLike):
         path = Path(source)
-        if path.is_dir():
+        try:
+            mode = os.stat(path).st_mode
+        except (OSError, ValueError):  # (ValueError: a NUL, a lone surrogate)
+            mode = 0  # no file: said not to exist
+        if stat.S_ISDIR(mode):
             raise TableFormatError(
                 f"source .npy file {path} is a directory; expected a 2-D .npy file"
             )
-        if (kind := special_file(path)) is not None:  # "does not exist" said of a FIFO
+        if (kind := special_kind(mode)) is not None:  # "does not exist" said of a FIFO
             raise TableFormatError(f"source .npy file {path} is {kind}; expected a 2-D .npy file")
-        if not path.is_file():
+        if not stat.S_ISREG(mode):
             raise TableNotFoundError(
                 errno.ENOENT, f"source .npy file {path} does not exist", str(path)
             )
