@@ -21,7 +21,6 @@ import json
 import math
 import os
 import re
-import stat
 import sys
 import threading
 from collections.abc import Callable, Iterator, Mapping
@@ -46,7 +45,7 @@ from pydantic import ValidationError as _PydanticValidationError
 
 from policies.zipf_tuned import DEFAULT_RECENCY_WINDOW
 
-from .atomic_file import special_kind
+from .atomic_file import special_file
 from .capacity import check_capacity_spec
 from .errors import ConfigError, cut_text, shown
 
@@ -171,12 +170,10 @@ def load_yaml(path: str | Path, *, what: str = "config file") -> dict[str, Any]:
         raise ConfigError(f"{what} {shown(str(path))}: {problem}")
     path = Path(expand_home(path))  # ~ is the home folder, as in the paths it holds
     kind = "JSON" if path.suffix.lower() == ".json" else "YAML"
-    try:  # a device's read (/dev/zero) never ends; a FIFO is read as any file: the user's pipe
-        mode = path.stat().st_mode  # (a shell's `<(gen-config)`), its writer's to end
-    except OSError:  # the read below says why
-        mode = stat.S_IFREG
-    not_file = None if stat.S_ISFIFO(mode) else special_kind(mode)
-    if not_file is not None:
+    # a device's read (/dev/zero) never ends; a FIFO is read as any file: the user's pipe (a
+    # shell's `<(gen-config)`), its writer's to end; a path not there: the read below says why
+    not_file = special_file(path)
+    if not_file is not None and not path.is_fifo():
         raise ConfigError(f"{what} {path}: it is {not_file}; expected a {kind} file")
     try:
         text = path.read_text(encoding="utf-8")
