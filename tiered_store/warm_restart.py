@@ -176,7 +176,8 @@ def load_restart(path: Path, identity: dict[str, Any]) -> RestartState | None:
     other = _ANY_MAGIC.match(data)
     if other is not None and other.group() != MAGIC:
         named = other.group().strip().decode()
-        if not _sealed(data):  # a bit flipped in a format digit is no file of another format
+        have_crc, want_crc = _crc32cs(data)
+        if have_crc != want_crc:  # a bit flipped in a format digit is no file of another format
             return _cold_start(
                 path,
                 f"checksum mismatch (its magic reads {named}, and the CRC32C ending every "
@@ -190,8 +191,8 @@ def load_restart(path: Path, identity: dict[str, Any]) -> RestartState | None:
         return _cold_start(
             path, f"it is not a warm-restart file ({len(data)} bytes, no {MAGIC!r} header)"
         )
-    body, (want_crc,) = memoryview(data)[:-4], _LEN.unpack(data[-4:])  # a view: no copy
-    have_crc = crc32c.crc32c(body)
+    body = memoryview(data)[:-4]  # a view: no copy
+    have_crc, want_crc = _crc32cs(data)
     if have_crc != want_crc:
         return _cold_start(
             path,
@@ -255,11 +256,10 @@ def load_restart(path: Path, identity: dict[str, Any]) -> RestartState | None:
     return state
 
 
-def _sealed(data: bytes) -> bool:
-    """Whether ``data`` ends with the CRC32C of everything before it, as every format ends."""
-    return (
-        len(data) >= _LEN.size and crc32c.crc32c(memoryview(data)[:-4]) == _LEN.unpack(data[-4:])[0]
-    )
+def _crc32cs(data: bytes) -> tuple[int, int]:
+    """The CRC32C of ``data`` but its last 4 bytes, and the one they hold (every format ends with
+    it); ``data`` holds at least its magic."""
+    return crc32c.crc32c(memoryview(data)[:-4]), _LEN.unpack(data[-4:])[0]
 
 
 def restart_warning(path: Path, why: str) -> None:
