@@ -1174,7 +1174,7 @@ def page_checksum_error(
 
 def _is_pos_int(x: object) -> bool:
     """True for an int (not bool) > 0."""
-    return isinstance(x, int) and not isinstance(x, bool) and x > 0
+    return _is_int(x) and x > 0
 
 
 def _is_int(x: object, equal_to: int | None = None) -> bool:
