@@ -438,8 +438,7 @@ class EngramLM(nn.Module):
         narrow = _narrow_host_ids(input_ids) if checked is None and gpu else None
         if narrow is not None and narrow.is_pinned():  # converted into a pinned copy, the
             # batch's own, as the pipeline does: not into an int64 one the GPU's copy waits for
-            own = torch.empty(narrow.shape, dtype=torch.int64, pin_memory=True)
-            checked, owned = self._check_input(own.copy_(narrow), name), True
+            checked, owned = _pinned_host_ids(self, narrow, name)
         if checked is None:
             checked = self._check_input(input_ids, name)
         ids = checked if owned else _snapshot(checked, input_ids, gpu)
@@ -826,6 +825,27 @@ def _narrow_host_ids(input_ids: Any) -> torch.Tensor | None:
     ):
         return input_ids
     return None
+
+
+def _pinned_host_ids(
+    model: EngramLM, input_ids: Any, name: str = "input_ids", *, pin_memory: bool = True
+) -> tuple[torch.Tensor | None, bool]:
+    """For a model on the GPU: the checked int64 ids [B, T] (``name`` in errors; None for ids
+    on a device, which hash alone checks: a check here would wait for the device) and whether
+    they are the batch's own pinned copy (so that their copy there is asynchronous), made of
+    host ids not pinned yet, given as a tensor, an array or a list (ids pinned already are
+    kept: hash's snapshot of them is pinned). Narrower integer ids (int32) are converted in that
+    copy: one copy, not two. ``pin_memory`` False: the copy is not pinned (tests without CUDA)."""
+    if isinstance(input_ids, torch.Tensor) and input_ids.device.type != "cpu":
+        return None, False  # checked by hash alone: a check here would wait for the device too
+    narrow = _narrow_host_ids(input_ids)
+    if narrow is None:
+        ids = model._check_input(input_ids, name)
+        if ids.is_pinned():
+            return ids, False
+    source = ids if narrow is None else narrow
+    own = torch.empty(source.shape, dtype=torch.int64, pin_memory=pin_memory).copy_(source)
+    return (model._check_input(own, name) if narrow is not None else own), True
 
 
 def _snapshot(checked: torch.Tensor, given: Any, gpu: bool) -> torch.Tensor:

@@ -41,7 +41,7 @@ from ..integers import as_integer
 from ..stats import hit_ratio
 from .backend import TableBackend
 from .hashing import rewound_on_failure
-from .model import EngramBatch, EngramLM, Logits, _narrow_host_ids
+from .model import EngramBatch, EngramLM, Logits, _pinned_host_ids
 
 __all__ = [
     "DecodeStats",
@@ -329,27 +329,6 @@ class PrefetchPipeline:
             input_ids = checked  # GPU asynchronously
         batch = self.model._hash(input_ids, owned=own, name=name, checked=checked)
         return self.model.fetch(batch) if self.prefetch else batch
-
-
-def _pinned_host_ids(
-    model: EngramLM, input_ids: Any, name: str = "input_ids", *, pin_memory: bool = True
-) -> tuple[torch.Tensor | None, bool]:
-    """For a model on the GPU: the checked int64 ids [B, T] (``name`` in errors; None for ids
-    on a device, which hash alone checks: a check here would wait for the device) and whether
-    they are the pipeline's own pinned copy (so that their copy there is asynchronous), made of
-    host ids not pinned yet, given as a tensor, an array or a list (ids pinned already are
-    kept: hash's snapshot of them is pinned). Narrower integer ids (int32) are converted in that
-    copy: one copy, not two. ``pin_memory`` False: the copy is not pinned (tests without CUDA)."""
-    if isinstance(input_ids, torch.Tensor) and input_ids.device.type != "cpu":
-        return None, False  # checked by hash alone: a check here would wait for the device too
-    narrow = _narrow_host_ids(input_ids)
-    if narrow is None:
-        ids = model._check_input(input_ids, name)
-        if ids.is_pinned():
-            return ids, False
-    source = ids if narrow is None else narrow
-    own = torch.empty(source.shape, dtype=torch.int64, pin_memory=pin_memory).copy_(source)
-    return (model._check_input(own, name) if narrow is not None else own), True
 
 
 def _snapshot(table: TableBackend) -> dict | None:
