@@ -470,12 +470,7 @@ class ServedModel:
                 return []
             # a table left closed meanwhile: reopened alone (the answers begun since the reload
             with self._gate.exclusive(timeout=0):  # gave up are not those the others wait for)
-                ahead: dict[str, TieredStore] = {}  # the stores it opens, in reach of the guard
-                try:
-                    return self._reopen_alone(stale, files, unreadable, outlasted, ahead)
-                except BaseException:  # Ctrl-C: none of them left open (one served stays)
-                    self._serve_or_close(ahead)
-                    raise
+                return self._reopen_alone(stale, files, unreadable, outlasted, {})
         bound = self.config.server.request_timeout_s
         opened: dict[str, TieredStore] = {}
         # the old stores close once the gate opens (after_gate exits last): no request reads
@@ -506,12 +501,10 @@ class ServedModel:
                         if any(self.stores[n].closed for n in stale)
                         else "",
                     )
-                    try:  # a table left closed: reopened alone
-                        return self._reopen_alone(stale, files, unreadable, running, ahead)
-                    except BaseException:  # Ctrl-C: none of them left open (one served stays)
-                        opened.update(ahead)  # (those opened alone too) the guard below serves
-                        self._serve_or_close(ahead)  # or closes again, should a second come
-                        raise
+                    # a table left closed: reopened alone, over ``opened`` (its stores for those
+                    # tables are ``ahead``; those opened alone join them there, so that the guard
+                    # below serves or closes them again, should a second Ctrl-C come)
+                    return self._reopen_alone(stale, files, unreadable, running, opened)
             except BaseException:  # Ctrl-C while it waits for the answers (or before, or as it
                 self._serve_or_close(opened)  # closes them, postponed): none left open (a
                 raise  # store served as a table left closed reopened alone stays)
@@ -603,21 +596,28 @@ class ServedModel:
         each table left closed is reopened alone (``_reopen_closed``, over ``ahead``: no answer
         reads a version of it, so none mixes two), one failing tried again later as after a
         refused reload; the others wait for those answers (``reasons``: why the other tables keep
-        their version). Returns the tables reopened."""
-        closed = [name for name in stale if self.stores[name].closed]
-        reopened, failed = self._reopen_closed(closed, ahead)
-        for name, error in failed.items():
-            self.health[name].reload_failures += 1
-            log.error("could not reopen %s, left closed (its lookups answer 503): %s", name, error)
-        self._log_reopened(reopened)
-        self._retry_closed_later(closed, files, "", failed)
-        reasons = [*reasons, *(_Reason((name,), error) for name, error in failed.items())]
-        rest = [name for name in stale if name not in closed]
-        if rest:
-            self._postponed(rest, reasons, running)
-        else:
-            self._refused(reasons)
-        return reopened
+        their version). Returns the tables reopened. Interrupted (Ctrl-C), none of the stores of
+        ``ahead`` is left open (one served stays: ``_serve_or_close``)."""
+        try:
+            closed = [name for name in stale if self.stores[name].closed]
+            reopened, failed = self._reopen_closed(closed, ahead)
+            for name, error in failed.items():
+                self.health[name].reload_failures += 1
+                log.error(
+                    "could not reopen %s, left closed (its lookups answer 503): %s", name, error
+                )
+            self._log_reopened(reopened)
+            self._retry_closed_later(closed, files, "", failed)
+            reasons = [*reasons, *(_Reason((name,), error) for name, error in failed.items())]
+            rest = [name for name in stale if name not in closed]
+            if rest:
+                self._postponed(rest, reasons, running)
+            else:
+                self._refused(reasons)
+            return reopened
+        except BaseException:  # Ctrl-C: none of them left open (one served stays)
+            self._serve_or_close(ahead)
+            raise
 
     def _log_reopened(self, names: list[str]) -> None:
         """Log that tables ``names`` were reopened on a new version (none: nothing), and that a
