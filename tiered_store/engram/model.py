@@ -442,13 +442,7 @@ class EngramLM(nn.Module):
         if checked is None:
             checked = self._check_input(input_ids, name)
         ids = checked if owned else _snapshot(checked, input_ids, gpu)
-        mask = _token_mask(token_mask, ids, gpu)
-        if gpu and mask.device.type == "cpu" and ids.is_pinned() and not mask.is_pinned():
-            # a caller's unpinned mask: pinned with the ids in the batch's own copy (V4.1 layers
-            # copy it to the GPU with them, else synchronously on every forward)
-            mask = torch.empty(mask.shape, dtype=torch.bool, pin_memory=True).copy_(mask)
-        else:
-            mask = _snapshot(mask, token_mask, gpu)
+        mask = _snapshot(_token_mask(token_mask, ids, gpu), token_mask, gpu)
         position = state.position if isinstance(state, HashState) else 0  # others: refused below
         rows = self.hasher.row_ids(ids, token_mask=mask, state=state)
         layers = dict.fromkeys(self.engram_layers)
@@ -867,7 +861,12 @@ def _token_mask(token_mask: Any, ids: torch.Tensor, gpu: bool) -> torch.Tensor:
     if token_mask is None:
         pin = gpu and ids.is_pinned()
         return torch.ones(ids.shape, dtype=torch.bool, device=ids.device, pin_memory=pin)
-    return NgramHasher._mask(token_mask, ids)  # the hasher's checks (one set of messages)
+    mask = NgramHasher._mask(token_mask, ids)  # the hasher's checks (one set of messages)
+    if gpu and mask.device.type == "cpu" and ids.is_pinned() and not mask.is_pinned():
+        # a caller's unpinned mask: pinned in a copy of its own (V4.1 layers copy it to the GPU
+        # with the ids, else synchronously on every forward), which hash's snapshot keeps
+        return torch.empty(mask.shape, dtype=torch.bool, pin_memory=True).copy_(mask)
+    return mask
 
 
 def _table_mapping(tables: Any) -> dict[Any, Any]:
