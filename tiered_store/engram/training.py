@@ -270,10 +270,7 @@ def train(
         table = TrainableTable(store, optimizer)
         return _run(out, settings, model, table, layers, sizes, batches, progress, out_name)
     except KeyboardInterrupt:
-        kept = store.committed_step
-        with warnings.catch_warnings():  # the steps since the checkpoint go, as after a kill
-            warnings.simplefilter("ignore", UncommittedWritesWarning)
-            store.close()
+        kept = store.committed_step  # the steps since go, as after a kill (the close below)
         again = (  # the command's, or a Python caller's
             "run the same command with --resume"
             if out_name.startswith("--")
