@@ -2180,6 +2180,26 @@ def test_a_check_while_a_postponed_answer_still_runs_says_what_waits_now(tmp_pat
         assert served.reload_refused is None
 
 
+def test_a_table_left_closed_that_does_not_reopen_behind_a_postponed_answer_is_logged_once(
+    tmp_path, monkeypatch, caplog
+):
+    """A table left closed whose reopen alone fails (behind an answer outlasting the reload) is
+    logged once as left closed, naming the table and the error, and counted as a failure."""
+    with _an_answer_in_flight_over_a_commit(tmp_path, 0.2, _hung_answer) as (served, *_):
+        served.stores["engram_layer1"].close()  # what a refused reload may leave
+        _recorded_opens(served, monkeypatch, refused={"engram_layer1"})
+        with caplog.at_level(logging.ERROR, logger="tiered_store.serve"):
+            assert served.reload_if_stale(force_check=True) == []
+        logged = [r.getMessage() for r in caplog.records if "left closed" in r.getMessage()]
+        [line] = logged
+        assert line.startswith("could not reopen engram_layer1, left closed (its lookups answer"), (
+            line
+        )
+        assert "engram_layer1: injected open failure" in line, line
+        assert served.health["engram_layer1"].reload_failures == 1
+        assert served.stores["engram_layer1"].closed
+
+
 def test_a_table_left_closed_reopened_behind_a_postponed_answer_counts_the_answers_waited_for(
     tmp_path,
 ):

@@ -550,13 +550,8 @@ class ServedModel:
                         "%s; until then, lookups that read a replaced table file answer 503",
                         self.converted_anew,
                     )
-                    for name, error in failed.items():  # no later check tries them again
-                        if self.converted_anew not in error:  # (that one just said)
-                            log.error(
-                                "could not reopen %s, left closed (its lookups answer 503): %s",
-                                name,
-                                error,
-                            )
+                    # no later check tries them again (one failing for that rerun: just said)
+                    _log_left_closed(failed, skip=self.converted_anew)
                     return reopened
                 # refused for what its files hold (not an I/O error, nor an old store left closed,
                 # nor files just written: they may change again unseen by their identities)
@@ -601,11 +596,9 @@ class ServedModel:
         try:
             closed = [name for name in stale if self.stores[name].closed]
             reopened, failed = self._reopen_closed(closed, ahead)
-            for name, error in failed.items():
+            for name in failed:
                 self.health[name].reload_failures += 1
-                log.error(
-                    "could not reopen %s, left closed (its lookups answer 503): %s", name, error
-                )
+            _log_left_closed(failed)
             self._log_reopened(reopened)
             self._retry_closed_later(closed, files, "", failed)
             reasons = [*reasons, *(_Reason((name,), error) for name, error in failed.items())]
@@ -1602,6 +1595,14 @@ def _another_file(old: Any, new: Any) -> bool:
     made anew), not the same one after a writer's commit: told apart by identity, not by path
     (one made anew after ``new`` opened leaves it on ``old``'s file)."""
     return not old.cold.same_file(new.cold)
+
+
+def _log_left_closed(failed: dict[str, str], skip: str | None = None) -> None:
+    """Log each table of ``failed`` (name -> why its reopen failed) as left closed, but one whose
+    error holds ``skip`` (said already)."""
+    for name, error in failed.items():
+        if skip is None or skip not in error:
+            log.error("could not reopen %s, left closed (its lookups answer 503): %s", name, error)
 
 
 def _close_all(stores: dict[str, TieredStore]) -> None:
