@@ -43,6 +43,16 @@ def take_once(token: list) -> bool:
     return True
 
 
+def drain(q: queue.SimpleQueue) -> list:
+    """Every item queued in ``q`` now, taken out of it in order."""
+    items = []
+    while True:
+        try:
+            items.append(q.get_nowait())
+        except queue.Empty:
+            return items
+
+
 class RunnerPool:
     """Up to ``size`` daemon threads running the calls submitted (in order, with one), each
     started by a submit while fewer run, ``started()`` first (failing, its calls fail). Not a
@@ -106,13 +116,7 @@ class RunnerPool:
         self._lock = threading.Lock()
         self._threads = []
         lost, self._running = list(self._running), set()
-        while True:
-            try:
-                call = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if call is not None:
-                lost.append(call[0])
+        lost += [call[0] for call in drain(self._queue) if call is not None]
         for future in lost:
             if not future.done():
                 future.set_exception(
@@ -132,11 +136,7 @@ class RunnerPool:
         with self._lock:
             self._shutdown = self.ended_at_exit = True
             threads, stops = list(self._threads), 0
-            while True:
-                try:
-                    call = self._queue.get_nowait()
-                except queue.Empty:
-                    break
+            for call in drain(self._queue):
                 if call is None:
                     stops += 1
                 elif call[0].set_running_or_notify_cancel():  # (not cancelled by its caller)

@@ -19,6 +19,7 @@ from concurrent.futures import Future
 from typing import Any
 
 from ..errors import StoreClosedError
+from ..prefetch import drain
 
 __all__ = ["CollectiveThread"]
 
@@ -90,13 +91,7 @@ class CollectiveThread:
         """In a forked child: no thread gone holds the lock, and the calls queued at the fork
         fail (pending, a lookup of the child's copy of a prefetch waited out the timeout)."""
         self._lock = threading.Lock()
-        while True:
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if item is not None and item[0].set_running_or_notify_cancel():
-                item[0].set_exception(StoreClosedError(self.forked_text()))
+        self._fail_queued(self.forked_text())
 
     def end_at_exit(self, deadline: float) -> None:
         """At the interpreter's exit: fail the calls not started, naming the exit, and wait
@@ -105,15 +100,15 @@ class CollectiveThread:
         active exception', exit status 134)."""
         with self._lock:
             self._closing = self._exited = True
-            while True:
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if item is not None and item[0].set_running_or_notify_cancel():
-                    item[0].set_exception(StoreClosedError(_AT_EXIT))
+            self._fail_queued(_AT_EXIT)
             self._queue.put(None)
         self._thread.join(max(deadline - time.monotonic(), 0.0))
+
+    def _fail_queued(self, text: str) -> None:
+        """Take every call queued (stop markers too) and fail each not cancelled with ``text``."""
+        for item in drain(self._queue):
+            if item is not None and item[0].set_running_or_notify_cancel():
+                item[0].set_exception(StoreClosedError(text))
 
     def _run(self) -> None:
         """The thread's loop."""
