@@ -188,13 +188,17 @@ _PREFETCHERS: weakref.WeakSet[Prefetcher] = weakref.WeakSet()  # every prefetche
 
 
 def _forked_pools() -> None:
-    """In a forked child, each prefetcher has its depth free (``Prefetcher.forked``), then each
-    pool starts its threads anew and fails the parent's calls (``RunnerPool.forked``), whose
-    done callbacks take the prefetchers' new locks."""
-    for prefetcher in list(_PREFETCHERS):
+    """In a forked child, each prefetcher has new locks (``Prefetcher.forked``), then each pool
+    starts its threads anew and fails the parent's calls (``RunnerPool.forked``), whose done
+    callbacks take those locks and free their slots, then each prefetcher has its depth free: a
+    new semaphore, so the slots the parent's running fetches kept count no more."""
+    prefetchers = list(_PREFETCHERS)
+    for prefetcher in prefetchers:
         prefetcher.forked()
     for pool in list(_POOLS):
         pool.forked()
+    for prefetcher in prefetchers:
+        prefetcher._in_flight = threading.BoundedSemaphore(prefetcher._depth)
 
 
 os.register_at_fork(after_in_child=_forked_pools)
@@ -336,14 +340,13 @@ class Prefetcher:
         ``host``: a CPU snapshot of the ids given on the CPU, which lookup checks against."""
         slot = [True]  # taken by who frees the depth slot: the fetch as it starts, or below
         number = next(self._numbers)
-        in_flight = self._in_flight  # the slot is freed where it was taken (not a forked child's)
-        in_flight.acquire()
+        self._in_flight.acquire()
         try:
             with self._queued_lock:
                 self._queued[number] = flat
             with self._submitting:  # else a fetch could be queued behind close()'s no-op
                 try:
-                    future = self._pool.submit(self._run, number, flat, packed, slot, in_flight)
+                    future = self._pool.submit(self._run, number, flat, packed, slot)
                 except RuntimeError as exc:
                     if self._closed is None and self._pool.ended_at_exit:
                         raise RuntimeError(
@@ -360,9 +363,9 @@ class Prefetcher:
                         "prefetch: the store is closed; open a new TieredStore"
                     ) from None
                 self.handles += 1
-            future.add_done_callback(functools.partial(self._never_ran, number, slot, in_flight))
+            future.add_done_callback(functools.partial(self._never_ran, number, slot))
         except BaseException:  # closed, or interrupted (Ctrl-C) on the way: no handle comes out,
-            self._never_ran(number, slot, in_flight)  # and a fetch not started yet never will
+            self._never_ran(number, slot)  # and a fetch not started yet never will
             raise
         return PrefetchHandle(ids, flat, shape, packed, future, self, write_seq, host)
 
@@ -372,29 +375,16 @@ class Prefetcher:
             pending = list(self._queued.values())
         return torch.cat(pending) if pending else None
 
-    def _never_ran(
-        self,
-        number: int,
-        slot: list,
-        in_flight: threading.BoundedSemaphore,
-        future: Future | None = None,
-    ) -> None:
+    def _never_ran(self, number: int, slot: list, future: Future | None = None) -> None:
         """A fetch done without running (its caller cancelled it while queued, the worker's
         start failed it: its done callback; or its prefetch() interrupted) frees its slot and ids
         now; kept, depth such fetches hung prefetch(). One that ran took its slot as it started."""
         if take_once(slot):
             with self._queued_lock:
                 self._queued.pop(number, None)
-            in_flight.release()
+            self._in_flight.release()
 
-    def _run(
-        self,
-        number: int,
-        flat: torch.Tensor,
-        packed: bool,
-        slot: list,
-        in_flight: threading.BoundedSemaphore,
-    ) -> tuple | None:
+    def _run(self, number: int, flat: torch.Tensor, packed: bool, slot: list) -> tuple | None:
         """Fetch one queued batch, dropping it from the queued ids first; its slot is free after.
         Nothing when its prefetch() was interrupted before it started (that freed its slot: were
         it fetched, depth + 1 would be in flight)."""
@@ -405,7 +395,7 @@ class Prefetcher:
                 self._queued.pop(number, None)
             return self._fetch(flat, packed)
         finally:
-            in_flight.release()
+            self._in_flight.release()
 
     def collect(
         self, handle: PrefetchHandle, then: Callable[[tuple], tuple] | None = None
@@ -442,10 +432,10 @@ class Prefetcher:
         return self._closed.done()
 
     def forked(self) -> None:
-        """In a forked child: no fetch is in flight (the parent's fail there, ``RunnerPool.forked``),
-        so ``depth`` slots are free (the parent's running fetch kept its slot for good, as
-        ``depth`` of them hung every prefetch), and no thread gone holds a lock."""
-        self._in_flight = threading.BoundedSemaphore(self._depth)
+        """In a forked child: no thread gone holds a lock; no fetch is in flight (the parent's
+        fail there, ``RunnerPool.forked``), so ``_forked_pools`` then frees ``depth`` slots (the
+        parent's running fetch kept its slot for good, as ``depth`` of them hung every
+        prefetch)."""
         self._queued_lock = threading.Lock()
         self._submitting = threading.Lock()
         self._queued.clear()
