@@ -1115,9 +1115,11 @@ class ShardedStore:
         a torn commit, a shard ahead of the oldest (never the oldest's own step, committed whole)
         and at ``step`` or beyond takes the redone writes at its own step (steps never go back:
         readers tell commits apart by them)."""
-        torn, last = self._torn_steps, self.local.committed_step
-        if torn is not None and min(torn) < step <= last <= max(torn):
-            return last, True
+        torn = self._torn_steps
+        if torn is not None and min(torn) < step <= max(torn):  # (else no shard's step is read)
+            last = self.local.committed_step
+            if step <= last <= max(torn):
+                return last, True
         return step, False
 
     def _finish_shard(self, step: int) -> None:
