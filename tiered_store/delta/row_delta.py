@@ -570,16 +570,18 @@ class RowDelta:
         self._check_process()
         try:
             with self._read_txn() as txn:
-                raw = [
-                    txn.get(k, db=self.meta_db) for k in (*_STAGED_ROUND_KEYS, COMMITTED_ROUND_KEY)
-                ]
+                staged = self._staged_round(txn)
+                committed = txn.get(COMMITTED_ROUND_KEY, db=self.meta_db)
         except lmdb.Error as exc:
             raise self._read_failed("the commit rounds of ", exc) from None
-        committed = raw[2]
         return (
-            _round_of(raw[0], raw[1], self.path),
+            staged,
             None if committed is None else _round_text(committed, COMMITTED_ROUND_KEY, self.path),
         )
+
+    def _staged_round(self, txn: lmdb.Transaction) -> str | None:
+        """The round ``stage`` recorded with the staged records, read in ``txn`` (``_round_of``)."""
+        return _round_of(*(txn.get(k, db=self.meta_db) for k in _STAGED_ROUND_KEYS), self.path)
 
     def stage(
         self, ids: np.ndarray, rows: np.ndarray, step: int, round_id: str | None = None
@@ -629,9 +631,7 @@ class RowDelta:
                 txn.put(REDONE_KEY, uuid.uuid4().bytes, db=self.meta_db)
             txn.cursor(db=self.rows_db).putmulti(txn.cursor(db=staged).iternext())
             txn.drop(staged, delete=False)
-            round_id = _round_of(
-                *(txn.get(k, db=self.meta_db) for k in _STAGED_ROUND_KEYS), self.path
-            )
+            round_id = self._staged_round(txn)
             txn.delete(STAGED_STEP_KEY, db=self.meta_db)
             txn.delete(STAGED_ROUND_KEY, db=self.meta_db)
             if round_id is None:
