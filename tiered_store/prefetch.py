@@ -455,16 +455,14 @@ class Prefetcher:
 
 
 EXIT_WAIT_S = 10.0  # how long the interpreter's exit waits in all for calls under way (hung)
-_EXIT_BEGAN: list[float] = []  # when the first exit hook took its deadline (exit_deadline)
 _LIVE_POOLS: weakref.WeakSet[RunnerPool] = weakref.WeakSet()  # prefetchers' pools, not shut down
 
 
+@functools.cache  # the first hook's, for all of them
 def exit_deadline() -> float:
     """The ``time.monotonic()`` by which every exit hook's wait ends: ``EXIT_WAIT_S`` from the
     first hook's call, for all of them (each taking its own, the exit waited that much per hook)."""
-    if not _EXIT_BEGAN:
-        _EXIT_BEGAN.append(time.monotonic())
-    return _EXIT_BEGAN[0] + EXIT_WAIT_S
+    return time.monotonic() + EXIT_WAIT_S
 
 
 @atexit.register
