@@ -742,8 +742,10 @@ class ShardedStore:
                     "every store of this table, then reopen the ShardedStore on every rank"
                 )
         # the step this shard is at: another store holding its lock may have resolved it otherwise
-        step = steps[self.rank] if mine is None or error else None
-        if step is None:  # read: a read failing here is told to every rank (raised on every one)
+        if mine is None or error:
+            step = steps[self.rank]
+        else:  # read: a read failing here is told to every rank (raised on every one)
+            step = None
             try:
                 step = self.local.committed_step
             except Exception as exc:  # noqa: BLE001 (any: raised on every rank, in step)
