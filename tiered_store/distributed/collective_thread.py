@@ -43,6 +43,7 @@ class CollectiveThread:
         self._closing = False
         self._exited = False  # ended by the interpreter's exit (``end_at_exit``)
         self._pid = os.getpid()  # where its rounds run (a forked child has no thread for them)
+        self._forked = False  # in a forked child (set by its fork hook, ``forked``)
         _THREADS.add(self)
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
@@ -52,7 +53,7 @@ class CollectiveThread:
         once when ``close`` came first: the thread would never run it)."""
         future: Future = Future()
         with self._lock:
-            if os.getpid() != self._pid:
+            if self._forked:
                 future.set_exception(StoreClosedError(self.forked_text()))
             elif self._exited:
                 future.set_exception(StoreClosedError(_AT_EXIT))
@@ -74,7 +75,7 @@ class CollectiveThread:
 
     def forked_text(self) -> str | None:
         """Why a forked child cannot run this thread's calls (None in the process it started in)."""
-        if os.getpid() == self._pid:
+        if not self._forked:
             return None
         if os.getppid() == self._pid:
             how = f"which forked this one ({os.getpid()})"
@@ -90,6 +91,7 @@ class CollectiveThread:
     def forked(self) -> None:
         """In a forked child: no thread gone holds the lock, and the calls queued at the fork
         fail (pending, a lookup of the child's copy of a prefetch waited out the timeout)."""
+        self._forked = True
         self._lock = threading.Lock()
         self._fail_queued(self.forked_text())
 
