@@ -541,6 +541,7 @@ def _interrupted_twice_at(k: int, j: int, call, *args) -> tuple[int, int]:
     torch): the points and the lines after the first it met (fewer than k or j: not
     interrupted there)."""
     import sys
+    import threading
 
     hits, lines = [0], [0]
 
@@ -559,15 +560,20 @@ def _interrupted_twice_at(k: int, j: int, call, *args) -> tuple[int, int]:
         if hits[0] == k:
             raise KeyboardInterrupt
 
-    sys.settrace(trace)
-    sys.setprofile(profile)
-    try:
-        call(*args)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        sys.setprofile(None)
-        sys.settrace(None)
+    def interrupted() -> None:  # on a thread of its own: what the hooks leave ends with it
+        sys.settrace(trace)
+        sys.setprofile(profile)
+        try:
+            call(*args)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            sys.setprofile(None)
+            sys.settrace(None)
+
+    runner = threading.Thread(target=interrupted)
+    runner.start()
+    runner.join()
     return hits[0], lines[0]
 
 
