@@ -24,10 +24,14 @@ from .config import check_device, expand_home
 from .errors import ConfigError, TieredStoreError, error_text, shown
 
 
-def at_least(minimum: int, what: str | None = None) -> Callable[[str], int]:
+def at_least(
+    minimum: int, what: str | None = None, *, bounded: bool = True
+) -> Callable[[str], int]:
     """An argparse ``type``: an integer >= ``minimum``; anything else is refused with the value,
     as ``expected WHAT, got 'TEXT'`` (``what``: by default ``an integer >= MINIMUM``); one past
-    2**63-1 (what NumPy and torch take as a count or a seed) as too large.
+    2**63-1 (what NumPy and torch take as a count or a seed) as too large, unless not
+    ``bounded`` (a value the command checks itself, such as a seed of up to 2**64-1: one of
+    more digits than ``int()`` reads is still too large).
 
     >>> parser = argparse.ArgumentParser(prog="bench")
     >>> _ = parser.add_argument("--rounds", type=at_least(1))
@@ -48,13 +52,16 @@ def at_least(minimum: int, what: str | None = None) -> Callable[[str], int]:
             value = int(text)
         except ValueError:
             value = None
-        if digits.isascii() and digits.isdigit() and len(digits.lstrip("0")) > 19:
-            value = MAX_ROWS + 1  # past int64 ('9' * 5000 too), whatever int() made of it
-        elif digits.isascii() and digits.isdigit():
-            value = int(digits.lstrip("0") or "0")
-        if value is not None and value > MAX_ROWS:
+        too_large = False
+        if digits.isascii() and digits.isdigit():
+            digits = digits.lstrip("0") or "0"
+            # past int64 ('9' * 5000 too), whatever int() made of it; unbounded: as written
+            too_large = len(digits) > (19 if bounded else 4000)
+            value = None if too_large else int(digits)
+        if too_large or (bounded and value is not None and value > MAX_ROWS):
+            bound = f", at most {MAX_ROWS:,} (2**63-1)" if bounded else ""
             raise argparse.ArgumentTypeError(
-                f"too large: expected {expected}, at most {MAX_ROWS:,} (2**63-1), got {shown(text)}"
+                f"too large: expected {expected}{bound}, got {shown(text)}"
             )
         if value is None or value < minimum:
             raise argparse.ArgumentTypeError(f"expected {expected}, got {shown(text)}")

@@ -142,7 +142,7 @@ def register(sub: Any) -> None:
     )
     p.add_argument(
         "--seed",
-        type=at_least(0),
+        type=at_least(0, bounded=False),  # AnalyzeOptions takes [0, 2**64) and names the rest
         default=0,
         help="seed for the holdout split, --shuffle and the samplers, >= 0 (default 0)",
     )
