@@ -93,13 +93,23 @@ def make_named_dir(path: Path, name: str, expected: str) -> None:
 
 
 @contextmanager
-def write_step(what: str, step: str, outcome: str) -> Iterator[None]:
+def write_step(what: str, step: str, outcome: str, *, outer: bool = False) -> Iterator[None]:
     """An ``OSError`` in the block (disk full, read-only FS, ...) as a TierIOError naming
-    ``what`` and ``step``."""
+    ``what`` and ``step``; ``outer``: one a write step inside it already named (a trace in an
+    analysis's staging folder, which the user never named) is named by this one instead."""
     try:
         yield
-    except TieredStoreError:
-        raise
+    except TieredStoreError as exc:
+        cause = exc.__cause__
+        if not outer or not isinstance(exc, TierIOError) or not isinstance(cause, OSError):
+            raise
+        if isinstance(cause, TieredStoreError):
+            raise
+        raise TierIOError(
+            cause.errno or errno.EIO,
+            f"{what}: {step} failed: {cause.strerror or cause}; {outcome} (expected a writable "
+            "file system with room for it)",
+        ) from cause
     except OSError as exc:
         raise TierIOError(
             exc.errno or errno.EIO,

@@ -172,7 +172,9 @@ def analyze(
             )
         # a write into the staging folder that fails (a full disk) names the folder; the corpus
         # reader skips files it cannot read, so an OSError here is one of those writes
-        with write_step(f"{out_name} {out}", "writing the analysis", f"{out} is left as it was"):
+        with write_step(
+            f"{out_name} {out}", "writing the analysis", f"{out} is left as it was", outer=True
+        ):
             ctx = RunContext(engram, hasher, tok_info, layouts, options, staging, times, say)
             report = _run(corpus, part_of, ctx)
             report["timings"] = stage_timings(
