@@ -486,25 +486,7 @@ def test_forward_matches_golden_on_cuda(setup, layer, monkeypatch):
 def _interrupted_at(k: int, call, *args) -> int:
     """Run ``call(*args)`` with a Ctrl-C raised at the k-th point where a signal may be handled (a
     call's entry, a return): the points it met (fewer than k: none was interrupted)."""
-    import sys
-
-    hits = [0]
-
-    def profile(frame, event, arg):
-        if arg is sys.setprofile:  # the profiler's own end
-            return
-        hits[0] += 1
-        if hits[0] == k:
-            raise KeyboardInterrupt
-
-    sys.setprofile(profile)
-    try:
-        call(*args)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        sys.setprofile(None)
-    return hits[0]
+    return _interrupted_twice_at(k, 0, call, *args)[0]  # (no line is the 0th: no second one)
 
 
 # a Ctrl-C raised in a generator being closed is reported, not raised
